@@ -1,0 +1,5 @@
+"""``python -m pgproxy``."""
+
+from pgproxy.cli import main
+
+raise SystemExit(main())

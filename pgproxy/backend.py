@@ -1,0 +1,372 @@
+"""One upstream server connection: connect, authenticate, forward replies, run proxy work.
+
+Theory of operation. A server connection belongs to one pool for its whole life and is in one
+of three situations:
+
+* **linked** to a client session (``client`` is set): its replies are forwarded to that client
+  in runs of bytes; only ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse and
+  CopyInResponse are looked at (``_INSPECT``).
+* **idle** in its pool: it is still read (PROTOCOL-NOTES 19), and anything it says is consumed
+  here, never handed to the next client. An error or EOF discards it.
+* running **internal work** (``_internal`` non-empty): queries the proxy injected as their own
+  Sync units (parameter sync, rollback, reset). Their replies come before any client reply
+  because internal work is only sent while the server owes its client nothing; they are
+  swallowed, ParameterStatus included (PROTOCOL-NOTES 5).
+
+Release decisions are taken after a whole chunk has been processed: bytes that follow the
+releasing ReadyForQuery in the same chunk are idle-time messages and must not reach the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pgproxy.auth.upstream import authenticate_upstream
+from pgproxy.protocol import errors
+from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PgError
+from pgproxy.protocol.flow import FlowError, ServerFlow
+from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT, read_length
+from pgproxy.wire import WireProtocol, log
+
+if TYPE_CHECKING:
+    from pgproxy.pool.pool import Pool
+
+_INSPECT = frozenset(
+    (
+        m.READY_FOR_QUERY,
+        m.ERROR_RESPONSE,
+        m.PARAMETER_STATUS,
+        m.NOTIFICATION_RESPONSE,
+        m.COPY_IN_RESPONSE,
+        m.COPY_BOTH_RESPONSE,
+    )
+)
+
+
+class ServerLink:
+    """What a server needs from the client it is linked to (implemented by ClientSession)."""
+
+    def server_output(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def server_parameter(self, name: str, value: str) -> None:
+        raise NotImplementedError
+
+    def server_released(self) -> bool:
+        """The server owes nothing; return True if the client lets it go now."""
+        raise NotImplementedError
+
+    def server_lost(self, error: PgError) -> None:
+        raise NotImplementedError
+
+    def on_ready(self, status: int) -> bytes:
+        """A ReadyForQuery is about to be forwarded: bytes to write just before it."""
+        return b""
+
+
+@dataclass
+class InternalResult:
+    error: PgError | None = None
+    params: dict[str, str] = field(default_factory=dict)
+
+
+class _Internal:
+    __slots__ = ("future", "result")
+
+    def __init__(self, future: asyncio.Future[InternalResult] | None) -> None:
+        self.future = future
+        self.result = InternalResult()
+
+
+class ServerConnection(WireProtocol):
+    def __init__(self, pool: Pool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.params: dict[str, str] = {}  # reported parameters, as the server last said
+        self.proxy_set: dict[str, str] = {}  # unreported parameters the proxy SET here
+        self.pid = 0
+        self.secret = b""
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.client: ServerLink | None = None
+        self.flow = ServerFlow()
+        self.cancels_in_flight = 0
+        self.ready = False  # handshake done
+        self._internal: deque[_Internal] = deque()
+        self._partial = bytearray()
+        self._need = 0
+        self._passthrough = 0
+        self._fatal: PgError | None = None
+
+    def __repr__(self) -> str:
+        return f"<server pid={self.pid} pool={self.pool.name}>"
+
+    # --- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, pool: Pool, host: str, port: int, params: dict[str, str], password: str | None
+    ) -> ServerConnection:
+        """Connect and authenticate; raises PgError (with the server's SQLSTATE when it said no)."""
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(lambda: cls(pool), host, port)
+        except OSError as exc:
+            raise PgError(
+                errors.CONNECTION_FAILURE,
+                f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
+            ) from exc
+        try:
+            await conn._handshake(params, password)
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _handshake(self, params: dict[str, str], password: str | None) -> None:
+        self.write(m.startup_message(params))
+        try:
+            await authenticate_upstream(self, params["user"], password)
+            while True:
+                type_, body = await self.read_message(LARGE_MESSAGE_LIMIT)
+                if type_ == m.PARAMETER_STATUS:
+                    name, value = m.parse_parameter_status(body)
+                    self.params[name] = value
+                elif type_ == m.BACKEND_KEY_DATA:
+                    self.pid, self.secret = m.parse_backend_key_data(body)
+                elif type_ == m.READY_FOR_QUERY:
+                    break
+                elif type_ == m.ERROR_RESPONSE:
+                    raise PgError.from_fields(m.parse_error_fields(body))
+                elif type_ in (m.NOTICE_RESPONSE, m.NEGOTIATE_PROTOCOL_VERSION):
+                    continue
+                else:
+                    raise PgError(
+                        errors.PROTOCOL_VIOLATION,
+                        f"unexpected message {chr(type_)!r} from upstream during startup",
+                    )
+        except (ConnectionError, m.ProtocolError) as exc:
+            raise PgError(
+                errors.CONNECTION_FAILURE, f"upstream server closed the connection: {exc}"
+            ) from exc
+        self.ready = True
+        self.end_handshake()
+
+    # --- internal work -----------------------------------------------------------------------
+
+    def run_internal(self, sql: str) -> asyncio.Future[InternalResult]:
+        """Send ``sql`` as its own Query and get its outcome; its replies are swallowed.
+
+        Only call while the server owes its client nothing (between units).
+        """
+        fut: asyncio.Future[InternalResult] = asyncio.get_running_loop().create_future()
+        self._internal.append(_Internal(fut))
+        self.write(m.query(sql))
+        return fut
+
+    def send_internal(self, sql: str) -> None:
+        """Like run_internal, for work nobody waits on (a failure is logged)."""
+        self._internal.append(_Internal(None))
+        self.write(m.query(sql))
+
+    @property
+    def busy_internally(self) -> bool:
+        return bool(self._internal)
+
+    # --- streaming ---------------------------------------------------------------------------
+
+    def stream_received(self, data: bytes) -> None:
+        if self._partial:
+            self._partial += data
+            if len(self._partial) < self._need:
+                return
+            data = bytes(self._partial)
+            self._partial.clear()
+        client = self.client
+        out: list[bytes] = []
+        run_start = 0
+        pos = 0
+        n = len(data)
+        release = False
+        if self._passthrough:
+            pos = min(self._passthrough, n)
+            self._passthrough -= pos
+        while pos < n:
+            if n - pos < 5:
+                self._stash(data, pos, 5)
+                n = pos
+                break
+            type_ = data[pos]
+            end = pos + 1 + read_length(data, pos + 1)
+            if end <= pos + 4 or end - pos - 1 > LARGE_MESSAGE_LIMIT:
+                self._protocol_failure("invalid message length from server")
+                return
+            if client is not None and not self._internal and type_ not in _INSPECT:
+                if end > n:  # stream the rest of a large message as it arrives
+                    self._passthrough = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            if end > n:
+                self._stash(data, pos, end - pos)
+                n = pos
+                break
+            body = data[pos + 5 : end]
+            if self._internal:
+                if run_start < pos and client is not None:
+                    out.append(data[run_start:pos])
+                run_start = end
+                self._internal_message(type_, body)
+            elif client is None:
+                run_start = end
+                self._idle_message(type_, body)
+                if self.closed:
+                    return
+            else:
+                keep, injected, done = self._linked_message(client, type_, body)
+                if not keep or injected:
+                    if run_start < pos:
+                        out.append(data[run_start:pos])
+                    if injected:
+                        out.append(injected)
+                    run_start = pos if keep else end
+                if done:
+                    # Replies after this point belong to idle time, not to this client.
+                    if run_start < end:
+                        out.append(data[run_start:end])
+                    run_start = end
+                    if client.server_released():
+                        release = True
+                        client = None
+            pos = end
+        if client is not None and run_start < n:
+            out.append(data[run_start:n] if run_start or n < len(data) else data)
+        if out:
+            link = self.client
+            if link is not None:
+                link.server_output(b"".join(out) if len(out) > 1 else out[0])
+        if release:
+            self.pool.release(self)
+
+    def _stash(self, data: bytes, pos: int, need: int) -> None:
+        self._partial += data[pos:]
+        self._need = need
+
+    def _linked_message(
+        self, client: ServerLink, type_: int, body: bytes
+    ) -> tuple[bool, bytes, bool]:
+        """An inspected message while linked: (forward it?, bytes to inject first, done?)."""
+        if type_ == m.READY_FOR_QUERY:
+            status = body[0] if body else m.IDLE
+            try:
+                self.flow.server_ready(status)
+            except FlowError:
+                self._protocol_failure("unexpected ReadyForQuery from server")
+                return False, b"", False
+            return True, client.on_ready(status), self.flow.idle
+        if type_ == m.PARAMETER_STATUS:
+            name, value = m.parse_parameter_status(body)
+            self.params[name] = value
+            client.server_parameter(name, value)
+            return True, b"", False
+        if type_ == m.ERROR_RESPONSE:
+            fields = m.parse_error_fields(body)
+            if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                # Held back: the client decides what to tell its user once the socket closes.
+                self._fatal = PgError.from_fields(fields)
+                return False, b"", False
+            return True, b"", False
+        if type_ == m.NOTIFICATION_RESPONSE:
+            # A pooled server may carry a LISTEN it should not; the listener delivers (DESIGN.md).
+            return self.pool.mode == "session", b"", False
+        # CopyInResponse / CopyBothResponse
+        self.flow.server_copy_in()
+        return True, b"", False
+
+    def _internal_message(self, type_: int, body: bytes) -> None:
+        item = self._internal[0]
+        if type_ == m.READY_FOR_QUERY:
+            self._internal.popleft()
+            self.flow.status = body[0] if body else m.IDLE
+            if item.future is not None and not item.future.done():
+                item.future.set_result(item.result)
+            elif item.result.error is not None:
+                log.warning("%r: internal query failed: %s", self, item.result.error.message)
+        elif type_ == m.PARAMETER_STATUS:
+            name, value = m.parse_parameter_status(body)
+            self.params[name] = value
+            item.result.params[name] = value
+        elif type_ == m.ERROR_RESPONSE:
+            err = PgError.from_fields(m.parse_error_fields(body))
+            if err.fatal:
+                self._fatal = err
+            elif item.result.error is None:
+                item.result.error = err
+
+    def _idle_message(self, type_: int, body: bytes) -> None:
+        if type_ == m.PARAMETER_STATUS:
+            name, value = m.parse_parameter_status(body)
+            self.params[name] = value
+        elif type_ == m.ERROR_RESPONSE:
+            err = PgError.from_fields(m.parse_error_fields(body))
+            log.info("%r: closed by server while idle: %s", self, err.message)
+            self.pool.discard(self)
+            self.close()
+        elif type_ == m.NOTICE_RESPONSE:
+            fields = m.parse_error_fields(body)
+            log.debug("%r: notice while idle: %s", self, fields.get("M", ""))
+        elif type_ == m.NOTIFICATION_RESPONSE:
+            pass  # a leftover LISTEN on a pooled server; the listener path delivers
+        else:
+            log.warning("%r: unexpected message %r while idle; closing", self, chr(type_))
+            self.pool.discard(self)
+            self.close()
+
+    def _protocol_failure(self, why: str) -> None:
+        log.error("%r: %s; closing", self, why)
+        self._fatal = PgError(errors.PROTOCOL_VIOLATION, why)
+        self.abort()
+
+    # --- teardown ----------------------------------------------------------------------------
+
+    def on_lost(self, exc: Exception | None) -> None:
+        error = self._fatal or PgError(
+            errors.CONNECTION_FAILURE,
+            "server closed the connection unexpectedly",
+            detail=str(exc) if exc else None,
+        )
+        for item in self._internal:
+            if item.future is not None and not item.future.done():
+                item.future.set_exception(error)
+        self._internal.clear()
+        client = self.client
+        self.client = None
+        self.pool.discard(self)
+        if client is not None:
+            client.server_lost(error)
+
+    def feeder(self) -> WireProtocol | None:
+        feeder = self.client
+        return feeder if isinstance(feeder, WireProtocol) else None
+
+    def link(self, client: ServerLink) -> None:
+        self.client = client
+        self.flow.reset()
+
+    def unlink(self) -> None:
+        self.client = None
+        self.idle_since = time.monotonic()
+        self.resume_reading()
+
+    def age(self, now: float | None = None) -> float:
+        return (now or time.monotonic()) - self.created_at
+
+
+OnServer = Callable[[ServerConnection], None]

@@ -1,0 +1,89 @@
+"""Command-line entry point.
+
+Only argument parsing and configuration loading live here; serving is delegated to
+``pgproxy.app.run``, imported lazily so ``--check``/``--version`` work without pulling
+in the event loop and protocol machinery.
+"""
+
+import argparse
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import get_args
+
+from pgproxy.config import Config, ConfigError, PoolMode, load_config
+
+__all__ = ["build_arg_parser", "config_from_args", "main"]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pgproxy")
+    except metadata.PackageNotFoundError:
+        pass
+    # Running from a source checkout that was never pip-installed.
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        with pyproject.open("rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return "unknown"
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgproxy",
+        description="PostgreSQL wire-protocol pooling proxy.",
+        epilog=(
+            "Precedence: built-in defaults < config file < environment "
+            "(PGPROXY_CONFIG, PGPROXY_LISTEN, PGPROXY_UPSTREAM) < command-line options."
+        ),
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="TOML config file (default: $PGPROXY_CONFIG, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to accept clients on (e.g. [::1]:6432)"
+    )
+    parser.add_argument(
+        "--upstream",
+        metavar="URL",
+        help='postgresql:// URL for the "*" database (every database name not configured)',
+    )
+    parser.add_argument("--pool-mode", choices=get_args(PoolMode), help="override proxy.pool_mode")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version=f"pgproxy {_version()}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    """Load the config the parsed arguments describe; ``env`` defaults to os.environ."""
+    return load_config(
+        args.config,
+        listen=args.listen,
+        upstream=args.upstream,
+        pool_mode=args.pool_mode,
+        env=env,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"pgproxy: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        where = str(config.source) if config.source is not None else "built-in defaults"
+        print(f"pgproxy: configuration OK ({where})")
+        return 0
+    # Imported here so that --check and --version never load the event-loop machinery.
+    from pgproxy.app import run
+
+    return run(config, reload=lambda: config_from_args(args))

@@ -1,0 +1,558 @@
+"""One client session: startup, authentication, and the per-message forwarding state machine.
+
+Theory of operation. After login a session is in one of these states:
+
+* **unlinked** (``server is None``, ``_waiting`` False): the client owes nothing and holds no
+  server. A message that needs a server starts an acquire; a lone Sync is answered here (there is
+  nothing to synchronise), a lone Flush is a no-op.
+* **waiting**: an acquire is in flight; further bytes are buffered in ``_inbuf`` (bounded: past
+  ``_INBUF_PAUSE`` the client stops being read).
+* **linked**: messages are walked header by header and forwarded in runs to ``server``; its
+  :class:`~pgproxy.protocol.flow.ServerFlow` counts what the server owes. In transaction mode the
+  server calls ``server_released()`` when it owes nothing and no transaction is open; in session
+  mode the link lasts until the client leaves.
+* **skipping**: an error the proxy made up (no server could be had, the server died, a cancel
+  hit a queued request) ended the current unit; like Postgres after an extended-protocol error,
+  messages are dropped up to the next Sync, which is answered with ReadyForQuery.
+
+The LISTEN multiplexer hooks in at two points: messages a session can answer without a server
+(``_process`` before acquiring) and bytes injected just before a ReadyForQuery ``I``
+(``on_ready``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import TYPE_CHECKING
+
+from pgproxy import params as session_params
+from pgproxy.auth.frontend import authenticate_client
+from pgproxy.backend import ServerConnection, ServerLink
+from pgproxy.pool.pool import READ_ONLY_PARAMETERS, Pool
+from pgproxy.protocol import errors
+from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PgError, fatal
+from pgproxy.protocol.framing import check_frontend_header, read_length
+from pgproxy.wire import WireProtocol, log
+
+if TYPE_CHECKING:
+    from pgproxy.app import Proxy
+
+_INBUF_PAUSE = 256 * 1024  # stop reading a client that sends this much while it waits
+_RFQ_PRODUCERS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
+
+
+class ClientSession(WireProtocol, ServerLink):
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.server: ServerConnection | None = None
+        self.pool: Pool | None = None
+        self.user = ""
+        self.database = ""
+        self.vpid = 0
+        self.secret = b""
+        self.peer = ""
+        self.connected_at = time.monotonic()
+        self.reported: dict[str, str] = {}  # settable reported parameters, as the client saw them
+        self.unreported: dict[str, str] = {}  # startup GUCs the server does not report
+        self._inbuf = bytearray()
+        self._need = 0
+        self._passthrough = 0
+        self._waiting = False
+        self._skipping = False
+        self._task: asyncio.Task[None] | None = None
+        self._idle_tx_timer: asyncio.TimerHandle | None = None
+        self._logged_in = False
+
+    def __repr__(self) -> str:
+        return f"<client {self.vpid} {self.user}@{self.database} {self.peer}>"
+
+    # --- connection lifecycle ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        self.proxy.client_opened(self)
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    def on_lost(self, exc: Exception | None) -> None:
+        self.proxy.client_closed(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._cancel_idle_tx_timer()
+        server, self.server = self.server, None
+        if server is not None:
+            self._give_back(server)
+
+    def _give_back(self, server: ServerConnection) -> None:
+        """Return a server whose client has gone: reuse it only if it is provably clean."""
+        pool = server.pool
+        flow = server.flow
+        if server.closed:
+            return
+        if flow.idle and pool.mode == "transaction":
+            pool.release(server)
+            return
+        if flow.pending or flow.unsynced or flow.copy_in:
+            # Mid-query: its results would go nowhere and its state is unknown.
+            server.unlink()
+            pool.discard(server)
+            server.close()
+            return
+        cleanup = []
+        if flow.in_transaction:
+            cleanup.append("ROLLBACK")
+        if pool.mode == "session" and pool.settings.reset_query:
+            cleanup.append(pool.settings.reset_query)
+        if not cleanup:
+            pool.release(server)
+            return
+        server.unlink()
+        self.proxy.spawn(_clean_and_release(server, cleanup))
+
+    def fail(self, error: PgError) -> None:
+        """Tell the client and, for a FATAL error, close."""
+        if self.closed:
+            return
+        self.write(m.error_response(error.fields()))
+        if error.fatal:
+            self.close()
+
+    # --- login -------------------------------------------------------------------------------
+
+    async def _login(self) -> None:
+        timeout = self.proxy.config.proxy.client_login_timeout
+        try:
+            async with asyncio.timeout(timeout or None):
+                startup = await self._read_startup()
+                if startup is None:
+                    return
+                await self._authenticate_and_start(startup)
+        except PgError as exc:
+            if not exc.fatal:
+                exc = fatal(exc.sqlstate, exc.message, detail=exc.detail, hint=exc.hint)
+            log.info("login failed for %s: %s", self.peer, exc.message)
+            self.fail(exc)
+        except m.ProtocolError as exc:
+            self.fail(fatal(errors.PROTOCOL_VIOLATION, str(exc)))
+        except TimeoutError:
+            self.fail(fatal(errors.QUERY_CANCELED, "canceling authentication due to timeout"))
+        except ConnectionError:
+            self.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%r: internal error during login", self)
+            self.fail(fatal(errors.INTERNAL_ERROR, "internal error in pgproxy during login"))
+
+    async def _read_startup(self) -> m.StartupMessage | None:
+        seen_ssl = seen_gss = False
+        while True:
+            packet = m.parse_startup_packet(await self.read_startup_packet(m.STARTUP_MAX_LENGTH))
+            if isinstance(packet, m.StartupMessage):
+                return packet
+            if isinstance(packet, m.CancelRequest):
+                self.proxy.cancel(packet)
+                self.close()
+                return None
+            # SSLRequest / GSSENCRequest: one of each is legal (libpq's gssencmode=prefer
+            # falls back to SSL on the same socket); TLS is not offered yet.
+            kind_seen = seen_ssl if isinstance(packet, m.SSLRequest) else seen_gss
+            if kind_seen:
+                raise m.ProtocolError("duplicate encryption request")
+            if self.has_buffered_input():
+                raise m.ProtocolError("received unencrypted data after encryption request")
+            if isinstance(packet, m.SSLRequest):
+                seen_ssl = True
+            else:
+                seen_gss = True
+            self.write(b"N")
+
+    async def _authenticate_and_start(self, startup: m.StartupMessage) -> None:
+        proxy = self.proxy
+        config = proxy.config
+        major, minor = startup.version >> 16, startup.minor
+        if major != 3:
+            raise fatal(
+                errors.FEATURE_NOT_SUPPORTED,
+                f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+            )
+        if minor > 0 or startup.unknown_protocol_options:
+            self.write(m.negotiate_protocol_version(0, startup.unknown_protocol_options))
+        params = startup.params
+        user = params.get("user", "")
+        if not user:
+            raise fatal(
+                errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                "no PostgreSQL user name specified in startup packet",
+            )
+        self.user = user
+        self.database = params.get("database") or user
+        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            raise fatal(
+                errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported by pgproxy"
+            )
+        if proxy.client_count > config.proxy.max_client_conn:
+            raise fatal(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+
+        user_cfg = config.users.get(user)
+        method = config.proxy.auth_type
+        await authenticate_client(self, method, user, user_cfg.password if user_cfg else None)
+        if config.users and user_cfg is None:
+            # Only reachable with trust: password methods already failed for unknown users.
+            raise fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist')
+
+        pool = proxy.pool_for(self.database, user)
+        self.pool = pool
+        startup_gucs = {
+            k.lower(): v
+            for k, v in params.items()
+            if k not in session_params.NON_GUC_STARTUP_PARAMETERS
+        }
+        if "options" in params:
+            startup_gucs.update(session_params.parse_options(params["options"]))
+        server = await self._prepare_parameters(pool, startup_gucs)
+
+        out = [m.authentication_ok()]
+        assert pool.server_params is not None
+        shown = dict(pool.server_params)
+        shown.update(self.reported)
+        out += [m.parameter_status(k, v) for k, v in shown.items()]
+        self.vpid, self.secret = proxy.register(self)
+        out.append(m.backend_key_data(self.vpid, self.secret))
+        out.append(m.ready_for_query(m.IDLE))
+        self.write(b"".join(out))
+        self._logged_in = True
+        if server is not None:
+            if pool.mode == "session":
+                self._link(server)
+            else:
+                pool.release(server)
+        elif pool.mode == "session":
+            self._link(await pool.acquire(config.proxy.query_wait_timeout))
+        log.debug("%r: logged in", self)
+        self.end_handshake()
+
+    async def _prepare_parameters(
+        self, pool: Pool, startup_gucs: dict[str, str]
+    ) -> ServerConnection | None:
+        """Work out the parameters this client sees; validate new startup values on a server.
+
+        Postgres rejects a bad startup value (FATAL) at connect time, so the proxy does too,
+        once per distinct (name, value) per pool; returns the server used, if one was needed.
+        """
+        server: ServerConnection | None = None
+        timeout = self.proxy.config.proxy.query_wait_timeout
+        if pool.server_params is None:
+            server = await pool.acquire(timeout)
+        assert pool.server_params is not None
+        canonical = {k.lower(): k for k in pool.server_params}
+        wanted = {canonical.get(k, k): v for k, v in startup_gucs.items()}
+        unknown = {
+            k: v
+            for k, v in wanted.items()
+            if (k, v) not in pool.validated and k != "application_name"
+        }
+        if unknown:
+            if server is None:
+                server = await pool.acquire(timeout)
+            sql = session_params.sync_sql(unknown, {}, {}, {})
+            assert sql is not None
+            try:
+                result = await server.run_internal(sql)
+            except PgError:
+                pool.discard(server)
+                raise
+            if result.error is not None:
+                pool.release(server)  # a failed SET leaves the server as it was
+                err = result.error
+                raise fatal(err.sqlstate, err.message, detail=err.detail, hint=err.hint)
+            for k, v in unknown.items():
+                pool.validated[(k, v)] = server.params.get(k) if k in canonical.values() else None
+            # What was SET is now this server's state.
+            for k in unknown:
+                if k not in canonical.values():
+                    server.proxy_set[k] = unknown[k]
+        self.reported = {
+            k: v for k, v in pool.server_params.items() if k not in READ_ONLY_PARAMETERS
+        }
+        for k, v in wanted.items():
+            if k in READ_ONLY_PARAMETERS:
+                continue
+            if k in self.reported:
+                norm = pool.validated.get((k, v))
+                self.reported[k] = norm if norm is not None else v
+            else:
+                self.unreported[k] = v
+        return server
+
+    # --- streaming: client -> server ---------------------------------------------------------
+
+    def stream_received(self, data: bytes) -> None:
+        if self._idle_tx_timer is not None:
+            self._cancel_idle_tx_timer()
+        if self._inbuf:
+            self._inbuf += data
+            if self._waiting or len(self._inbuf) < self._need:
+                self._bound_inbuf()
+                return
+            data = bytes(self._inbuf)
+            self._inbuf.clear()
+        elif self._waiting:
+            self._inbuf += data
+            self._bound_inbuf()
+            return
+        self._process(data)
+
+    def _bound_inbuf(self) -> None:
+        if len(self._inbuf) > _INBUF_PAUSE:
+            self.pause_reading()
+
+    def _process(self, data: bytes) -> None:
+        """Walk the client's messages; forward runs of them to the linked server."""
+        server = self.server
+        pos = 0
+        n = len(data)
+        run_start = 0
+        if self._passthrough:
+            pos = min(self._passthrough, n)
+            self._passthrough -= pos
+        while pos < n:
+            if n - pos < 5:
+                self._stash(data, pos, 5)
+                n = pos
+                break
+            type_ = data[pos]
+            length = read_length(data, pos + 1)
+            try:
+                check_frontend_header(type_, length)
+            except m.ProtocolError as exc:
+                self._forward(server, data, run_start, pos)
+                self.fail(fatal(errors.PROTOCOL_VIOLATION, str(exc)))
+                return
+            end = pos + 1 + length
+            if type_ == m.TERMINATE:
+                self._forward(server, data, run_start, pos)
+                self.close()
+                return
+            if self._skipping:
+                if end > n:
+                    self._stash(data, pos, end - pos)
+                    n = pos
+                    break
+                if type_ == m.SYNC:
+                    self._skipping = False
+                    self.write(self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+                pos = run_start = end
+                continue
+            if server is None:
+                if type_ == m.SYNC or type_ == m.FLUSH:
+                    # Nothing is in flight, so there is nothing to synchronise or flush.
+                    if end > n:
+                        self._stash(data, pos, end - pos)
+                        n = pos
+                        break
+                    if type_ == m.SYNC:
+                        self.write(self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+                    pos = run_start = end
+                    continue
+                server = self._try_link()
+                if server is None:
+                    self._inbuf += data[pos:]
+                    self._bound_inbuf()
+                    return
+                run_start = pos
+            server.flow.client_message(type_)
+            if end > n:
+                self._passthrough = end - n
+                pos = n
+                break
+            pos = end
+        self._forward(server, data, run_start, n)
+
+    def _forward(self, server: ServerConnection | None, data: bytes, start: int, end: int) -> None:
+        if server is not None and start < end:
+            server.write(data[start:end] if start or end < len(data) else data)
+
+    def _stash(self, data: bytes, pos: int, need: int) -> None:
+        self._inbuf += data[pos:]
+        self._need = need
+
+    # --- getting a server --------------------------------------------------------------------
+
+    def _try_link(self) -> ServerConnection | None:
+        """Link an idle pooled server at once if there is one; else start waiting for one."""
+        pool = self.pool
+        assert pool is not None
+        if pool.closing:  # retired by a reload: move to its successor
+            pool = self.pool = self.proxy.pool_for(self.database, self.user)
+        while pool.idle:
+            server = pool.idle.pop()
+            if not server.closed:
+                pool.active.add(server)
+                self._link(server)
+                return server
+        self._waiting = True
+        self._task = asyncio.get_running_loop().create_task(self._acquire(pool))
+        return None
+
+    async def _acquire(self, pool: Pool) -> None:
+        try:
+            server = await pool.acquire(self.proxy.config.proxy.query_wait_timeout)
+        except PgError as exc:
+            self._waiting = False
+            self._fail_unit(exc)
+            return
+        self._waiting = False
+        if self.closed:
+            pool.release(server)
+            return
+        self._link(server)
+        self._resume_input()
+
+    def _resume_input(self) -> None:
+        data = bytes(self._inbuf)
+        self._inbuf.clear()
+        self._need = 0
+        self.resume_reading()
+        if data:
+            self._process(data)
+
+    def _link(self, server: ServerConnection) -> None:
+        self.server = server
+        server.link(self)
+        sql = session_params.sync_sql(
+            self.reported, self.unreported, server.params, server.proxy_set
+        )
+        if sql is not None:
+            server.send_internal(sql)
+            server.proxy_set = dict(self.unreported)
+        if self.write_paused:
+            server.pause_reading()
+
+    def _fail_unit(self, error: PgError) -> None:
+        """End the client's current unit with ``error``, as Postgres would end a failed one."""
+        if error.fatal:
+            self.fail(error)
+            return
+        self.write(m.error_response(error.fields()))
+        data = bytes(self._inbuf)
+        self._inbuf.clear()
+        self._need = 0
+        if len(data) >= 5 and data[0] in (m.QUERY, m.FUNCTION_CALL):
+            end = 1 + read_length(data, 1)
+            if end <= len(data):
+                self.write(self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+                data = data[end:]
+            else:
+                self._skipping = True
+        else:
+            self._skipping = True  # drop through the next Sync, which gets the ReadyForQuery
+        self.resume_reading()
+        if data:
+            self._process(data)
+
+    # --- ServerLink: events from the linked server ------------------------------------------
+
+    def server_output(self, data: bytes) -> None:
+        self.write(data)
+
+    def server_parameter(self, name: str, value: str) -> None:
+        if name not in READ_ONLY_PARAMETERS:
+            self.reported[name] = value
+
+    def server_released(self) -> bool:
+        if self.pool is None or self.pool.mode == "session" or self._inbuf:
+            return False
+        self.server = None
+        return True
+
+    def on_ready(self, status: int) -> bytes:
+        server = self.server
+        if status == m.IDLE:
+            return b""  # the LISTEN multiplexer injects pending notifications here
+        if server is not None and not server.flow.pending:
+            timeout = self.proxy.config.proxy.idle_transaction_timeout
+            if timeout > 0:
+                self._idle_tx_timer = asyncio.get_running_loop().call_later(
+                    timeout, self._idle_transaction_expired
+                )
+        return b""
+
+    def server_lost(self, error: PgError) -> None:
+        server, self.server = self.server, None
+        if self.closed or server is None:
+            return
+        flow = server.flow
+        log.warning("%r: server %r lost: %s", self, server, error.message)
+        if self.pool is not None and self.pool.mode == "session":
+            self.fail(fatal(error.sqlstate, error.message, detail=error.detail))
+            return
+        if flow.in_transaction or flow.copy_in or len(flow.pending) > 1 or self._passthrough:
+            # Carrying on would run the rest of the transaction in autocommit (PROTOCOL-NOTES 33).
+            self.fail(fatal(error.sqlstate, error.message, detail=error.detail))
+            return
+        if not flow.pending and not flow.unsynced:
+            return  # nothing was in flight: the next query simply gets another server
+        err = PgError(error.sqlstate, error.message, detail=error.detail, hint=error.hint)
+        self.write(m.error_response(err.fields()))
+        if flow.pending:
+            self.write(m.ready_for_query(m.IDLE))
+        else:
+            self._skipping = True
+
+    def feeder(self) -> WireProtocol | None:
+        return self.server
+
+    # --- timers and cancel -------------------------------------------------------------------
+
+    def _cancel_idle_tx_timer(self) -> None:
+        if self._idle_tx_timer is not None:
+            self._idle_tx_timer.cancel()
+            self._idle_tx_timer = None
+
+    def _idle_transaction_expired(self) -> None:
+        self._idle_tx_timer = None
+        server, self.server = self.server, None
+        if server is not None:
+            server.unlink()
+            server.pool.discard(server)
+            server.close()
+        self.fail(
+            fatal(
+                errors.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                "terminating connection due to idle-in-transaction timeout",
+            )
+        )
+
+    def matches_secret(self, secret: bytes) -> bool:
+        return hmac.compare_digest(self.secret, secret)
+
+    def cancel_waiting(self) -> bool:
+        """A cancel for a client still queued for a server: drop its request (57014)."""
+        task = self._task
+        if not self._waiting or task is None or task.done():
+            return False
+        task.cancel()
+        self._waiting = False
+        self._fail_unit(PgError(errors.QUERY_CANCELED, "canceling statement due to user request"))
+        return True
+
+
+async def _clean_and_release(server: ServerConnection, statements: list[str]) -> None:
+    pool = server.pool
+    try:
+        for sql in statements:
+            result = await server.run_internal(sql)
+            if result.error is not None:
+                raise result.error
+    except (PgError, ConnectionError) as exc:
+        log.info("%r: cleanup failed (%s); closing", server, exc)
+        pool.discard(server)
+        server.close()
+        return
+    pool.release(server)

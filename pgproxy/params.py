@@ -1,0 +1,108 @@
+"""Session parameters: what each client should see, and the SQL that makes a server agree.
+
+A client's view is two dictionaries: the *reported* parameters (those Postgres announces with
+ParameterStatus: client_encoding, DateStyle, TimeZone, application_name...) with the values the
+client last saw, and the *unreported* ones it asked for at startup (search_path before PG 18,
+statement_timeout via ``options``...), which only the proxy remembers. Before a client's
+messages reach a server, the differences are applied as one internal Query (PROTOCOL-NOTES 5,
+18): the common case, a server already in the right state, costs a dictionary comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pgproxy.protocol import errors
+from pgproxy.protocol.errors import PgError
+
+# Startup parameters that are not GUCs.
+NON_GUC_STARTUP_PARAMETERS = frozenset(("user", "database", "options", "replication"))
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """A string literal that means the same whatever standard_conforming_strings says."""
+    escaped = value.replace("'", "''")
+    if "\\" in value:
+        return "E'" + escaped.replace("\\", "\\\\") + "'"
+    return "'" + escaped + "'"
+
+
+def sync_sql(
+    reported: Mapping[str, str],
+    unreported: Mapping[str, str],
+    server_reported: Mapping[str, str],
+    server_unreported: Mapping[str, str],
+) -> str | None:
+    """SQL that brings a server's parameters to the client's values, or None if they agree."""
+    stmts = [
+        f"SET {quote_ident(k)} TO {quote_literal(v)}"
+        for k, v in reported.items()
+        if server_reported.get(k) != v
+    ]
+    stmts += [
+        f"SET {quote_ident(k)} TO {quote_literal(v)}"
+        for k, v in unreported.items()
+        if server_unreported.get(k) != v
+    ]
+    stmts += [f"RESET {quote_ident(k)}" for k in server_unreported if k not in unreported]
+    return "; ".join(stmts) if stmts else None
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """The ``-c name=value`` / ``--name=value`` settings of the ``options`` startup parameter.
+
+    Follows Postgres' pg_split_opts: words split on unescaped whitespace, backslash escapes the
+    next character; dashes in names become underscores.
+    """
+    words: list[str] = []
+    current: list[str] = []
+    escaped = False
+    have_word = False
+    for ch in options:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+            have_word = True
+        elif ch in " \t\n\r\f\v":  # ASCII only, as pg_split_opts
+            if have_word:
+                words.append("".join(current))
+                current = []
+                have_word = False
+        else:
+            current.append(ch)
+            have_word = True
+    if have_word:
+        words.append("".join(current))
+
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+            i += 2
+        elif (word.startswith("-c") and len(word) > 2) or (word.startswith("--") and len(word) > 2):
+            setting = word[2:]
+            i += 1
+        else:
+            raise PgError(
+                errors.PROTOCOL_VIOLATION,
+                f"invalid command-line argument for server process: {word}",
+                severity="FATAL",
+                hint="pgproxy accepts only -c name=value and --name=value in options",
+            )
+        name, sep, value = setting.partition("=")
+        if not sep:
+            raise PgError(
+                errors.PROTOCOL_VIOLATION,
+                f"-c {name} requires a value",
+                severity="FATAL",
+            )
+        out[name.replace("-", "_").lower()] = value
+    return out

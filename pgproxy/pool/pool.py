@@ -1,0 +1,274 @@
+"""Server connections for one (database, user): acquire, release, limits, waiting, reaping.
+
+Rules that keep it honest:
+* ``total`` counts every server that exists or is being connected; it never exceeds ``size``.
+* A released server goes to the oldest waiter first (FIFO fairness), else onto the idle stack
+  (LIFO: the most recently used server has the warmest caches).
+* A server is reused only if it is idle in every sense (``ServerFlow.idle``, no internal work
+  and no cancel in flight); anything else is closed, never handed out dirty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+from pgproxy.backend import ServerConnection
+from pgproxy.config import DatabaseConfig, PoolMode
+from pgproxy.protocol import errors
+from pgproxy.protocol.errors import PgError
+from pgproxy.wire import log
+
+# Reported parameters a client cannot SET; never synchronised between sessions.
+READ_ONLY_PARAMETERS = frozenset(
+    (
+        "in_hot_standby",
+        "integer_datetimes",
+        "is_superuser",
+        "server_encoding",
+        "server_version",
+        "session_authorization",
+    )
+)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    size: int
+    min_size: int
+    mode: PoolMode
+    connect_timeout: float
+    idle_timeout: float
+    lifetime: float
+    reset_query: str
+
+
+class Pool:
+    def __init__(
+        self,
+        name: str,
+        database: DatabaseConfig,
+        upstream_db: str,
+        upstream_user: str,
+        password: str | None,
+        settings: PoolSettings,
+    ) -> None:
+        self.name = name
+        self.database = database
+        self.upstream_db = upstream_db
+        self.upstream_user = upstream_user
+        self.password = password
+        self.settings = settings
+        self.idle: list[ServerConnection] = []
+        self.active: set[ServerConnection] = set()
+        self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
+        self.total = 0
+        self.server_params: dict[str, str] | None = None
+        # (name, value) pairs a server accepted -> the value it reported (None if unreported).
+        self.validated: dict[tuple[str, str], str | None] = {}
+        self.closing = False
+
+    @property
+    def mode(self) -> PoolMode:
+        return self.settings.mode
+
+    def __repr__(self) -> str:
+        return f"<pool {self.name} total={self.total} idle={len(self.idle)}>"
+
+    # --- acquire / release -------------------------------------------------------------------
+
+    async def acquire(self, timeout: float) -> ServerConnection:
+        """A server for exclusive use; raises PgError on connect failure or wait timeout."""
+        while self.idle:
+            server = self.idle.pop()
+            if not server.closed:
+                self.active.add(server)
+                return server
+        if self.closing:
+            raise PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
+        if self.total < self.settings.size:
+            return await self._connect_for_use()
+        fut: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            if timeout > 0:
+                return await asyncio.wait_for(fut, timeout)
+            return await fut
+        except TimeoutError:
+            raise PgError(
+                errors.QUERY_CANCELED,
+                "query_wait_timeout: no server connection became free in time",
+                hint=f"the pool {self.name} has {self.settings.size} connections, all in use",
+            ) from None
+        finally:
+            # release() hands servers only to futures not yet done, and a timed-out or
+            # cancelled future is done, so no server can be lost here.
+            if fut in self.waiters:
+                self.waiters.remove(fut)
+
+    async def _connect_for_use(self) -> ServerConnection:
+        self.total += 1
+        try:
+            server = await self._open()
+        except BaseException:
+            self.total -= 1
+            self._wake_waiter_to_connect()
+            raise
+        self.active.add(server)
+        return server
+
+    async def _open(self) -> ServerConnection:
+        params = {"user": self.upstream_user, "database": self.upstream_db}
+        try:
+            server = await asyncio.wait_for(
+                ServerConnection.open(
+                    self, self.database.host, self.database.port, params, self.password
+                ),
+                self.settings.connect_timeout or None,
+            )
+        except TimeoutError:
+            raise PgError(
+                errors.CONNECTION_FAILURE,
+                f"could not connect to upstream server {self.database.host}:"
+                f"{self.database.port}: timeout after {self.settings.connect_timeout:g}s",
+            ) from None
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        log.debug("%r: opened %r", self, server)
+        return server
+
+    def _wake_waiter_to_connect(self) -> None:
+        """A slot freed up without a server to hand over: let the oldest waiter connect."""
+        while self.waiters and self.total < self.settings.size:
+            fut = self.waiters.popleft()
+            if fut.done():
+                continue
+            task = asyncio.ensure_future(self._connect_for_use())
+            _chain(task, fut)
+            return
+
+    def release(self, server: ServerConnection) -> None:
+        """Take a server back from a client. It must owe nothing to anyone."""
+        self.active.discard(server)
+        server.unlink()
+        if server.closed:
+            return
+        if (
+            not server.flow.idle
+            or server.busy_internally
+            or server.cancels_in_flight
+            or (self.settings.lifetime and server.age() > self.settings.lifetime)
+        ):
+            self._close(server)
+            return
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                self.active.add(server)
+                fut.set_result(server)
+                return
+        if self.closing:
+            self._close(server)
+        else:
+            self.idle.append(server)
+
+    def discard(self, server: ServerConnection) -> None:
+        """Forget a server that is closed or about to be (idempotent)."""
+        removed = False
+        if server in self.active:
+            self.active.discard(server)
+            removed = True
+        if server in self.idle:
+            self.idle.remove(server)
+            removed = True
+        if removed:
+            self.total -= 1
+            self._wake_waiter_to_connect()
+
+    def _close(self, server: ServerConnection) -> None:
+        self.discard(server)
+        server.close()
+
+    # --- maintenance -------------------------------------------------------------------------
+
+    def reap(self, now: float) -> None:
+        """Close servers idle too long or past their lifetime, keeping ``min_size`` open."""
+        keep = self.settings.min_size
+        for server in list(self.idle):
+            too_old = self.settings.lifetime and server.age(now) > self.settings.lifetime
+            too_idle = (
+                self.settings.idle_timeout
+                and now - server.idle_since > self.settings.idle_timeout
+                and self.total > keep
+            )
+            if too_old or too_idle:
+                self._close(server)
+
+    async def warm_up(self) -> None:
+        """Open servers until ``min_size`` exist (best effort)."""
+        while self.total < self.settings.min_size and not self.closing:
+            self.total += 1
+            try:
+                server = await self._open()
+            except PgError as exc:
+                self.total -= 1
+                log.warning("%r: warm-up failed: %s", self, exc.message)
+                return
+            self.release(server)
+
+    def same_route(self, other: Pool) -> bool:
+        """Would this pool connect the same way as ``other`` (so a reload can keep it)?"""
+        return (
+            self.database == other.database
+            and self.upstream_db == other.upstream_db
+            and self.upstream_user == other.upstream_user
+            and self.password == other.password
+            and self.settings == other.settings
+        )
+
+    def retire(self) -> None:
+        """Stop pooling: idle servers close now, busy ones when released (after waiters)."""
+        self.closing = True
+        for server in list(self.idle):
+            self._close(server)
+
+    async def close(self) -> None:
+        self.retire()
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_exception(
+                    PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
+                )
+        self.waiters.clear()
+        for server in list(self.active):
+            self._close(server)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "total": self.total,
+            "idle": len(self.idle),
+            "active": len(self.active),
+            "waiting": len(self.waiters),
+        }
+
+
+def _chain(task: asyncio.Future[ServerConnection], fut: asyncio.Future[ServerConnection]) -> None:
+    """Deliver a connect task's outcome to a waiter; if the waiter gave up, release the server."""
+
+    def done(t: asyncio.Future[ServerConnection]) -> None:
+        if t.cancelled():
+            if not fut.done():
+                fut.cancel()
+            return
+        exc = t.exception()
+        if fut.done():
+            if exc is None:
+                t.result().pool.release(t.result())
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(t.result())
+
+    task.add_done_callback(done)

@@ -1,0 +1,88 @@
+"""What a server still owes its client: the rule that decides when a server may be released.
+
+Theory of operation (PROTOCOL-NOTES 2, 6, 31, 32). Everything the client forwards and the server
+answers passes through :class:`ServerFlow`, which counts the messages that will each produce
+exactly one ReadyForQuery (Query, Sync, FunctionCall) and watches the states in which the server is
+not reusable even at ReadyForQuery ``I``:
+
+* ``pending``  -- ReadyForQuery-producing messages forwarded and not yet answered, oldest first.
+* ``unsynced`` -- extended-protocol messages forwarded since the last Sync: the server has an
+  implicit transaction open (e.g. asyncpg's Parse/Describe/Flush) and must stay with the client.
+* ``copy_in``  -- the server asked for COPY data and the client has not yet sent CopyDone/CopyFail.
+  While copying, the server ignores Sync and Flush, including a Sync the client sent before the
+  CopyInResponse arrived (libpq sends one with every extended Execute, then another after
+  CopyDone).
+* ``status``   -- the transaction status byte of the last ReadyForQuery.
+
+After an extended-protocol error Postgres skips everything up to the next Sync; because the
+count is per Sync/Query/FunctionCall and every skipped unit still ends at a Sync, the count stays
+exact for what drivers send. The one shape where it would not (a simple Query pipelined after
+unsynced extended messages, which no libpq-based driver can send) errs on the safe side: the
+count stays too high, so the server remains with its client instead of going back dirty.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pgproxy.protocol import messages as m
+
+_RFQ_PRODUCERS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
+_EXTENDED = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
+
+
+class FlowError(Exception):
+    """The server answered something the client never asked for."""
+
+
+class ServerFlow:
+    __slots__ = ("copy_in", "pending", "status", "unsynced")
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()
+        self.unsynced = False
+        self.copy_in = False
+        self.status = m.IDLE
+
+    def client_message(self, type_: int) -> None:
+        """Account for one message forwarded from the client to the server."""
+        if self.copy_in:
+            if type_ == m.COPY_DONE or type_ == m.COPY_FAIL:
+                self.copy_in = False
+            return  # the server ignores Sync/Flush during COPY; CopyData needs no bookkeeping
+        if type_ in _RFQ_PRODUCERS:
+            self.pending.append(type_)
+            self.unsynced = False
+        elif type_ in _EXTENDED:
+            self.unsynced = True
+
+    def server_ready(self, status: int) -> None:
+        """A ReadyForQuery arrived from the server."""
+        if not self.pending:
+            raise FlowError("ReadyForQuery with nothing outstanding")
+        self.pending.popleft()
+        self.status = status
+
+    def server_copy_in(self) -> None:
+        """CopyInResponse (or CopyBothResponse): the server now waits for CopyData."""
+        self.copy_in = True
+        if self.pending and self.pending[0] == m.SYNC:
+            # The Sync that followed the extended Execute is swallowed by the COPY, so the
+            # implicit transaction stays open until the Sync the client sends after CopyDone.
+            self.pending.popleft()
+            self.unsynced = True
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.status != m.IDLE
+
+    @property
+    def idle(self) -> bool:
+        """True when the server owes nothing and holds no transaction: safe to hand to others."""
+        return not self.pending and not self.unsynced and not self.copy_in and self.status == m.IDLE
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.unsynced = False
+        self.copy_in = False
+        self.status = m.IDLE

@@ -1,0 +1,53 @@
+"""Message boundaries and the length limits that bound every length field from the network.
+
+Regular messages are ``type byte + int32 length (counting itself) + body``. The limits are
+Postgres' own (``SocketBackend``, PROTOCOL-NOTES 8): a proxy-wide cap smaller than that would reject
+legal traffic such as large bytea Binds and COPY rows.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pgproxy.protocol import messages as m
+
+HEADER_SIZE = 5
+LARGE_MESSAGE_LIMIT = 0x3FFFFFFF  # PQ_LARGE_MESSAGE_LIMIT (1 GB - 1)
+SMALL_MESSAGE_LIMIT = 10000  # PQ_SMALL_MESSAGE_LIMIT
+AUTH_MESSAGE_LIMIT = 65535  # PG_MAX_AUTH_TOKEN_LENGTH
+
+# Client messages Postgres allows to be large; every other type is capped at 10,000 bytes.
+_LARGE_FRONTEND_TYPES = frozenset(
+    (m.QUERY, m.PARSE, m.BIND, m.COPY_DATA, m.FUNCTION_CALL, m.COPY_FAIL)
+)
+FRONTEND_TYPES = frozenset(
+    (
+        m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
+        m.TERMINATE, m.FUNCTION_CALL, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL,
+    )
+)  # fmt: skip
+
+_I32 = struct.Struct("!i")
+
+
+def frontend_limit(type_: int) -> int:
+    """The largest body+length a client may send for this message type."""
+    return LARGE_MESSAGE_LIMIT if type_ in _LARGE_FRONTEND_TYPES else SMALL_MESSAGE_LIMIT
+
+
+def read_length(buf: bytes | bytearray, pos: int) -> int:
+    """The int32 length at ``pos`` (the byte after the type)."""
+    return int(_I32.unpack_from(buf, pos)[0])
+
+
+def check_frontend_header(type_: int, length: int) -> None:
+    """Raise ProtocolError for an unknown type or a length outside Postgres' bounds."""
+    if type_ not in FRONTEND_TYPES:
+        raise m.ProtocolError(f"invalid frontend message type {type_}")
+    if length < 4 or length > frontend_limit(type_):
+        raise m.ProtocolError(f"invalid message length {length} for message type {chr(type_)!r}")
+
+
+def check_backend_length(length: int) -> None:
+    if length < 4 or length > LARGE_MESSAGE_LIMIT:
+        raise m.ProtocolError(f"invalid message length {length} from server")

@@ -1,0 +1,619 @@
+"""Authentication in both directions, driven against each other over in-memory channels.
+
+The proxy's server side (``authenticate_client``) and client side (``authenticate_upstream``)
+talk to each other, to hand-made peers that misbehave, and to scramp, an independent SCRAM
+implementation. No database is needed; PBKDF2 runs only for module-level fixtures and cached keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import pytest
+import scramp  # type: ignore[import-untyped]
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgproxy.auth import scram
+from pgproxy.auth.frontend import ClientAuthResult, authenticate_client
+from pgproxy.auth.upstream import authenticate_upstream
+from pgproxy.protocol import framing
+from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PgError
+
+T = TypeVar("T")
+
+USER = "alice"
+PASSWORD = "correct horse"
+WRONG = "battery staple"
+MD5_SECRET = "md5" + hashlib.md5((PASSWORD + USER).encode()).hexdigest()
+SALT = b"pgproxy-tests-16"
+# Built with scramp (independent of pgproxy), in the format Postgres stores in pg_authid.
+_SALT, _STORED, _SERVER, _ITER = scramp.ScramMechanism().make_auth_info(
+    PASSWORD, iteration_count=4096, salt=SALT
+)
+SCRAM_SECRET = "SCRAM-SHA-256${}:{}${}:{}".format(
+    _ITER, *(base64.b64encode(x).decode() for x in (_SALT, _STORED, _SERVER))
+)
+SECRETS = {"plain": PASSWORD, "md5": MD5_SECRET, "scram": SCRAM_SECRET}
+
+
+# --- an in-memory connection pair ----------------------------------------------------------------
+
+
+class QueueChannel:
+    """One end of a pipe of framed messages; ``None`` in the queue means EOF."""
+
+    def __init__(self, inbox: asyncio.Queue[tuple[int, bytes] | None]) -> None:
+        self.inbox = inbox
+        self.peer: QueueChannel | None = None
+        self.sent: list[tuple[int, bytes]] = []
+
+    async def read_message(self, max_length: int) -> tuple[int, bytes]:
+        item = await self.inbox.get()
+        if item is None:
+            raise ConnectionError("peer closed")
+        if len(item[1]) + 4 > max_length:
+            raise m.ProtocolError(f"invalid message length {len(item[1]) + 4}")
+        return item
+
+    def write(self, data: bytes) -> None:
+        assert self.peer is not None
+        pos = 0
+        while pos < len(data):
+            length = framing.read_length(data, pos + 1)
+            msg = (data[pos], data[pos + 5 : pos + 1 + length])
+            self.sent.append(msg)
+            self.peer.inbox.put_nowait(msg)
+            pos += 1 + length
+
+    def close(self) -> None:
+        assert self.peer is not None
+        self.peer.inbox.put_nowait(None)
+
+
+def channel_pair() -> tuple[QueueChannel, QueueChannel]:
+    a, b = QueueChannel(asyncio.Queue()), QueueChannel(asyncio.Queue())
+    a.peer, b.peer = b, a
+    return a, b
+
+
+async def timed(aw: Awaitable[T]) -> T:
+    return await asyncio.wait_for(aw, 2)
+
+
+async def login(
+    method: str, secret: str | None, password: str | None, user: str = USER
+) -> tuple[ClientAuthResult | BaseException, BaseException | None, QueueChannel]:
+    """Run both sides against each other, as the proxy would: error or AuthenticationOk."""
+    server_chan, client_chan = channel_pair()
+
+    async def serve() -> ClientAuthResult:
+        try:
+            result = await authenticate_client(server_chan, method, user, secret)
+        except PgError as e:
+            server_chan.write(m.error_response(e.fields()))
+            raise
+        server_chan.write(m.authentication_ok())
+        return result
+
+    async def connect() -> None:
+        try:
+            await authenticate_upstream(client_chan, user, password)
+        except BaseException:
+            client_chan.close()
+            raise
+
+    server_res, client_res = await timed(asyncio.gather(serve(), connect(), return_exceptions=True))
+    return server_res, client_res, server_chan
+
+
+def assert_pg_error(exc: object, sqlstate: str) -> PgError:
+    assert isinstance(exc, PgError), repr(exc)
+    assert exc.sqlstate == sqlstate, repr(exc)
+    assert exc.severity == "FATAL"
+    return exc
+
+
+def client_key_of(password: str, salt: bytes, iterations: int) -> bytes:
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return hmac.digest(salted, b"Client Key", "sha256")
+
+
+# --- both sides against each other ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["plain", "md5", "scram"])
+@pytest.mark.parametrize("method", ["md5", "scram-sha-256"])
+async def test_right_password_logs_in(method: str, kind: str) -> None:
+    server_res, client_res, _ = await login(method, SECRETS[kind], PASSWORD)
+    if method == "scram-sha-256" and kind == "md5":
+        # Postgres cannot run SCRAM from an md5 hash either; the exchange is doomed.
+        assert_pg_error(server_res, "28P01")
+        assert_pg_error(client_res, "28P01")
+        return
+    assert client_res is None
+    assert isinstance(server_res, ClientAuthResult)
+    # md5 with a SCRAM verifier runs SCRAM, as Postgres' CheckPWChallengeAuth does.
+    expected = "scram-sha-256" if method == "scram-sha-256" or kind == "scram" else "md5"
+    assert server_res.method == expected
+    assert (server_res.scram_client_key is not None) == (expected == "scram-sha-256")
+
+
+@pytest.mark.parametrize("kind", ["plain", "md5", "scram"])
+@pytest.mark.parametrize("method", ["md5", "scram-sha-256"])
+async def test_wrong_password_fails_with_28P01(method: str, kind: str) -> None:
+    server_res, client_res, _ = await login(method, SECRETS[kind], WRONG)
+    err = assert_pg_error(server_res, "28P01")
+    assert err.message == f'password authentication failed for user "{USER}"'
+    assert_pg_error(client_res, "28P01")
+
+
+@pytest.mark.parametrize("method", ["md5", "scram-sha-256"])
+async def test_unknown_user_runs_the_exchange_then_fails_with_28P01(method: str) -> None:
+    server_res, client_res, server_chan = await login(method, None, PASSWORD)
+    assert_pg_error(server_res, "28P01")
+    assert_pg_error(client_res, "28P01")
+    # The client got as far as with a wrong password: one challenge (md5) or two (SCRAM).
+    challenges = [t for t, _ in server_chan.sent if t == m.AUTHENTICATION]
+    assert len(challenges) == (1 if method == "md5" else 2)
+
+
+async def test_unknown_user_gets_a_stable_salt() -> None:
+    """A salt that changed on every attempt would tell a prober the user does not exist."""
+
+    async def salt_for(user: str) -> bytes:
+        _, _, chan = await login("scram-sha-256", None, PASSWORD, user=user)
+        _, data = m.parse_authentication(chan.sent[1][1])
+        return data.split(b",")[1]
+
+    assert await salt_for("nobody") == await salt_for("nobody")
+    assert await salt_for("nobody") != await salt_for("somebody")
+
+
+async def test_failure_reason_is_logged_without_the_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await login("md5", MD5_SECRET, WRONG)
+    await login("scram-sha-256", None, PASSWORD)
+    text = caplog.text
+    assert "Password does not match" in text and "does not exist" in text
+    for secret in (PASSWORD, WRONG, MD5_SECRET[3:]):
+        assert secret not in text
+
+
+async def test_trust_exchanges_nothing() -> None:
+    server_res, client_res, chan = await login("trust", None, None)
+    assert server_res == ClientAuthResult("trust", None)
+    assert client_res is None
+    assert [t for t, _ in chan.sent] == [m.AUTHENTICATION]  # only AuthenticationOk
+
+
+async def test_plain_password_verifier_is_derived_once_per_user() -> None:
+    async def salt_for(user: str) -> bytes:
+        _, client_res, chan = await login("scram-sha-256", PASSWORD, PASSWORD, user=user)
+        assert client_res is None
+        return m.parse_authentication(chan.sent[1][1])[1].split(b",")[1]
+
+    assert await salt_for("bob") == await salt_for("bob")
+    assert await salt_for("bob") != await salt_for("carol")  # same password, no shared salt
+
+
+@pytest.mark.parametrize("password", ["pässwörd", "tab\there", "x\u00adx"])
+async def test_saslprep_and_its_raw_fallback_agree_on_both_sides(password: str) -> None:
+    """\\u00ad is mapped away by SASLprep; a tab is prohibited, so the raw bytes are used."""
+    _, client_res, _ = await login("scram-sha-256", password, password)
+    assert client_res is None
+
+
+# --- stored verifiers and the recovered ClientKey ------------------------------------------------
+
+
+def test_postgres_format_verifier_round_trips() -> None:
+    v = scram.ScramVerifier.parse(SCRAM_SECRET)
+    assert v == scram.ScramVerifier(4096, SALT, _STORED, _SERVER)
+    assert str(v) == SCRAM_SECRET
+    assert scram.ScramVerifier.from_password(PASSWORD, SALT) == v  # same derivation as scramp
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        PASSWORD,
+        "SCRAM-SHA-256$0:c2FsdA==$" + SCRAM_SECRET.split("$", 2)[2],
+        "SCRAM-SHA-256$4096:!!$" + SCRAM_SECRET.split("$", 2)[2],
+        SCRAM_SECRET[:-4],
+        SCRAM_SECRET.replace("$4096:", "$x:"),
+    ],
+)
+def test_malformed_verifiers_are_rejected(text: str) -> None:
+    assert scram.ScramVerifier.parse(text) is None
+
+
+async def test_scram_verifier_is_accepted_and_client_key_recovered() -> None:
+    server_res, client_res, _ = await login("scram-sha-256", SCRAM_SECRET, PASSWORD)
+    assert client_res is None
+    assert isinstance(server_res, ClientAuthResult)
+    assert server_res.scram_client_key == client_key_of(PASSWORD, SALT, 4096)
+    assert hashlib.sha256(server_res.scram_client_key).digest() == _STORED
+
+
+async def test_low_iteration_verifier_works_unlike_in_scramp() -> None:
+    """Postgres 16's scram_iterations may be below 4096; scramp would refuse both ends."""
+    verifier = scram.ScramVerifier.from_password(PASSWORD, SALT, iterations=10)
+    server_res, client_res, _ = await login("scram-sha-256", str(verifier), PASSWORD)
+    assert client_res is None
+    assert isinstance(server_res, ClientAuthResult)
+    assert server_res.scram_client_key == client_key_of(PASSWORD, SALT, 10)
+
+
+def test_scramp_client_against_our_server() -> None:
+    """An independent client (which, unlike libpq, sends the user name) is accepted."""
+    client = scramp.ScramClient([scram.MECHANISM], USER, PASSWORD)
+    server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+    first = server.handle_client_first(client.get_client_first().encode())
+    client.set_server_first(first.decode())
+    final = server.handle_client_final(client.get_client_final().encode())
+    assert final is not None
+    client.set_server_final(final.decode())  # raises if our signature is wrong
+    assert server.client_key == client_key_of(PASSWORD, SALT, 4096)
+
+
+# RFC 7677, section 3 (user "user", password "pencil").
+RFC_CLIENT_FIRST = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
+RFC_SERVER_FIRST = (
+    b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+)
+RFC_CLIENT_FINAL = (
+    b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+    b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+)
+RFC_SERVER_FINAL = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+RFC_SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+
+
+def test_rfc7677_vector_client() -> None:
+    client = scram.ScramClient("pencil", username="user", nonce=b"rOprNGfwEbeRWgbNEkqO")
+    assert client.client_first() == RFC_CLIENT_FIRST
+    assert client.handle_server_first(RFC_SERVER_FIRST) == RFC_CLIENT_FINAL
+    client.handle_server_final(RFC_SERVER_FINAL)
+    assert client.finished
+
+
+def test_rfc7677_vector_server() -> None:
+    verifier = scram.ScramVerifier.from_password("pencil", RFC_SALT)
+    server = scram.ScramServer(verifier, nonce=b"%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0")
+    assert server.handle_client_first(RFC_CLIENT_FIRST) == RFC_SERVER_FIRST
+    assert server.handle_client_final(RFC_CLIENT_FINAL) == RFC_SERVER_FINAL
+
+
+def test_client_sends_an_empty_user_name_like_libpq() -> None:
+    assert scram.ScramClient(PASSWORD).client_first().startswith(b"n,,n=,r=")
+
+
+# --- clients that misbehave ----------------------------------------------------------------------
+
+
+async def drive_client(
+    method: str, *messages: bytes, secret: str | None = SCRAM_SECRET
+) -> BaseException | ClientAuthResult:
+    """Run authenticate_client against a scripted client that sends ``messages`` in order."""
+    server_chan, client_chan = channel_pair()
+    for msg in messages:
+        client_chan.write(msg)
+    client_chan.close()
+    try:
+        return await timed(authenticate_client(server_chan, method, USER, secret))
+    except (PgError, ConnectionError) as e:
+        return e
+
+
+def client_first(nonce: bytes = b"abc") -> bytes:
+    return m.sasl_initial_response(scram.MECHANISM, b"n,,n=,r=" + nonce)
+
+
+@pytest.mark.parametrize("method", ["md5", "scram-sha-256"])
+async def test_wrong_message_type_is_a_protocol_violation(method: str) -> None:
+    err = assert_pg_error(await drive_client(method, m.query("select 1")), "08P01")
+    assert f"got message type {m.QUERY}" in err.message
+
+
+@pytest.mark.parametrize("method", ["md5", "scram-sha-256"])
+async def test_oversized_response_is_a_protocol_violation(method: str) -> None:
+    big = m.password_message(b"x" * framing.AUTH_MESSAGE_LIMIT)
+    assert_pg_error(await drive_client(method, big), "08P01")
+
+
+@pytest.mark.parametrize("method", ["md5", "scram-sha-256"])
+async def test_disconnect_or_terminate_is_a_connection_error(method: str) -> None:
+    assert isinstance(await drive_client(method), ConnectionError)
+    assert isinstance(await drive_client(method, m.TERMINATE_MESSAGE), ConnectionError)
+
+
+async def test_md5_password_without_terminator_is_a_protocol_violation() -> None:
+    assert_pg_error(await drive_client("md5", m.password_message(b"md5abc")), "08P01")
+
+
+@pytest.mark.parametrize(
+    ("first", "sqlstate"),
+    [
+        (m.message(m.PASSWORD, b"SCRAM-SHA-256\0\0\0"), "08P01"),  # truncated length
+        (m.message(m.PASSWORD, b"SCRAM-SHA-256"), "08P01"),  # no terminator
+        (m.sasl_initial_response("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=a"), "08P01"),
+        (m.sasl_initial_response("SCRAM-SHA-1", b"n,,n=,r=a"), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b""), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b"garbage"), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b"p=tls-unique,,n=,r=a"), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b"n,,r=abc"), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b"n,,n=,r="), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b"n,,n=,r=a\x01b"), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b"n,,n=,r=a,junk"), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b"n,,n=,r=a\0"), "08P01"),
+        (m.sasl_initial_response(scram.MECHANISM, b"n,a=bob,n=,r=a"), "0A000"),
+        (m.sasl_initial_response(scram.MECHANISM, b"n,,m=ext,n=,r=a"), "0A000"),
+    ],
+)
+async def test_malformed_client_first_is_rejected(first: bytes, sqlstate: str) -> None:
+    assert_pg_error(await drive_client("scram-sha-256", first), sqlstate)
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        b"",
+        b"garbage",
+        b"c=biws",
+        b"c=biws,r=abc",
+        b"c=eSws,r=abc,p=" + base64.b64encode(bytes(32)),  # "y,," but the client said "n"
+        b"c=!!!!,r=abc,p=" + base64.b64encode(bytes(32)),
+        b"c=biws,r=abc,p=" + base64.b64encode(bytes(31)),
+        b"c=biws,r=abc,p=not-base64",
+        b"c=biws,r=abc,,p=" + base64.b64encode(bytes(32)),
+        b"r=abc,c=biws,p=" + base64.b64encode(bytes(32)),
+    ],
+)
+async def test_malformed_client_final_is_a_protocol_violation(final: bytes) -> None:
+    err = await drive_client("scram-sha-256", client_first(), m.password_message(final))
+    assert_pg_error(err, "08P01")
+
+
+async def test_wrong_proof_is_an_authentication_failure() -> None:
+    proof = b",p=" + base64.b64encode(bytes(32))
+    err = await drive_client(
+        "scram-sha-256", client_first(), m.password_message(b"c=biws,r=x" + proof)
+    )
+    assert_pg_error(err, "28P01")
+
+
+def test_doomed_exchange_fails_even_with_the_right_password() -> None:
+    verifier = scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail()
+    server = scram.ScramServer(verifier, doomed=True)
+    client = scram.ScramClient(PASSWORD)
+    final = client.handle_server_first(server.handle_client_first(client.client_first()))
+    assert server.handle_client_final(final) is None
+
+
+def test_valid_proof_with_a_wrong_nonce_fails() -> None:
+    """The proof is right for the message as sent, but the nonce is not the one agreed."""
+    server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+    server_first = server.handle_client_first(b"n,,n=,r=abc")
+    without_proof = b"c=biws,r=abcWRONG"
+    auth_message = b"n=,r=abc," + server_first + b"," + without_proof
+    key = client_key_of(PASSWORD, SALT, 4096)
+    signature = hmac.digest(hashlib.sha256(key).digest(), auth_message, "sha256")
+    proof = bytes(a ^ b for a, b in zip(key, signature, strict=True))
+    final = without_proof + b",p=" + base64.b64encode(proof)
+    assert server.handle_client_final(final) is None
+    assert server.client_key is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=st.binary(max_size=80), final=st.binary(max_size=120))
+def test_arbitrary_scram_bytes_never_crash_the_server(first: bytes, final: bytes) -> None:
+    server = scram.ScramServer(scram.ScramVerifier.mock(USER))
+    try:
+        server.handle_client_first(first)
+        assert server.handle_client_final(final) is None
+    except PgError as e:
+        assert e.sqlstate in ("08P01", "0A000")
+
+
+@settings(max_examples=200, deadline=None)
+@given(nonce=st.binary(min_size=1, max_size=30).filter(lambda b: b"," not in b and b"\0" not in b))
+def test_server_accepts_any_printable_client_nonce(nonce: bytes) -> None:
+    server = scram.ScramServer(scram.ScramVerifier.mock(USER))
+    try:
+        first = server.handle_client_first(b"n,,n=," + b"r=" + nonce)
+    except PgError:
+        assert any(not 0x21 <= c <= 0x7E for c in nonce)
+    else:
+        assert first.startswith(b"r=" + nonce)
+
+
+# --- upstream servers that misbehave -------------------------------------------------------------
+
+
+async def drive_upstream(
+    *replies: bytes, password: str | None = PASSWORD
+) -> tuple[BaseException | None, list[tuple[int, bytes]]]:
+    """Run authenticate_upstream against a server that sends ``replies`` whatever we say."""
+    server_chan, client_chan = channel_pair()
+    for reply in replies:
+        server_chan.write(reply)
+    server_chan.close()
+    try:
+        await timed(authenticate_upstream(client_chan, USER, password))
+    except (PgError, ConnectionError) as e:
+        return e, client_chan.sent
+    return None, client_chan.sent
+
+
+async def test_cleartext_password() -> None:
+    err, sent = await drive_upstream(m.authentication_cleartext(), m.authentication_ok())
+    assert err is None
+    assert sent == [(m.PASSWORD, PASSWORD.encode() + b"\0")]
+
+
+async def test_md5_response_matches_the_postgres_formula() -> None:
+    salt = b"\x01\x02\x03\x04"
+    err, sent = await drive_upstream(m.authentication_md5(salt), m.authentication_ok())
+    assert err is None
+    inner = hashlib.md5((PASSWORD + USER).encode()).hexdigest()
+    expected = "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
+    assert sent == [(m.PASSWORD, expected.encode() + b"\0")]
+
+
+async def test_notices_during_authentication_are_skipped() -> None:
+    notice = m.error_response({"S": "NOTICE", "C": "00000", "M": "hi"}, notice=True)
+    err, _ = await drive_upstream(notice, m.authentication_ok())
+    assert err is None
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        m.authentication_cleartext(),
+        m.authentication_md5(b"salt"),
+        m.authentication_sasl(["SCRAM-SHA-256"]),
+    ],
+)
+async def test_missing_password_fails_before_sending_anything(request_: bytes) -> None:
+    err, sent = await drive_upstream(request_, password=None)
+    exc = assert_pg_error(err, "08001")
+    assert exc.message == f'upstream requires a password for user "{USER}"'
+    assert sent == []
+
+
+async def test_trust_upstream_needs_no_password() -> None:
+    err, _ = await drive_upstream(m.authentication_ok(), password=None)
+    assert err is None
+
+
+@pytest.mark.parametrize("sqlstate", ["28P01", "3D000", "53300"])
+async def test_server_error_keeps_its_sqlstate(sqlstate: str) -> None:
+    error = m.error_response({"S": "FATAL", "V": "FATAL", "C": sqlstate, "M": "nope"})
+    err, _ = await drive_upstream(m.authentication_md5(b"salt"), error)
+    assert isinstance(err, PgError)
+    assert (err.sqlstate, err.message, err.severity) == (sqlstate, "nope", "FATAL")
+
+
+@pytest.mark.parametrize(("code", "name"), [(7, "GSSAPI"), (9, "SSPI"), (2, "Kerberos"), (42, "")])
+async def test_unsupported_methods_are_named(code: int, name: str) -> None:
+    err, _ = await drive_upstream(m.authentication(code))
+    exc = assert_pg_error(err, "08P01")
+    assert name in exc.message and f"code {code}" in exc.message
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        (m.query("select 1"),),  # not an Authentication message
+        (m.message(m.AUTHENTICATION, b"\0\0"),),  # too short for a code
+        (m.authentication_md5(b"sal"),),  # salt is not 4 bytes
+        (m.authentication(m.AUTH_SASL_CONTINUE, b"r=x,s=eA==,i=1"),),  # SASL never started
+        (m.authentication_sasl(["SCRAM-SHA-256-PLUS"]),),  # nothing we can do without TLS
+        (m.authentication_md5(b"salt"), m.authentication_cleartext()),  # second request
+        (m.authentication_sasl(["SCRAM-SHA-256"]), m.authentication_ok()),  # skipped SASL
+        (m.authentication_sasl(["SCRAM-SHA-256"]), m.authentication(m.AUTH_SASL_CONTINUE, b"")),
+        (m.authentication_sasl(["SCRAM-SHA-256"]), m.authentication(m.AUTH_SASL_FINAL, b"v=x")),
+    ],
+)
+async def test_unexpected_upstream_messages_are_protocol_violations(
+    replies: tuple[bytes, ...],
+) -> None:
+    err, _ = await drive_upstream(*replies)
+    assert_pg_error(err, "08P01")
+
+
+async def test_connection_closed_by_upstream() -> None:
+    err, _ = await drive_upstream(m.authentication_md5(b"salt"))
+    assert isinstance(err, ConnectionError)
+
+
+class FakeScramServer:
+    """Answers authenticate_upstream's SCRAM messages, with hooks to tamper with them."""
+
+    def __init__(self, server_first: bytes | None = None, server_final: bytes | None = None):
+        self.server_first = server_first
+        self.server_final = server_final
+
+    async def run(self, chan: QueueChannel) -> None:
+        server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+        chan.write(m.authentication_sasl([scram.MECHANISM]))
+        _, body = await chan.read_message(framing.AUTH_MESSAGE_LIMIT)
+        first = server.handle_client_first(m.parse_sasl_initial_response(body)[1])
+        chan.write(m.authentication(m.AUTH_SASL_CONTINUE, self.server_first or first))
+        _, body = await chan.read_message(framing.AUTH_MESSAGE_LIMIT)
+        final = server.handle_client_final(body)
+        assert final is not None
+        chan.write(m.authentication(m.AUTH_SASL_FINAL, self.server_final or final))
+        chan.write(m.authentication_ok())
+
+
+async def run_fake(fake: FakeScramServer) -> BaseException | None:
+    server_chan, client_chan = channel_pair()
+    task = asyncio.create_task(fake.run(server_chan))
+    try:
+        await timed(authenticate_upstream(client_chan, USER, PASSWORD))
+    except PgError as e:
+        return e
+    finally:
+        task.cancel()
+    return None
+
+
+async def test_fake_scram_server_baseline() -> None:
+    assert await run_fake(FakeScramServer()) is None
+
+
+@pytest.mark.parametrize(
+    "server_final",
+    [
+        b"v=" + base64.b64encode(bytes(32)),  # a server that does not know the verifier
+        b"e=invalid-proof",
+        b"v=***",
+        b"x=1",
+    ],
+)
+async def test_bad_server_final_is_rejected(server_final: bytes) -> None:
+    assert_pg_error(await run_fake(FakeScramServer(server_final=server_final)), "08P01")
+
+
+@pytest.mark.parametrize(
+    "server_first",
+    [
+        b"r=someone-elses-nonce,s=c2FsdA==,i=4096",
+        b"r=,s=c2FsdA==,i=4096",
+        b"e=other-error",
+        b"garbage",
+    ],
+)
+async def test_bad_server_first_is_rejected(server_first: bytes) -> None:
+    assert_pg_error(await run_fake(FakeScramServer(server_first=server_first)), "08P01")
+
+
+@pytest.mark.parametrize(
+    "server_first",
+    [
+        b"s=c2FsdA==,i=4096",  # no nonce
+        b"r=Nx,s=,i=4096",  # empty salt
+        b"r=Nx,s=c2FsdA==,i=0",
+        b"r=Nx,s=c2FsdA==,i=-1",
+        b"r=Nx,s=c2FsdA==,i=4096,?",  # garbage after the attributes
+        b"r=N,s=c2FsdA==,i=1",  # the server added nothing to our nonce
+        b"r=N\x01,s=c2FsdA==,i=1",
+        b"r=Nx,s=c2FsdA==,i=1\0",
+    ],
+)
+def test_malformed_server_first_is_rejected(server_first: bytes) -> None:
+    client = scram.ScramClient(PASSWORD, nonce=b"N")
+    client.client_first()
+    with pytest.raises(PgError) as info:
+        client.handle_server_first(server_first)
+    assert info.value.sqlstate == "08P01"
