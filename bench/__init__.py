@@ -1,0 +1,1 @@
+"""Benchmarks for pgproxy (not part of the installed package)."""

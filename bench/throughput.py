@@ -1,0 +1,314 @@
+"""pgbench throughput and latency: direct PostgreSQL vs PgBouncer vs pgproxy.
+
+Everything runs on this machine: a throwaway cluster, PgBouncer and pgproxy (both in
+transaction mode with the same pool size), and pgbench as the client.  The three targets
+are measured interleaved (direct, pgbouncer, pgproxy, direct, ...) so slow drift of the
+machine (thermal, noisy neighbours, autovacuum) hits all of them alike; each figure is the
+median over the rounds.
+
+    .venv/bin/python -m bench.throughput --clients 1,50 --seconds 15 --rounds 3
+
+See bench/README.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from pgproxy.testing.cluster import PgCluster
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = ("direct", "pgbouncer", "pgproxy")
+MODES = {"select-only": ["-S"], "tpcb": []}
+# Client/server round trips per pgbench transaction: -S is one SELECT; the TPC-B-like
+# script is BEGIN, 3 UPDATEs, SELECT, INSERT, END.  Used for "added latency per round trip".
+ROUND_TRIPS = {"select-only": 1, "tpcb": 7}
+SCALE = 10
+DB = "postgres"
+USER = "postgres"
+
+
+@dataclass
+class Sample:
+    """One pgbench run: tps without connection time, latency in milliseconds."""
+
+    tps: float
+    lat_avg: float
+    p50: float
+    p99: float
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    def csv(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=lambda s: [int(c) for c in csv(s)], default=[1, 50])
+    p.add_argument("--seconds", type=int, default=15, help="duration of each pgbench run")
+    p.add_argument("--modes", type=csv, default=["select-only", "tpcb"], help="select-only,tpcb")
+    p.add_argument("--protocol", type=csv, default=["simple", "extended"], help="pgbench -M")
+    p.add_argument("--pool-size", type=int, default=20, help="pool size of both poolers")
+    p.add_argument("--jobs", type=int, help="pgbench -j (default: min(clients, 2))")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case")
+    p.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    p.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clients, args.seconds, args.rounds = [2], 2, 1
+        args.modes, args.protocol = ["select-only"], ["simple"]
+    for mode in args.modes:
+        if mode not in MODES:
+            p.error(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    for proto in args.protocol:
+        if proto not in ("simple", "extended", "prepared"):
+            p.error(f"unknown protocol {proto!r}")
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment without PG* variables, so libpq only uses what we pass."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def start_server(name: str, cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Start a pooler in its own session (Ctrl-C reaches only us, and we stop it in order)
+    and wait until it accepts TCP connections."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return proc
+        time.sleep(0.1)
+    stop_server(proc)
+    raise RuntimeError(f"{name} did not listen on port {port}:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group (runuser + pgbouncer), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+
+
+def start_pgbouncer(tmp: Path, pg_port: int, pool_size: int, max_conn: int):
+    """PgBouncer refuses to run as root, so as root it runs as ``postgres`` via runuser;
+    trust auth still needs the user listed in auth_file."""
+    port = free_port()
+    (tmp / "userlist.txt").write_text(f'"{USER}" ""\n')
+    (tmp / "pgbouncer.ini").write_text(
+        f"[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {tmp}/userlist.txt\n"
+        f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
+        f"max_client_conn = {max_conn}\nlog_connections = 0\nlog_disconnections = 0\n"
+        f"pidfile = {tmp}/pgbouncer.pid\n"
+    )
+    cmd = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", str(tmp / "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    return start_server("pgbouncer", cmd, port, tmp / "pgbouncer.log"), port
+
+
+def start_pgproxy(tmp: Path, pg_port: int, pool_size: int, max_conn: int):
+    port = free_port()
+    config = tmp / "pgproxy.toml"
+    config.write_text(
+        f'[proxy]\nlisten = "127.0.0.1:{port}"\npool_mode = "transaction"\n'
+        f'default_pool_size = {pool_size}\nmax_client_conn = {max_conn}\nlog_level = "warning"\n'
+        f'\n[databases."*"]\nurl = "postgresql://127.0.0.1:{pg_port}"\n'
+    )
+    cmd = [sys.executable, "-m", "pgproxy", "--config", str(config)]
+    return start_server("pgproxy", cmd, port, tmp / "pgproxy.log"), port
+
+
+def pgbench(bindir: Path, port: int, *args: str) -> str:
+    cmd = [str(bindir / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, *args, DB]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile: a latency some transaction actually had."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def run_case(bindir: Path, port: int, args: argparse.Namespace, case: tuple, logdir: Path):
+    """One pgbench run.  The per-transaction log (-l; third column = latency in us) gives
+    the median and p99, which pgbench's summary does not report."""
+    mode, proto, clients = case
+    jobs = min(args.jobs or 2, clients)
+    for old in logdir.glob("tx.*"):
+        old.unlink()
+    out = pgbench(
+        bindir, port, *MODES[mode], "-n", "-M", proto, "-c", str(clients), "-j", str(jobs),
+        "-T", str(args.seconds), "-l", "--log-prefix", str(logdir / "tx"),
+    )  # fmt: skip
+    tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)[1])
+    lat_avg = float(re.search(r"latency average = ([\d.]+) ms", out)[1])
+    latencies = sorted(
+        int(fields[2]) / 1000
+        for f in logdir.glob("tx.*")
+        for fields in (line.split() for line in f.read_text().splitlines())
+        if len(fields) > 2 and fields[2].isdigit()
+    )
+    return Sample(tps, lat_avg, percentile(latencies, 0.5), percentile(latencies, 0.99))
+
+
+def machine_line(bindir: Path) -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())[1]
+    bouncer = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True).stdout
+    postgres = subprocess.run([bindir / "postgres", "--version"], capture_output=True, text=True)
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}, uvloop {metadata.version('uvloop')}, "
+        f"{bouncer.splitlines()[0]}, {postgres.stdout.strip()}; pgproxy {commit or '?'}"
+    )
+
+
+def report(results: dict, args: argparse.Namespace, machine: str) -> str:
+    """Markdown: one row per case and target, medians over rounds, tps ratios against the
+    other targets, then the latency each pooler adds per round trip at the fewest clients."""
+
+    def med(case, target, field):
+        return statistics.median(getattr(s, field) for s in results[case, target])
+
+    def spread(case, target):
+        tps = [s.tps for s in results[case, target]]
+        return f"{(max(tps) - min(tps)) / statistics.median(tps) * 100:.0f}%"
+
+    cases = list(dict.fromkeys(case for case, _ in results))
+    lines = [
+        f"Machine: {machine}",
+        "",
+        f"pgbench -s {SCALE}, {args.seconds} s per run, {args.rounds} interleaved round(s), "
+        f"pool size {args.pool_size} (transaction mode); medians over rounds.",
+        "",
+        "| mode | protocol | clients | target | tps | tps spread | tps / direct "
+        "| tps / pgbouncer | lat avg ms | p50 ms | p99 ms |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        for target in TARGETS:
+            tps = med(case, target, "tps")
+            lines.append(
+                f"| {case[0]} | {case[1]} | {case[2]} | {target} | {tps:.0f} "
+                f"| {spread(case, target)} | {tps / med(case, 'direct', 'tps'):.2f} "
+                f"| {tps / med(case, 'pgbouncer', 'tps'):.2f} | {med(case, target, 'lat_avg'):.3f} "
+                f"| {med(case, target, 'p50'):.3f} | {med(case, target, 'p99'):.3f} |"
+            )
+    fewest = min(c[2] for c in cases)
+    lines += [
+        "",
+        f"Added latency per round trip at {fewest} client(s) "
+        "(median transaction latency minus direct's, divided by round trips per transaction):",
+        "",
+        "| mode | protocol | pgbouncer +us | pgproxy +us | pgproxy / pgbouncer |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for case in (c for c in cases if c[2] == fewest):
+        added = {
+            t: (med(case, t, "p50") - med(case, "direct", "p50")) * 1000 / ROUND_TRIPS[case[0]]
+            for t in ("pgbouncer", "pgproxy")
+        }
+        ratio = added["pgproxy"] / added["pgbouncer"] if added["pgbouncer"] > 0 else math.nan
+        lines.append(
+            f"| {case[0]} | {case[1]} | {added['pgbouncer']:.1f} | {added['pgproxy']:.1f} "
+            f"| {ratio:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM should clean up like Ctrl-C does: unwind through the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cases = [(m, p, c) for m in args.modes for p in args.protocol for c in args.clients]
+    max_conn = max(1000, 2 * max(args.clients))
+    # Direct runs need a backend per client while both poolers may still hold their pools.
+    max_connections = max(args.clients) + 2 * args.pool_size + 20
+    tmp = Path(tempfile.mkdtemp(prefix="pgproxy-bench-"))
+    if os.geteuid() == 0:
+        shutil.chown(tmp, "postgres", "postgres")  # pgbouncer (as postgres) writes here
+    cluster = PgCluster(settings={"max_connections": max_connections, "shared_buffers": "256MB"})
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        cluster.start()
+        bindir = cluster.bindir
+        print(f"initialising pgbench -s {SCALE} ...", file=sys.stderr)
+        pgbench(bindir, cluster.port, "-i", "-q", "-s", str(SCALE))
+        bouncer, bouncer_port = start_pgbouncer(tmp, cluster.port, args.pool_size, max_conn)
+        servers.append(bouncer)
+        proxy, proxy_port = start_pgproxy(tmp, cluster.port, args.pool_size, max_conn)
+        servers.append(proxy)
+        ports = {"direct": cluster.port, "pgbouncer": bouncer_port, "pgproxy": proxy_port}
+        # Warm-up (not measured): fills the poolers' pools and Postgres' buffer cache.
+        warm = argparse.Namespace(**{**vars(args), "seconds": 1})
+        for target in TARGETS:
+            run_case(bindir, ports[target], warm, ("select-only", "simple", max(args.clients)), tmp)
+        results: dict[tuple, list[Sample]] = {}
+        for rnd in range(1, args.rounds + 1):
+            for case in cases:
+                for target in TARGETS:
+                    if case[0] == "tpcb":  # same starting state for every tpcb run
+                        cluster.psql("VACUUM pgbench_branches, pgbench_tellers; "
+                                     "TRUNCATE pgbench_history;")  # fmt: skip
+                    sample = run_case(bindir, ports[target], args, case, tmp)
+                    results.setdefault((case, target), []).append(sample)
+                    print(
+                        f"[round {rnd}/{args.rounds}] {case[0]} {case[1]} c={case[2]} "
+                        f"{target}: {sample.tps:.0f} tps, p50 {sample.p50:.3f} ms",
+                        file=sys.stderr,
+                    )
+        text = report(results, args, machine_line(bindir))
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
+    finally:
+        for proc in reversed(servers):
+            stop_server(proc)
+        cluster.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
