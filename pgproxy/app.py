@@ -22,6 +22,7 @@ from pgproxy.pool.pool import Pool, PoolSettings
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
+from pgproxy.pubsub.listener import Listener
 from pgproxy.wire import log
 
 _VPID_BASE = 1 << 22
@@ -33,6 +34,7 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.listeners: dict[tuple[str, int, str], Listener] = {}  # per upstream database
         self.clients: dict[int, ClientSession] = {}  # by virtual pid, logged-in clients
         self.client_count = 0
         self._server: asyncio.Server | None = None
@@ -78,6 +80,8 @@ class Proxy:
         for client in list(self._sessions):
             client.write(bye)
             client.close()
+        for listener in self.listeners.values():
+            await listener.close()
         for pool in self.pools.values():
             await pool.close()
         for task in list(self._tasks):
@@ -159,6 +163,39 @@ class Proxy:
         if pool.settings.min_size:
             self.spawn(pool.warm_up())
         return pool
+
+    def listener_for(self, pool: Pool) -> Listener:
+        """The listener of the upstream database ``pool`` connects to (made on first use)."""
+        db = pool.database
+        key = (db.host, db.port, pool.upstream_db)
+        listener = self.listeners.get(key)
+        if listener is None:
+            settings = PoolSettings(
+                size=1,
+                min_size=0,
+                mode="transaction",
+                connect_timeout=self.config.proxy.server_connect_timeout,
+                idle_timeout=0,
+                lifetime=0,
+                reset_query="",
+            )
+            startup = {
+                "application_name": "pgproxy-listener",
+                "client_encoding": "UTF8",
+                # A listener must never be timed out by the server (PROTOCOL-NOTES 35).
+                "options": "-c idle_session_timeout=0 -c statement_timeout=0",
+            }
+            listener_pool = Pool(
+                f"listener:{pool.upstream_db}",
+                db,
+                pool.upstream_db,
+                pool.upstream_user,
+                pool.password,
+                settings,
+                startup,
+            )
+            listener = self.listeners[key] = Listener(listener_pool)
+        return listener
 
     def _new_pool(self, database: str, user: str) -> Pool | None:
         config = self.config

@@ -103,6 +103,12 @@ class ServerConnection(WireProtocol):
         self._need = 0
         self._passthrough = 0
         self._fatal: PgError | None = None
+        # The listener connection routes notifications and its loss here; pooled servers don't.
+        self.notification_sink: Callable[[bytes], None] | None = None
+        self.lost_callback: Callable[[PgError], None] | None = None
+        # True once this server may be LISTENing (a forwarded LISTEN, a stray notification):
+        # it runs UNLISTEN * before anyone else gets it (PROTOCOL-NOTES 11).
+        self.needs_unlisten = False
 
     def __repr__(self) -> str:
         return f"<server pid={self.pid} pool={self.pool.name}>"
@@ -284,8 +290,11 @@ class ServerConnection(WireProtocol):
                 return False, b"", False
             return True, b"", False
         if type_ == m.NOTIFICATION_RESPONSE:
+            if self.pool.mode == "session":
+                return True, b"", False  # the client's own LISTEN, passed through
             # A pooled server may carry a LISTEN it should not; the listener delivers (DESIGN.md).
-            return self.pool.mode == "session", b"", False
+            self.needs_unlisten = True
+            return False, b"", False
         # CopyInResponse / CopyBothResponse
         self.flow.server_copy_in()
         return True, b"", False
@@ -309,13 +318,15 @@ class ServerConnection(WireProtocol):
                 self._fatal = err
             elif item.result.error is None:
                 item.result.error = err
+        elif type_ == m.NOTIFICATION_RESPONSE:
+            self._stray_notification(body)
 
     def _idle_message(self, type_: int, body: bytes) -> None:
         if type_ == m.PARAMETER_STATUS:
             name, value = m.parse_parameter_status(body)
             self.params[name] = value
         elif type_ == m.ERROR_RESPONSE:
-            err = PgError.from_fields(m.parse_error_fields(body))
+            err = self._fatal = PgError.from_fields(m.parse_error_fields(body))
             log.info("%r: closed by server while idle: %s", self, err.message)
             self.pool.discard(self)
             self.close()
@@ -323,11 +334,17 @@ class ServerConnection(WireProtocol):
             fields = m.parse_error_fields(body)
             log.debug("%r: notice while idle: %s", self, fields.get("M", ""))
         elif type_ == m.NOTIFICATION_RESPONSE:
-            pass  # a leftover LISTEN on a pooled server; the listener path delivers
+            self._stray_notification(body)
         else:
             log.warning("%r: unexpected message %r while idle; closing", self, chr(type_))
             self.pool.discard(self)
             self.close()
+
+    def _stray_notification(self, body: bytes) -> None:
+        if self.notification_sink is not None:
+            self.notification_sink(body)
+        else:
+            self.needs_unlisten = True  # a leftover LISTEN; the listener path delivers
 
     def _protocol_failure(self, why: str) -> None:
         log.error("%r: %s; closing", self, why)
@@ -351,6 +368,8 @@ class ServerConnection(WireProtocol):
         self.pool.discard(self)
         if client is not None:
             client.server_lost(error)
+        if self.lost_callback is not None:
+            self.lost_callback(error)
 
     def feeder(self) -> WireProtocol | None:
         feeder = self.client

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 PoolMode = Literal["session", "transaction"]
+ListenerLossPolicy = Literal["disconnect", "keep"]
 AuthType = Literal["trust", "md5", "scram-sha-256"]
 
 DEFAULT_UPSTREAM_URL = "postgresql://127.0.0.1:5432"
@@ -82,6 +83,9 @@ class ProxySettings:
     server_reset_query: str = "DISCARD ALL"
     auth_type: AuthType = "trust"
     log_level: str = "info"
+    notify_buffer_size: int = 1024 * 1024
+    notify_pending_limit: int = 16 * 1024 * 1024
+    listener_loss: ListenerLossPolicy = "disconnect"
 
 
 def _is_secret_param(name: str) -> bool:

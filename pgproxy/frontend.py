@@ -28,6 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pgproxy import params as session_params
+from pgproxy import sql
 from pgproxy.auth.frontend import authenticate_client
 from pgproxy.backend import ServerConnection, ServerLink
 from pgproxy.pool.pool import READ_ONLY_PARAMETERS, Pool
@@ -39,9 +40,12 @@ from pgproxy.wire import WireProtocol, log
 
 if TYPE_CHECKING:
     from pgproxy.app import Proxy
+    from pgproxy.pubsub.listener import Listener
 
 _INBUF_PAUSE = 256 * 1024  # stop reading a client that sends this much while it waits
-_RFQ_PRODUCERS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
+_UTF8_NAMES = frozenset(("UTF8", "UTF-8", "UNICODE"))
+# Messages the proxy needs whole: their text decides what happens (LISTEN, dirty servers).
+_NEED_WHOLE = frozenset((m.QUERY, m.PARSE))
 
 
 class ClientSession(WireProtocol, ServerLink):
@@ -60,12 +64,17 @@ class ClientSession(WireProtocol, ServerLink):
         self.unreported: dict[str, str] = {}  # startup GUCs the server does not report
         self._inbuf = bytearray()
         self._need = 0
-        self._passthrough = 0
+        self._passthrough = 0  # bytes of a large message still to forward as they arrive
+        self._drop = 0  # bytes of a skipped message still to discard as they arrive
         self._waiting = False
         self._skipping = False
         self._task: asyncio.Task[None] | None = None
         self._idle_tx_timer: asyncio.TimerHandle | None = None
         self._logged_in = False
+        self._listener: Listener | None = None
+        self._notify_queue: list[bytes] = []  # held back until the client is between transactions
+        self._notify_queued = 0
+        self._doomed: PgError | None = None  # to be disconnected at its next ReadyForQuery I
 
     def __repr__(self) -> str:
         return f"<client {self.vpid} {self.user}@{self.database} {self.peer}>"
@@ -84,6 +93,8 @@ class ClientSession(WireProtocol, ServerLink):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._cancel_idle_tx_timer()
+        if self._listener is not None:
+            self._listener.drop(self)
         server, self.server = self.server, None
         if server is not None:
             self._give_back(server)
@@ -321,6 +332,9 @@ class ClientSession(WireProtocol, ServerLink):
         if self._passthrough:
             pos = min(self._passthrough, n)
             self._passthrough -= pos
+        elif self._drop:
+            pos = run_start = min(self._drop, n)
+            self._drop -= pos
         while pos < n:
             if n - pos < 5:
                 self._stash(data, pos, 5)
@@ -341,8 +355,12 @@ class ClientSession(WireProtocol, ServerLink):
                 return
             if self._skipping:
                 if end > n:
-                    self._stash(data, pos, end - pos)
-                    n = pos
+                    if type_ == m.SYNC:  # tiny: wait for the whole of it
+                        self._stash(data, pos, end - pos)
+                    else:
+                        self._drop = end - n  # never buffer what is thrown away
+                    n = pos if type_ == m.SYNC else n
+                    run_start = n
                     break
                 if type_ == m.SYNC:
                     self._skipping = False
@@ -360,12 +378,32 @@ class ClientSession(WireProtocol, ServerLink):
                         self.write(self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
                     pos = run_start = end
                     continue
+                if type_ == m.QUERY and self._fast_path_allowed():
+                    if end > n:
+                        self._stash(data, pos, end - pos)
+                        return
+                    statements = self._subscription_query(data[pos + 5 : end])
+                    if statements is not None:
+                        self._inbuf += data[end:]
+                        self._waiting = True
+                        self._task = asyncio.get_running_loop().create_task(
+                            self._answer_subscriptions(statements)
+                        )
+                        return
                 server = self._try_link()
                 if server is None:
                     self._inbuf += data[pos:]
                     self._bound_inbuf()
                     return
                 run_start = pos
+            if type_ in _NEED_WHOLE:
+                if end > n:
+                    self._forward(server, data, run_start, pos)
+                    self._stash(data, pos, end - pos)
+                    return
+                if sql.might_matter(data[pos + 5 : end]) and server.pool.mode == "transaction":
+                    # A LISTEN on a pooled server would outlive this client (slow path).
+                    server.needs_unlisten = True
             server.flow.client_message(type_)
             if end > n:
                 self._passthrough = end - n
@@ -472,9 +510,18 @@ class ClientSession(WireProtocol, ServerLink):
         return True
 
     def on_ready(self, status: int) -> bytes:
+        """Called just before a ReadyForQuery reaches the client: held notifications go first."""
         server = self.server
         if status == m.IDLE:
-            return b""  # the LISTEN multiplexer injects pending notifications here
+            if self._doomed is not None:
+                asyncio.get_running_loop().call_soon(self._end_doomed)
+                return b""
+            if not self._notify_queue:
+                return b""
+            out = b"".join(self._notify_queue)
+            self._notify_queue.clear()
+            self._notify_queued = 0
+            return out
         if server is not None and not server.flow.pending:
             timeout = self.proxy.config.proxy.idle_transaction_timeout
             if timeout > 0:
@@ -507,6 +554,98 @@ class ClientSession(WireProtocol, ServerLink):
 
     def feeder(self) -> WireProtocol | None:
         return self.server
+
+    # --- LISTEN / NOTIFY ---------------------------------------------------------------------
+
+    def _fast_path_allowed(self) -> bool:
+        """LISTEN can be answered here only where pglast reads the text as the server would."""
+        pool = self.pool
+        return (
+            pool is not None
+            and pool.mode == "transaction"
+            and self._doomed is None
+            and self.reported.get("standard_conforming_strings", "on") == "on"
+            and self.reported.get("client_encoding", "UTF8").upper() in _UTF8_NAMES
+        )
+
+    @staticmethod
+    def _subscription_query(body: bytes) -> list[sql.Subscription] | None:
+        if not sql.might_matter(body):
+            return None
+        try:
+            text = m.parse_query(body)
+        except m.ProtocolError:
+            return None  # let the server say what is wrong with it
+        return sql.subscription_statements(text)
+
+    async def _answer_subscriptions(self, statements: list[sql.Subscription]) -> None:
+        """Answer a Query made only of LISTEN/UNLISTEN without a server, byte for byte.
+
+        The statements form one implicit transaction: their combined effect is applied all at
+        once, and only after every new channel is live upstream.
+        """
+        assert self.pool is not None
+        listener = self._listener = self.proxy.listener_for(self.pool)
+        wanted = listener.channels_of(self)
+        for stmt in statements:
+            if isinstance(stmt, sql.Listen):
+                wanted.add(stmt.channel)
+            elif stmt.channel is None:
+                wanted.clear()
+            else:
+                wanted.discard(stmt.channel)
+        try:
+            await listener.update(self, wanted)
+        except PgError as exc:
+            err = PgError(exc.sqlstate, exc.message, detail=exc.detail, hint=exc.hint)
+            reply = m.error_response(err.fields())
+        else:
+            reply = b"".join(
+                m.command_complete("LISTEN" if isinstance(st, sql.Listen) else "UNLISTEN")
+                for st in statements
+            )
+        self._waiting = False
+        self.write(reply + self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+        self._resume_input()
+
+    def deliver(self, message: bytes) -> None:
+        """A notification for this client: now if it is between transactions, else later."""
+        if self.closed or self._doomed is not None:
+            return
+        settings = self.proxy.config.proxy
+        if self._logged_in and self.server is None and not self._waiting and not self._skipping:
+            if self.transport.get_write_buffer_size() + len(message) > settings.notify_buffer_size:
+                log.warning("%r: not reading notifications; disconnecting", self)
+                self.write(m.error_response(_overflow("it is not reading them").fields()))
+                self.reset()  # its buffer will never drain: do not wait for it
+                return
+            self.write(message)
+            return
+        self._notify_queue.append(message)
+        self._notify_queued += len(message)
+        if self._notify_queued > settings.notify_pending_limit:
+            log.warning("%r: too many notifications held during a transaction", self)
+            self._notify_queue.clear()
+            self.fail(_overflow("it stayed inside a transaction while they piled up"))
+
+    def listener_lost(self, error: PgError) -> None:
+        """The listener connection died: notifications may have been lost in the gap."""
+        if self.proxy.config.proxy.listener_loss == "keep":
+            return
+        doom = fatal(
+            error.sqlstate if error.sqlstate[:2] in ("08", "57") else errors.CONNECTION_FAILURE,
+            f"pgproxy lost its listener connection: {error.message}",
+            hint="notifications sent meanwhile may be lost; reconnect and read the current state",
+        )
+        self._notify_queue.clear()
+        if self.server is None and not self._waiting:
+            self.fail(doom)
+        else:
+            self._doomed = doom  # ends at its next ReadyForQuery I, not mid-transaction
+
+    def _end_doomed(self) -> None:
+        if self._doomed is not None:
+            self.fail(self._doomed)
 
     # --- timers and cancel -------------------------------------------------------------------
 
@@ -541,6 +680,14 @@ class ClientSession(WireProtocol, ServerLink):
         self._waiting = False
         self._fail_unit(PgError(errors.QUERY_CANCELED, "canceling statement due to user request"))
         return True
+
+
+def _overflow(why: str) -> PgError:
+    return fatal(
+        errors.OUT_OF_MEMORY,
+        "pgproxy: notification buffer overflow, disconnecting",
+        detail=f"Notifications for this session exceeded the proxy's buffer because {why}.",
+    )
 
 
 async def _clean_and_release(server: ServerConnection, statements: list[str]) -> None:

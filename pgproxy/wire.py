@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 from typing import cast
 
@@ -23,6 +24,9 @@ from pgproxy.protocol.framing import read_length
 log = logging.getLogger("pgproxy")
 
 _I32 = struct.Struct("!i")
+_LINGER_RESET = struct.pack("ii", 1, 0)
+# Bytes a peer may send ahead during its handshake before we stop reading it.
+_HANDSHAKE_BUFFER_LIMIT = 256 * 1024
 
 
 class WireProtocol(asyncio.Protocol):
@@ -47,6 +51,8 @@ class WireProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._handshaking:
             self._hs_buf += data
+            if len(self._hs_buf) > _HANDSHAKE_BUFFER_LIMIT:
+                self.pause_reading()  # resumed when the handshake wants more
             self._wake()
         else:
             self.stream_received(data)
@@ -111,6 +117,20 @@ class WireProtocol(asyncio.Protocol):
             self.transport.abort()
             self._wake()
 
+    def reset(self) -> None:
+        """Abort with a TCP reset: unsent bytes are dropped by the kernel too.
+
+        For a peer that stopped reading, a plain close would leave its backlog in the
+        kernel's send buffer, trickling out for as long as the peer keeps a window open.
+        """
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and not self.closed:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        self.abort()
+
     def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
@@ -121,6 +141,7 @@ class WireProtocol(asyncio.Protocol):
         while len(self._hs_buf) < size:
             if self.closed:
                 raise ConnectionError("connection closed")
+            self.resume_reading()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -156,6 +177,7 @@ class WireProtocol(asyncio.Protocol):
     def end_handshake(self) -> None:
         """Switch to streaming; bytes that arrived early are streamed now."""
         self._handshaking = False
+        self.resume_reading()
         if self._hs_buf:
             data = bytes(self._hs_buf)
             self._hs_buf.clear()

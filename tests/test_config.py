@@ -108,7 +108,6 @@ def test_shipped_example_documents_every_proxy_setting() -> None:
         f for f in ProxySettings.__dataclass_fields__ if f not in ("listen_host", "listen_port")
     }
     assert set(data["proxy"]) == keys | {"listen"}
-    assert "# --- LISTEN/NOTIFY (notify_buffer_size, listener options) come here ---" in text
 
 
 def test_shipped_commented_examples_are_valid() -> None:

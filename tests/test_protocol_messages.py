@@ -55,7 +55,7 @@ def enc(s: str) -> bytes:
 
 @ROUND_TRIP
 @given(
-    version=VERSION,
+    version=VERSION.filter(lambda v: v >> 16 == 3),
     params=st.dictionaries(PG_NAME.filter(lambda k: not k.startswith("_pq_.")), PG_TEXT),
     options=st.dictionaries(PG_TEXT.map(lambda s: "_pq_." + s), PG_TEXT, max_size=3),
 )
@@ -734,3 +734,11 @@ def test_every_truncation_of_a_message_is_rejected(
     for cut in range(len(body)):
         with pytest.raises(m.ProtocolError):
             parser(body[:cut])
+
+
+def test_other_major_versions_are_returned_unparsed_for_the_caller_to_refuse() -> None:
+    packet = m.startup_message({"user": "u"}, 2 << 16)
+    assert m.parse_startup_packet(startup_body(packet)) == m.StartupMessage(2 << 16, {})
+    # Even a body that is not a valid v3 parameter list: the version is what gets refused.
+    body = (2 << 16).to_bytes(4, "big") + b"user\0u\0database"
+    assert m.parse_startup_packet(body) == m.StartupMessage(2 << 16, {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pgproxy.backend import ServerConnection
@@ -53,6 +54,7 @@ class Pool:
         upstream_user: str,
         password: str | None,
         settings: PoolSettings,
+        startup: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.database = database
@@ -60,6 +62,7 @@ class Pool:
         self.upstream_user = upstream_user
         self.password = password
         self.settings = settings
+        self.startup = dict(startup or {})  # extra startup parameters for every server
         self.idle: list[ServerConnection] = []
         self.active: set[ServerConnection] = set()
         self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
@@ -119,7 +122,7 @@ class Pool:
         return server
 
     async def _open(self) -> ServerConnection:
-        params = {"user": self.upstream_user, "database": self.upstream_db}
+        params = {"user": self.upstream_user, "database": self.upstream_db, **self.startup}
         try:
             server = await asyncio.wait_for(
                 ServerConnection.open(
@@ -156,12 +159,15 @@ class Pool:
             return
         if (
             not server.flow.idle
-            or server.busy_internally
             or server.cancels_in_flight
             or (self.settings.lifetime and server.age() > self.settings.lifetime)
         ):
             self._close(server)
             return
+        if server.needs_unlisten:
+            # Queued ahead of the next client's messages; its replies are swallowed in order.
+            server.needs_unlisten = False
+            server.send_internal("UNLISTEN *")
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():

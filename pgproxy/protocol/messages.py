@@ -168,6 +168,9 @@ def parse_startup_packet(body: bytes) -> StartupPacket:
         if len(body) != 4:
             raise ProtocolError("invalid length of GSSENC request")
         return GSSENCRequest()
+    if code >> 16 != 3:
+        # Another major version: the caller refuses it; its body layout is not ours to judge.
+        return StartupMessage(code, {})
     params: dict[str, str] = {}
     unknown: list[str] = []
     pos = 4

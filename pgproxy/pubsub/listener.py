@@ -1,0 +1,253 @@
+"""One upstream listener connection per database, and the subscriptions multiplexed onto it.
+
+Theory of operation (DESIGN.md, "LISTEN / UNLISTEN / NOTIFY in transaction mode"):
+
+* Each channel counts its references: subscribers plus subscriptions still being set up. The
+  first reference makes the listener connection run ``LISTEN``; the last one leaving makes it
+  run ``UNLISTEN`` at once. All commands go down the one connection in the order they were
+  decided, so "last subscriber left" can never overtake "first subscriber joined".
+* A subscription is acknowledged only when true: ``update()`` returns once every added channel's
+  ``LISTEN`` has completed upstream, and only then does the client join the channel's members.
+  A NOTIFY committed after the client saw ``CommandComplete LISTEN`` therefore reaches it.
+* Fan-out builds the NotificationResponse once and hands the same bytes to every member; each
+  member decides whether to write now or hold it until its transaction ends.
+* The listener never stops reading. If its connection dies, subscribers are told (the policy of
+  what to do is theirs) and the listener reconnects with backoff and re-LISTENs every channel
+  that still has members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from pgproxy.backend import ServerConnection
+from pgproxy.params import quote_ident
+from pgproxy.pool.pool import Pool
+from pgproxy.protocol import errors
+from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PgError
+from pgproxy.wire import log
+
+_BACKOFF_START = 0.1
+_BACKOFF_MAX = 5.0
+
+
+class Subscriber(Protocol):
+    def deliver(self, message: bytes) -> None: ...
+
+    def listener_lost(self, error: PgError) -> None: ...
+
+
+class _Channel:
+    __slots__ = ("members", "ready", "refs")
+
+    def __init__(self, ready: asyncio.Future[None]) -> None:
+        self.refs = 0
+        self.ready = ready  # completes when the upstream LISTEN is in effect
+        self.members: set[Subscriber] = set()
+
+
+class Listener:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool  # a dedicated pool of one: the listener connection
+        self.conn: ServerConnection | None = None
+        self.channels: dict[str, _Channel] = {}
+        self.subscriptions: dict[Subscriber, set[str]] = {}
+        self._connecting: asyncio.Task[ServerConnection] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self.closing = False
+        self.notifications = 0  # received from upstream (for the admin view and tests)
+
+    def __repr__(self) -> str:
+        return f"<listener {self.pool.name} channels={len(self.channels)}>"
+
+    # --- subscriptions -----------------------------------------------------------------------
+
+    def channels_of(self, client: Subscriber) -> set[str]:
+        return set(self.subscriptions.get(client, ()))
+
+    async def update(self, client: Subscriber, wanted: set[str]) -> None:
+        """Make ``client``'s channel set exactly ``wanted``, all or nothing.
+
+        Returns once every added channel is live upstream; raises PgError (nothing changed) if
+        the listener cannot make them live.
+        """
+        current = self.subscriptions.get(client, set())
+        added = [c for c in wanted if c not in current]
+        taken: list[str] = []
+        try:
+            for name in added:
+                self._take(name)
+                taken.append(name)
+            for name in added:
+                await asyncio.shield(self.channels[name].ready)
+        except BaseException:
+            for name in taken:
+                self._release(name)
+            raise
+        for name in added:
+            self.channels[name].members.add(client)
+        for name in current - wanted:
+            self.channels[name].members.discard(client)
+            self._release(name)
+        if wanted:
+            self.subscriptions[client] = set(wanted)
+        else:
+            self.subscriptions.pop(client, None)
+
+    def drop(self, client: Subscriber) -> None:
+        """Forget a client that has gone."""
+        for name in self.subscriptions.pop(client, ()):
+            channel = self.channels.get(name)
+            if channel is not None:
+                channel.members.discard(client)
+                self._release(name)
+
+    def _take(self, name: str) -> None:
+        channel = self.channels.get(name)
+        if channel is None:
+            channel = _Channel(asyncio.get_running_loop().create_future())
+            channel.ready.add_done_callback(_consume_exception)
+            self.channels[name] = channel
+            self._spawn_listen(name, channel)
+        channel.refs += 1
+
+    def _release(self, name: str) -> None:
+        channel = self.channels.get(name)
+        if channel is None:
+            return
+        channel.refs -= 1
+        if channel.refs > 0:
+            return
+        del self.channels[name]
+        conn = self.conn
+        if channel.ready.done() and not channel.ready.exception() and conn and not conn.closed:
+            conn.send_internal(f"UNLISTEN {quote_ident(name)}")
+        # A LISTEN still being set up will find the channel gone and undo itself.
+
+    def _spawn_listen(self, name: str, channel: _Channel) -> None:
+        task = asyncio.get_running_loop().create_task(self._listen(name, channel))
+        task.add_done_callback(_consume_exception)
+
+    async def _listen(self, name: str, channel: _Channel) -> None:
+        try:
+            conn = await self._connection()
+            result = await conn.run_internal(f"LISTEN {quote_ident(name)}")
+            if result.error is not None:
+                raise result.error
+        except PgError as exc:
+            if not channel.ready.done():
+                channel.ready.set_exception(exc)
+            return
+        except ConnectionError as exc:
+            if not channel.ready.done():
+                channel.ready.set_exception(
+                    PgError(errors.CONNECTION_FAILURE, f"listener connection lost: {exc}")
+                )
+            return
+        if self.channels.get(name) is not channel and not conn.closed:
+            # Every reference left while the LISTEN was in flight.
+            conn.send_internal(f"UNLISTEN {quote_ident(name)}")
+        if not channel.ready.done():
+            channel.ready.set_result(None)
+
+    # --- the connection ----------------------------------------------------------------------
+
+    async def _connection(self) -> ServerConnection:
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            self._connecting.add_done_callback(_consume_exception)
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> ServerConnection:
+        if self.closing:
+            raise PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down")
+        conn = await self.pool.acquire(self.pool.settings.connect_timeout)
+        conn.notification_sink = self._on_notification
+        conn.lost_callback = self._on_lost
+        self.conn = conn
+        log.info("%r: connected (%r)", self, conn)
+        return conn
+
+    def _on_notification(self, body: bytes) -> None:
+        self.notifications += 1
+        try:
+            channel_name = m.parse_notification(body).channel
+        except m.ProtocolError:
+            log.error("%r: malformed NotificationResponse dropped", self)
+            return
+        channel = self.channels.get(channel_name)
+        if channel is None or not channel.members:
+            return
+        message = m.message(m.NOTIFICATION_RESPONSE, body)
+        for client in list(channel.members):
+            client.deliver(message)
+
+    def _on_lost(self, error: PgError) -> None:
+        self.conn = None
+        if self.closing:
+            return
+        log.warning("%r: listener connection lost: %s", self, error.message)
+        loop = asyncio.get_running_loop()
+        for channel in self.channels.values():
+            if not channel.ready.done():
+                channel.ready.set_exception(error)  # those subscriptions fail and let go
+            # Nothing is live upstream any more until the reconnect has re-LISTENed it.
+            channel.ready = loop.create_future()
+            channel.ready.add_done_callback(_consume_exception)
+        for client in list(self.subscriptions):
+            client.listener_lost(error)
+        if self.channels and (self._reconnect_task is None or self._reconnect_task.done()):
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = _BACKOFF_START
+        while self.channels and not self.closing:
+            try:
+                conn = await self._connection()
+                names = list(self.channels)
+                result = await conn.run_internal(_listen_all(names))
+                if result.error is not None:
+                    raise result.error
+            except (PgError, ConnectionError) as exc:
+                log.warning("%r: reconnect failed (%s); retrying in %.1fs", self, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+                continue
+            for name in names:
+                channel = self.channels.get(name)
+                if channel is None:
+                    conn.send_internal(f"UNLISTEN {quote_ident(name)}")  # left meanwhile
+                elif not channel.ready.done():
+                    channel.ready.set_result(None)
+            log.info("%r: reconnected, %d channels listening again", self, len(names))
+            return
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        await self.pool.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "channels": len(self.channels),
+            "subscribers": len(self.subscriptions),
+            "notifications": self.notifications,
+            "connected": int(self.conn is not None and not self.conn.closed),
+        }
+
+
+def _listen_all(names: Iterable[str]) -> str:
+    return "; ".join(f"LISTEN {quote_ident(n)}" for n in names)
+
+
+def _consume_exception(fut: asyncio.Future[Any]) -> None:
+    """Failures are reported to whoever awaits; never log them as 'never retrieved'."""
+    if not fut.cancelled():
+        fut.exception()

@@ -1,0 +1,60 @@
+"""Statement classification: a cheap byte pre-check, and pglast only when it says "maybe".
+
+The common query never reaches pglast: ``might_matter`` is one case-insensitive regex scan in C
+over the raw Query bytes. Only text that contains one of the few words the proxy cares about is
+parsed, with Postgres' own grammar (pglast wraps libpg_query), so channel names follow the
+server's identifier rules exactly: unquoted names fold to lower case, quoted ones keep their
+case, and names are truncated to 63 bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pglast
+from pglast import ast
+
+_PRECHECK = re.compile(rb"listen", re.IGNORECASE)
+
+
+def might_matter(query_body: bytes) -> bool:
+    """True if a Query body may contain LISTEN/UNLISTEN (false positives are fine)."""
+    return _PRECHECK.search(query_body) is not None
+
+
+@dataclass(frozen=True)
+class Listen:
+    channel: str
+
+
+@dataclass(frozen=True)
+class Unlisten:
+    channel: str | None  # None = UNLISTEN *
+
+
+Subscription = Listen | Unlisten
+
+
+def subscription_statements(sql: str) -> list[Subscription] | None:
+    """The statements of ``sql`` if every one is LISTEN or UNLISTEN, else None.
+
+    None also for text that does not parse or holds no statement at all: the server must
+    answer those itself (its exact error, or EmptyQueryResponse).
+    """
+    try:
+        parsed = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return None
+    if not parsed:
+        return None
+    out: list[Subscription] = []
+    for raw in parsed:
+        stmt = raw.stmt
+        if isinstance(stmt, ast.ListenStmt):
+            out.append(Listen(str(stmt.conditionname)))
+        elif isinstance(stmt, ast.UnlistenStmt):
+            out.append(Unlisten(None if stmt.conditionname is None else str(stmt.conditionname)))
+        else:
+            return None
+    return out

@@ -1,0 +1,394 @@
+"""LISTEN/NOTIFY through the proxy in transaction mode: what a listening client sees."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+
+import psycopg
+import pytest
+
+from pgproxy.protocol import messages as m
+from pgproxy.testing.cluster import PgCluster
+from tests.conftest import MakeProxy
+from tests.support.proxy_runner import ProxyThread
+from tests.support.raw import RawClient
+
+
+def _listener(proxy: ProxyThread, *channels: str) -> psycopg.Connection:
+    conn = psycopg.connect(proxy.dsn(), autocommit=True)
+    for c in channels:
+        conn.execute(f"LISTEN {c}")
+    return conn
+
+
+# psycopg drops the rest of a received batch if its notifies() generator is closed early,
+# so every batch is consumed whole into a per-connection inbox.
+_INBOXES: weakref.WeakKeyDictionary[psycopg.Connection, deque[psycopg.Notify]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _inbox(conn: psycopg.Connection) -> deque[psycopg.Notify]:
+    return _INBOXES.setdefault(conn, deque())
+
+
+def _collect(conn: psycopg.Connection, count: int, timeout: float = 10.0) -> list[psycopg.Notify]:
+    box = _inbox(conn)
+    deadline = time.monotonic() + timeout
+    while len(box) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        box.extend(list(conn.notifies(timeout=remaining, stop_after=count - len(box))))
+    return [box.popleft() for _ in range(min(count, len(box)))]
+
+
+def _next(conn: psycopg.Connection, timeout: float = 5.0) -> psycopg.Notify:
+    got = _collect(conn, 1, timeout)
+    if not got:
+        raise AssertionError("no notification arrived")
+    return got[0]
+
+
+def _nothing(conn: psycopg.Connection, timeout: float = 0.3) -> None:
+    box = _inbox(conn)
+    box.extend(list(conn.notifies(timeout=timeout)))
+    assert not box, list(box)
+
+
+def _pool_stats(proxy: ProxyThread) -> dict[str, dict[str, int]]:
+    return proxy.call(lambda p: {pool.name: pool.stats() for pool in p.pools.values()})
+
+
+def _listener_channels(proxy: ProxyThread) -> set[str]:
+    return proxy.call(lambda p: {c for lst in p.listeners.values() for c in lst.channels})
+
+
+@pytest.mark.parametrize("payload", ["hello", "", "héllo wörld ✓", "x" * 7999])
+def test_notification_reaches_a_listening_client(
+    proxy: ProxyThread, pg: PgCluster, payload: str
+) -> None:
+    with _listener(proxy, "jobs") as conn, psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        direct.execute("select pg_notify('jobs', %s)", (payload,))
+        n = _next(conn)
+        assert (n.channel, n.payload) == ("jobs", payload)
+
+
+def test_notify_through_the_proxy_reaches_other_clients(proxy: ProxyThread) -> None:
+    with _listener(proxy, "events") as a, _listener(proxy, "events") as b:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as sender:
+            sender.execute("NOTIFY events, 'one'")
+        assert _next(a).payload == "one"
+        assert _next(b).payload == "one"
+
+
+def test_listen_on_the_fast_path_uses_no_pooled_server(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy(proxy={"default_pool_size": 1, "query_wait_timeout": 2})
+    holder = psycopg.connect(proxy.dsn())
+    holder.execute("select 1")  # the pool's only server, held inside a transaction
+    conns = [_listener(proxy, "a", "b") for _ in range(10)]
+    try:
+        assert _listener_channels(proxy) == {"a", "b"}
+        assert _pool_stats(proxy)["postgres/postgres"]["waiting"] == 0
+    finally:
+        holder.close()
+        for c in conns:
+            c.close()
+
+
+def test_channel_names_follow_identifier_rules(proxy: ProxyThread, pg: PgCluster) -> None:
+    with _listener(proxy, "Foo") as folded, _listener(proxy, '"Foo"') as quoted:
+        with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+            direct.execute("NOTIFY foo, 'lower'")
+            direct.execute("NOTIFY \"Foo\", 'upper'")
+        assert _next(folded).payload == "lower"
+        assert _next(quoted).payload == "upper"
+        _nothing(folded)
+        _nothing(quoted)
+
+
+def test_long_channel_names_are_truncated_like_postgres(proxy: ProxyThread, pg: PgCluster) -> None:
+    long = "c" * 70
+    with _listener(proxy, long) as conn, psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        direct.execute(f"NOTIFY {'c' * 63}, 'truncated'")
+        assert _next(conn).channel == "c" * 63
+
+
+@pytest.mark.parametrize("name", ['"x""; DROP TABLE t; --"', '"a;b c"', '"ünï🦄"'])
+def test_hostile_channel_names_are_only_names(proxy: ProxyThread, pg: PgCluster, name: str) -> None:
+    pg.psql("drop table if exists t; create table t (x int)")
+    real = name[1:-1].replace('""', '"')
+    with _listener(proxy, name) as conn, psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        direct.execute("select pg_notify(%s, 'p')", (real,))
+        assert _next(conn).channel == real
+    assert pg.psql("select count(*) from t") == "0"  # the table is still there
+
+
+def test_duplicate_listen_delivers_once_and_one_unlisten_ends_it(
+    proxy: ProxyThread, pg: PgCluster
+) -> None:
+    with _listener(proxy, "dup", "dup") as conn, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        d.execute("NOTIFY dup, '1'")
+        assert _next(conn).payload == "1"
+        _nothing(conn)
+        conn.execute("UNLISTEN dup")
+        d.execute("NOTIFY dup, '2'")
+        _nothing(conn)
+
+
+def test_unlisten_star_and_multi_statement_subscriptions(proxy: ProxyThread, pg: PgCluster) -> None:
+    with _listener(proxy) as conn, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        conn.execute("LISTEN a; LISTEN b; UNLISTEN a")
+        d.execute("NOTIFY a, 'no'")
+        d.execute("NOTIFY b, 'yes'")
+        assert _next(conn).channel == "b"
+        _nothing(conn)
+        conn.execute("UNLISTEN *")
+        d.execute("NOTIFY b, 'no'")
+        _nothing(conn)
+    assert _listener_channels(proxy) == set()
+
+
+def test_listen_is_in_effect_when_acknowledged(proxy: ProxyThread, pg: PgCluster) -> None:
+    """LISTEN, then read state: a NOTIFY committed right after the ack must arrive."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        for i in range(40):
+            with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+                conn.execute(f"LISTEN fresh_{i}")
+                direct.execute(f"NOTIFY fresh_{i}, '{i}'")
+                assert _next(conn).payload == str(i)
+
+
+def test_notifications_wait_until_the_transaction_ends(proxy: ProxyThread, pg: PgCluster) -> None:
+    with RawClient(proxy.port) as c, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        c.login()
+        assert [t for t, _ in c.query("LISTEN tx")] == ["C", "Z"]
+        assert [t for t, _ in c.query("BEGIN")] == ["C", "Z"]
+        d.execute("NOTIFY tx, 'held'")
+        # Inside the transaction nothing arrives, even across further statements.
+        assert [t for t, _ in c.query("SELECT 1")] == ["T", "D", "C", "Z"]
+        reply = c.query("COMMIT")
+        assert [t for t, _ in reply] == ["C", "A", "Z"]
+        assert m.parse_notification(reply[1][1]).payload == "held"
+        assert reply[-1][1] == b"I"
+
+
+def test_notify_inside_a_transaction_is_delivered_at_commit_only(proxy: ProxyThread) -> None:
+    with _listener(proxy, "q") as conn, psycopg.connect(proxy.dsn()) as sender:
+        sender.execute("NOTIFY q, 'rolled back'")
+        sender.rollback()
+        sender.execute("NOTIFY q, 'same'")
+        sender.execute("NOTIFY q, 'same'")  # duplicates inside one transaction collapse
+        sender.execute("NOTIFY q, 'other'")
+        _nothing(conn)
+        sender.commit()
+        assert [_next(conn).payload, _next(conn).payload] == ["same", "other"]
+        _nothing(conn)
+
+
+def test_sequenced_notifications_arrive_exactly_once_in_order(proxy: ProxyThread) -> None:
+    listeners = [_listener(proxy, "seq") for _ in range(5)]
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as sender:
+            sender.execute("select pg_notify('seq', g::text) from generate_series(1, 1000) g")
+        for conn in listeners:
+            got = [int(n.payload) for n in _collect(conn, 1000)]
+            assert got == list(range(1, 1001))
+            _nothing(conn)
+    finally:
+        for conn in listeners:
+            conn.close()
+
+
+def test_many_listeners_cost_one_upstream_connection(make_proxy: MakeProxy, pg: PgCluster) -> None:
+    proxy = make_proxy(proxy={"default_pool_size": 5})
+
+    async def main() -> None:
+        conns = [
+            await psycopg.AsyncConnection.connect(proxy.dsn(), autocommit=True) for _ in range(200)
+        ]
+        try:
+            await asyncio.gather(*(c.execute("LISTEN many_a; LISTEN many_b") for c in conns))
+            listeners = pg.psql(
+                "select count(*) from pg_stat_activity where application_name = 'pgproxy-listener'"
+            )
+            assert listeners == "1"
+            async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as d:
+                await d.execute("NOTIFY many_b, 'all'")
+
+            async def one(c: psycopg.AsyncConnection) -> str:
+                async for n in c.notifies(timeout=10, stop_after=1):
+                    return n.payload
+                return "nothing"
+
+            assert await asyncio.gather(*(one(c) for c in conns)) == ["all"] * 200
+        finally:
+            for c in conns:
+                await c.close()
+
+    asyncio.run(main())
+
+
+def test_disconnect_leaves_the_registry_and_last_one_unlistens(proxy: ProxyThread) -> None:
+    a = _listener(proxy, "gone", "kept")
+    b = _listener(proxy, "kept")
+    a.close()
+    deadline = time.monotonic() + 5
+    while _listener_channels(proxy) != {"kept"}:
+        assert time.monotonic() < deadline, _listener_channels(proxy)
+        time.sleep(0.02)
+    b.close()
+
+
+def test_slow_consumer_is_disconnected_and_others_get_everything(
+    make_proxy: MakeProxy, pg: PgCluster
+) -> None:
+    """A client that stops reading is cut off; readers that keep up lose nothing."""
+    proxy = make_proxy(proxy={"notify_buffer_size": 1024 * 1024})
+    stuck = RawClient(proxy.port)
+    stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.login()
+    stuck.query("LISTEN flood")
+    batches, per_batch, payload = 40, 50, "p" * 7000  # 14 MB: more than any socket buffers
+
+    async def main() -> list[list[str]]:
+        readers = [
+            await psycopg.AsyncConnection.connect(proxy.dsn(), autocommit=True) for _ in range(5)
+        ]
+        got: list[list[str]] = [[] for _ in readers]
+        progress = asyncio.Condition()
+
+        for r in readers:
+            await r.execute("LISTEN flood")
+
+        async def read(i: int) -> None:
+            async for n in readers[i].notifies(timeout=30, stop_after=batches * per_batch):
+                got[i].append(n.payload)
+                async with progress:
+                    progress.notify_all()
+
+        tasks = [asyncio.create_task(read(i)) for i in range(len(readers))]
+        async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as sender:
+            for b in range(batches):
+                await sender.execute(
+                    "select pg_notify('flood', %s || g) from generate_series(1, %s) g",
+                    (payload, per_batch),
+                )
+                # Pace the publisher by what the readers have received, not by time.
+                async with progress:
+                    await progress.wait_for(
+                        lambda b=b: all(len(g) >= (b + 1) * per_batch for g in got)
+                    )
+        await asyncio.gather(*tasks)
+        for r in readers:
+            await r.close()
+        return got
+
+    try:
+        got = asyncio.run(main())
+        expected = [payload + str(g) for _ in range(batches) for g in range(1, per_batch + 1)]
+        assert all(g == expected for g in got)
+        # The stuck client was cut off: draining its socket ends in EOF or a reset.
+        stuck.sock.settimeout(10)
+        with pytest.raises((ConnectionResetError, AssertionError)):
+            while True:
+                msg = stuck.read_message()
+                assert msg is not None
+    finally:
+        stuck.close()
+
+
+def _listener_pid(pg: PgCluster) -> int:
+    return int(
+        pg.psql("select pid from pg_stat_activity where application_name = 'pgproxy-listener'")
+    )
+
+
+def test_listener_loss_disconnects_subscribers_and_recovers(
+    proxy: ProxyThread, pg: PgCluster
+) -> None:
+    conn = _listener(proxy, "lost")
+    with RawClient(proxy.port) as raw:
+        raw.login()
+        raw.query("LISTEN lost")
+        pg.psql(f"select pg_terminate_backend({_listener_pid(pg)})")
+        # An idle subscriber is told at once (libpq shows the EOF, so check the bytes) ...
+        [(kind, body)] = raw.read_all()
+        fields = m.parse_error_fields(body)
+        assert (kind, fields["S"], fields["C"]) == ("E", "FATAL", "57P01")
+        assert "lost its listener connection" in fields["M"]
+        # ... and so is every other one.
+        with pytest.raises(psycopg.OperationalError):
+            for _ in conn.notifies(timeout=10):
+                pass
+    conn.close()
+    with _listener(proxy, "lost") as again, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        d.execute("NOTIFY lost, 'back'")
+        assert _next(again).payload == "back"
+
+
+def test_listener_loss_with_keep_policy_resubscribes(make_proxy: MakeProxy, pg: PgCluster) -> None:
+    proxy = make_proxy(proxy={"listener_loss": "keep"})
+    with _listener(proxy, "kept") as conn, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        old = _listener_pid(pg)
+        pg.psql(f"select pg_terminate_backend({old})")
+        deadline = time.monotonic() + 10
+        while True:  # the listener comes back by itself, with the channel re-LISTENed
+            out = pg.psql(
+                "select pid from pg_stat_activity where application_name = 'pgproxy-listener'"
+            )
+            if out and int(out) != old:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        d.execute("NOTIFY kept, 'again'")
+        assert _next(conn, timeout=10).payload == "again"
+
+
+def test_session_mode_passes_listen_through(make_proxy: MakeProxy, pg: PgCluster) -> None:
+    proxy = make_proxy(proxy={"pool_mode": "session"})
+    with _listener(proxy, "sess") as conn, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        d.execute("NOTIFY sess, 'direct'")
+        assert _next(conn).payload == "direct"
+
+
+def test_listen_inside_a_transaction_does_not_leak_to_the_next_client(
+    make_proxy: MakeProxy, pg: PgCluster
+) -> None:
+    """Slow path: the pooled server that ran LISTEN is cleaned before anyone else gets it."""
+    proxy = make_proxy(proxy={"default_pool_size": 1})
+    with psycopg.connect(proxy.dsn()) as conn:
+        conn.execute("LISTEN slow")
+        conn.commit()
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        assert other.execute("select pg_listening_channels()").fetchall() == []
+
+
+def test_notify_sender_threads_and_listener_threads(proxy: ProxyThread) -> None:
+    """Several senders at once: each listener gets every message, per-sender order kept."""
+    listeners = [_listener(proxy, "mt") for _ in range(3)]
+
+    def send(tag: str) -> None:
+        # No auto-prepare: named statements in transaction mode are the drivers issue's work.
+        with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as s:
+            for i in range(100):
+                s.execute("select pg_notify('mt', %s)", (f"{tag}:{i}",))
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in "xyz"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        for conn in listeners:
+            got = [n.payload for n in _collect(conn, 300)]
+            for tag in "xyz":
+                assert [p for p in got if p.startswith(tag)] == [f"{tag}:{i}" for i in range(100)]
+    finally:
+        for conn in listeners:
+            conn.close()
