@@ -47,6 +47,8 @@ _INSPECT = frozenset(
         m.COPY_BOTH_RESPONSE,
     )
 )
+# While a client has LISTEN effects waiting for their transaction's outcome.
+_INSPECT_WATCHING = _INSPECT | {m.COMMAND_COMPLETE}
 
 
 class ServerLink:
@@ -68,6 +70,12 @@ class ServerLink:
     def on_ready(self, status: int) -> bytes:
         """A ReadyForQuery is about to be forwarded: bytes to write just before it."""
         return b""
+
+    def command_complete(self, tag: bytes) -> None:
+        """A CommandComplete passed by (only while the server's ``watch_tags`` is set)."""
+
+    def error_seen(self) -> None:
+        """An ErrorResponse passed by (only while the server's ``watch_tags`` is set)."""
 
 
 @dataclass
@@ -109,6 +117,8 @@ class ServerConnection(WireProtocol):
         # True once this server may be LISTENing (a forwarded LISTEN, a stray notification):
         # it runs UNLISTEN * before anyone else gets it (PROTOCOL-NOTES 11).
         self.needs_unlisten = False
+        # Set while the linked client has LISTEN/UNLISTEN effects awaiting COMMIT or ROLLBACK.
+        self.watch_tags = False
 
     def __repr__(self) -> str:
         return f"<server pid={self.pid} pool={self.pool.name}>"
@@ -200,6 +210,7 @@ class ServerConnection(WireProtocol):
         pos = 0
         n = len(data)
         release = False
+        inspect = _INSPECT_WATCHING if self.watch_tags else _INSPECT
         if self._passthrough:
             pos = min(self._passthrough, n)
             self._passthrough -= pos
@@ -213,7 +224,7 @@ class ServerConnection(WireProtocol):
             if end <= pos + 4 or end - pos - 1 > LARGE_MESSAGE_LIMIT:
                 self._protocol_failure("invalid message length from server")
                 return
-            if client is not None and not self._internal and type_ not in _INSPECT:
+            if client is not None and not self._internal and type_ not in inspect:
                 if end > n:  # stream the rest of a large message as it arrives
                     self._passthrough = end - n
                     pos = n
@@ -288,6 +299,11 @@ class ServerConnection(WireProtocol):
                 # Held back: the client decides what to tell its user once the socket closes.
                 self._fatal = PgError.from_fields(fields)
                 return False, b"", False
+            if self.watch_tags:
+                client.error_seen()
+            return True, b"", False
+        if type_ == m.COMMAND_COMPLETE:
+            client.command_complete(body)
             return True, b"", False
         if type_ == m.NOTIFICATION_RESPONSE:
             if self.pool.mode == "session":
@@ -381,6 +397,7 @@ class ServerConnection(WireProtocol):
 
     def unlink(self) -> None:
         self.client = None
+        self.watch_tags = False
         self.idle_since = time.monotonic()
         self.resume_reading()
 

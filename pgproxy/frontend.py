@@ -75,6 +75,14 @@ class ClientSession(WireProtocol, ServerLink):
         self._notify_queue: list[bytes] = []  # held back until the client is between transactions
         self._notify_queued = 0
         self._doomed: PgError | None = None  # to be disconnected at its next ReadyForQuery I
+        # LISTEN slow path: effects forwarded to a pooled server, applied when their
+        # transaction commits, dropped if it rolls back; their channels are held meanwhile.
+        self._sub_pending: list[sql.Subscription] = []
+        self._sub_held: list[str] = []
+        self._sub_error = False
+        self._sub_rollback = False
+        self._sub_statements: dict[str, list[sql.Subscription]] = {}  # prepared LISTENs
+        self._sub_portals: dict[str, list[sql.Subscription]] = {}
 
     def __repr__(self) -> str:
         return f"<client {self.vpid} {self.user}@{self.database} {self.peer}>"
@@ -93,6 +101,7 @@ class ClientSession(WireProtocol, ServerLink):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._cancel_idle_tx_timer()
+        self._drop_pending()
         if self._listener is not None:
             self._listener.drop(self)
         server, self.server = self.server, None
@@ -396,14 +405,16 @@ class ClientSession(WireProtocol, ServerLink):
                     self._bound_inbuf()
                     return
                 run_start = pos
-            if type_ in _NEED_WHOLE:
+            if type_ in _NEED_WHOLE or (
+                (type_ == m.BIND and self._sub_statements)
+                or (type_ == m.EXECUTE and self._sub_portals)
+            ):
                 if end > n:
                     self._forward(server, data, run_start, pos)
                     self._stash(data, pos, end - pos)
                     return
-                if sql.might_matter(data[pos + 5 : end]) and server.pool.mode == "transaction":
-                    # A LISTEN on a pooled server would outlive this client (slow path).
-                    server.needs_unlisten = True
+                if server.pool.mode == "transaction":
+                    self._watch_subscriptions(server, type_, data[pos + 5 : end])
             server.flow.client_message(type_)
             if end > n:
                 self._passthrough = end - n
@@ -512,6 +523,8 @@ class ClientSession(WireProtocol, ServerLink):
     def on_ready(self, status: int) -> bytes:
         """Called just before a ReadyForQuery reaches the client: held notifications go first."""
         server = self.server
+        if self._sub_pending or self._sub_held:
+            self._settle_pending(status)
         if status == m.IDLE:
             if self._doomed is not None:
                 asyncio.get_running_loop().call_soon(self._end_doomed)
@@ -607,6 +620,95 @@ class ClientSession(WireProtocol, ServerLink):
         self._waiting = False
         self.write(reply + self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
         self._resume_input()
+
+    def _watch_subscriptions(self, server: ServerConnection, type_: int, body: bytes) -> None:
+        """Slow path: note LISTEN/UNLISTEN effects of statements forwarded to a pooled server."""
+        if type_ == m.QUERY:
+            if sql.might_matter(body):
+                server.needs_unlisten = True  # a LISTEN there would outlive this client
+                effects = sql.subscription_effects(m.parse_query(body))
+                if effects:
+                    self._add_pending(server, effects)
+        elif type_ == m.PARSE:
+            name, text, _ = m.parse_parse(body)
+            effects = sql.subscription_effects(text) if sql.might_matter(text) else None
+            if effects:
+                server.needs_unlisten = True
+                self._sub_statements[name] = effects
+            else:
+                self._sub_statements.pop(name, None)
+        elif type_ == m.BIND:
+            portal, statement = m.parse_bind_names(body)
+            effects = self._sub_statements.get(statement)
+            if effects:
+                self._sub_portals[portal] = effects
+            else:
+                self._sub_portals.pop(portal, None)
+        elif type_ == m.EXECUTE:
+            portal, _ = m.read_cstring(body, 0)
+            effects = self._sub_portals.get(portal)
+            if effects:
+                self._add_pending(server, effects)
+
+    def _add_pending(self, server: ServerConnection, effects: list[sql.Subscription]) -> None:
+        assert self.pool is not None
+        listener = self._listener = self.proxy.listener_for(self.pool)
+        self._sub_pending += effects
+        for effect in effects:
+            if isinstance(effect, sql.Listen):
+                # LISTEN upstream now, so it is live before this client's COMMIT returns.
+                listener.hold(effect.channel)
+                self._sub_held.append(effect.channel)
+        server.watch_tags = True
+
+    def command_complete(self, tag: bytes) -> None:
+        if tag.startswith(b"COMMIT"):
+            self._apply_pending()  # also COMMIT AND CHAIN, which stays in a transaction
+        elif tag.startswith(b"ROLLBACK"):
+            self._sub_rollback = True
+
+    def error_seen(self) -> None:
+        self._sub_error = True
+
+    def _settle_pending(self, status: int) -> None:
+        """At ReadyForQuery: an implicit transaction ended, or an explicit one rolled back."""
+        if status == m.IDLE:
+            if self._sub_rollback or self._sub_error:
+                self._drop_pending()
+            else:
+                self._apply_pending()
+            if self.server is not None:
+                self.server.watch_tags = False
+        # ROLLBACK TO SAVEPOINT also says ROLLBACK but stays in the transaction: the effects
+        # wait for the real outcome (those made after the savepoint are kept: a known limit).
+        self._sub_rollback = self._sub_error = False
+
+    def _apply_pending(self) -> None:
+        listener = self._listener
+        if listener is not None and self._sub_pending:
+            wanted = sql.apply_effects(listener.channels_of(self), self._sub_pending)
+            listener.set_channels(self, wanted)
+            not_live = listener.pending_readiness(wanted)
+            if not_live:
+                # Acknowledge only what is true: the COMMIT's reply waits for the listener.
+                self.hold_output()
+                self.proxy.spawn(self._release_when_live(not_live))
+        self._drop_pending()
+
+    async def _release_when_live(self, waits: list[asyncio.Future[None]]) -> None:
+        results = await asyncio.gather(*(asyncio.shield(w) for w in waits), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("%r: a committed LISTEN is not live upstream yet: %s", self, result)
+        self.release_output()
+
+    def _drop_pending(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            for name in self._sub_held:
+                listener.unhold(name)
+        self._sub_held.clear()
+        self._sub_pending.clear()
 
     def deliver(self, message: bytes) -> None:
         """A notification for this client: now if it is between transactions, else later."""

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 
 import pglast
 from pglast import ast
+from pglast.enums.parsenodes import DiscardMode
 
-_PRECHECK = re.compile(rb"listen", re.IGNORECASE)
+_PRECHECK = re.compile(rb"listen|discard", re.IGNORECASE)
 
 
-def might_matter(query_body: bytes) -> bool:
-    """True if a Query body may contain LISTEN/UNLISTEN (false positives are fine)."""
+def might_matter(query_body: bytes | str) -> bool:
+    """True if query text may contain LISTEN/UNLISTEN/DISCARD (false positives are fine)."""
+    if isinstance(query_body, str):
+        query_body = query_body.encode("utf-8", "surrogateescape")
     return _PRECHECK.search(query_body) is not None
 
 
@@ -57,4 +60,39 @@ def subscription_statements(sql: str) -> list[Subscription] | None:
             out.append(Unlisten(None if stmt.conditionname is None else str(stmt.conditionname)))
         else:
             return None
+    return out
+
+
+def subscription_effects(sql: str) -> list[Subscription] | None:
+    """The LISTEN/UNLISTEN effects among all statements of ``sql``, in order.
+
+    ``DISCARD ALL`` counts as ``UNLISTEN *``. None if the text does not parse (the server will
+    refuse it too, so it has no effect).
+    """
+    try:
+        parsed = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return None
+    out: list[Subscription] = []
+    for raw in parsed:
+        stmt = raw.stmt
+        if isinstance(stmt, ast.ListenStmt):
+            out.append(Listen(str(stmt.conditionname)))
+        elif isinstance(stmt, ast.UnlistenStmt):
+            out.append(Unlisten(None if stmt.conditionname is None else str(stmt.conditionname)))
+        elif isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
+            out.append(Unlisten(None))
+    return out
+
+
+def apply_effects(channels: set[str], effects: list[Subscription]) -> set[str]:
+    """The channel set after ``effects`` run in order on ``channels``."""
+    out = set(channels)
+    for effect in effects:
+        if isinstance(effect, Listen):
+            out.add(effect.channel)
+        elif effect.channel is None:
+            out.clear()
+        else:
+            out.discard(effect.channel)
     return out

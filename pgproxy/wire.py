@@ -41,6 +41,7 @@ class WireProtocol(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.read_paused = False
+        self._held: list[bytes] | None = None  # output held back, in order (hold_output)
 
     # --- asyncio callbacks -----------------------------------------------------------------
 
@@ -102,10 +103,23 @@ class WireProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        if self._held is not None:
+            self._held.append(data)
+        elif not self.closed:
             self.transport.write(data)
 
+    def hold_output(self) -> None:
+        """Keep everything written from now on until ``release_output`` (order preserved)."""
+        if self._held is None:
+            self._held = []
+
+    def release_output(self) -> None:
+        held, self._held = self._held, None
+        if held and not self.closed:
+            self.transport.write(b"".join(held))
+
     def close(self) -> None:
+        self.release_output()  # a final error must not stay held
         if not self.closed:
             self.closed = True
             self.transport.close()

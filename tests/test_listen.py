@@ -392,3 +392,124 @@ def test_notify_sender_threads_and_listener_threads(proxy: ProxyThread) -> None:
     finally:
         for conn in listeners:
             conn.close()
+
+
+# --- slow path: LISTEN that runs on a pooled server ------------------------------------------
+
+
+def _subscriber(proxy: ProxyThread) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(), prepare_threshold=None)
+
+
+def test_listen_inside_a_committed_transaction_takes_effect(
+    proxy: ProxyThread, pg: PgCluster
+) -> None:
+    with _subscriber(proxy) as conn, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        conn.execute("LISTEN in_tx")
+        d.execute("NOTIFY in_tx, 'before commit'")  # not yet subscribed: never delivered
+        conn.commit()
+        d.execute("NOTIFY in_tx, 'after commit'")
+        assert _next(conn).payload == "after commit"
+        _nothing(conn)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "ROLLBACK",
+        "SELECT 1/0; COMMIT",  # COMMIT of a failed transaction answers ROLLBACK
+        "SAVEPOINT s; SELECT 1/0; COMMIT",
+    ],
+)
+def test_listen_in_a_rolled_back_transaction_never_happened(
+    proxy: ProxyThread, pg: PgCluster, ending: str
+) -> None:
+    with RawClient(proxy.port) as c, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        c.login()
+        c.query("BEGIN")
+        c.query("LISTEN rb")
+        for stmt in ending.split("; "):
+            c.query(stmt)
+        d.execute("NOTIFY rb, 'x'")
+        # A query round trip later, nothing was delivered.
+        assert [t for t, _ in c.query("SELECT 1")] == ["T", "D", "C", "Z"]
+    assert _listener_channels(proxy) == set()
+
+
+def test_listen_rolled_back_by_a_deferred_constraint_at_commit(
+    proxy: ProxyThread, pg: PgCluster
+) -> None:
+    pg.psql(
+        "drop table if exists t_def; create table t_def (id int primary key,"
+        " ref int references t_def(id) deferrable initially deferred)"
+    )
+    with _subscriber(proxy) as conn:
+        conn.execute("LISTEN deferred")
+        conn.execute("insert into t_def values (1, 999)")
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.commit()
+    assert _listener_channels(proxy) == set()
+
+
+def test_listen_mixed_with_other_statements_in_one_query(proxy: ProxyThread, pg: PgCluster) -> None:
+    with _listener(proxy) as conn, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("LISTEN never; SELECT 1/0")
+        conn.execute("LISTEN mixed; SELECT 1")
+        d.execute("NOTIFY never, 'no'")
+        d.execute("NOTIFY mixed, 'yes'")
+        assert _next(conn).channel == "mixed"
+        _nothing(conn)
+
+
+def test_unlisten_in_a_rolled_back_transaction_keeps_listening(
+    proxy: ProxyThread, pg: PgCluster
+) -> None:
+    with _listener(proxy, "keep") as conn, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        with conn.transaction(force_rollback=True):
+            conn.execute("UNLISTEN keep")
+        d.execute("NOTIFY keep, 'still'")
+        assert _next(conn).payload == "still"
+
+
+def test_discard_all_unlistens(proxy: ProxyThread, pg: PgCluster) -> None:
+    with _listener(proxy, "disc") as conn, psycopg.connect(pg.dsn(), autocommit=True) as d:
+        conn.execute("DISCARD ALL")
+        d.execute("NOTIFY disc, 'no'")
+        _nothing(conn)
+    assert _listener_channels(proxy) == set()
+
+
+def test_listen_through_psycopg_prepared_statements(proxy: ProxyThread, pg: PgCluster) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("LISTEN prep", prepare=True)  # Parse+Sync, then Bind/Describe/Execute/Sync
+        with psycopg.connect(pg.dsn(), autocommit=True) as d:
+            d.execute("NOTIFY prep, 'p'")
+        assert _next(conn).payload == "p"
+
+
+def test_listen_in_psycopg_pipeline_mode(proxy: ProxyThread, pg: PgCluster) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        with conn.pipeline():
+            conn.execute("LISTEN pipe_a")
+            conn.execute("LISTEN pipe_b")
+            conn.execute("SELECT 1")
+        with psycopg.connect(pg.dsn(), autocommit=True) as d:
+            d.execute("NOTIFY pipe_b, 'b'")
+        assert _next(conn).channel == "pipe_b"
+
+
+@pytest.mark.parametrize("cache", [0, 100])
+async def test_asyncpg_add_listener(proxy: ProxyThread, pg: PgCluster, cache: int) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(proxy.dsn(), statement_cache_size=cache)
+    received: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await conn.add_listener("apg", lambda *args: received.put_nowait(args[3]))
+        direct = await asyncpg.connect(pg.dsn())
+        await direct.execute("NOTIFY apg, 'hello asyncpg'")
+        await direct.close()
+        assert await asyncio.wait_for(received.get(), 10) == "hello asyncpg"
+    finally:
+        await conn.close()

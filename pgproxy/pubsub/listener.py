@@ -77,6 +77,7 @@ class Listener:
         current = self.subscriptions.get(client, set())
         added = [c for c in wanted if c not in current]
         taken: list[str] = []
+        # Reference counts are taken first, so concurrent changes cannot drop the channels.
         try:
             for name in added:
                 self._take(name)
@@ -87,7 +88,22 @@ class Listener:
             for name in taken:
                 self._release(name)
             raise
-        for name in added:
+        self._join(client, current, wanted)
+
+    def set_channels(self, client: Subscriber, wanted: set[str]) -> None:
+        """Make ``client``'s channel set ``wanted`` now (a transaction just committed).
+
+        Channels new to the listener start their upstream LISTEN here; the slow path holds
+        them (``hold``) from the moment the LISTEN is seen, so they are normally live already.
+        """
+        current = self.subscriptions.get(client, set())
+        for name in wanted - current:
+            self._take(name)
+        self._join(client, current, wanted)
+
+    def _join(self, client: Subscriber, current: set[str], wanted: set[str]) -> None:
+        """Membership follows ``wanted``; references for added channels are already taken."""
+        for name in wanted - current:
             self.channels[name].members.add(client)
         for name in current - wanted:
             self.channels[name].members.discard(client)
@@ -96,6 +112,22 @@ class Listener:
             self.subscriptions[client] = set(wanted)
         else:
             self.subscriptions.pop(client, None)
+
+    def pending_readiness(self, names: Iterable[str]) -> list[asyncio.Future[None]]:
+        """The upstream LISTENs among ``names`` that are not in effect yet."""
+        out = []
+        for name in names:
+            channel = self.channels.get(name)
+            if channel is not None and not channel.ready.done():
+                out.append(channel.ready)
+        return out
+
+    def hold(self, name: str) -> None:
+        """Keep a channel LISTENed upstream while a transaction that LISTENs it is open."""
+        self._take(name)
+
+    def unhold(self, name: str) -> None:
+        self._release(name)
 
     def drop(self, client: Subscriber) -> None:
         """Forget a client that has gone."""
