@@ -164,6 +164,10 @@ class Proxy:
             self.spawn(pool.warm_up())
         return pool
 
+    def existing_listener(self, pool: Pool) -> Listener | None:
+        db = pool.database
+        return self.listeners.get((db.host, db.port, pool.upstream_db))
+
     def listener_for(self, pool: Pool) -> Listener:
         """The listener of the upstream database ``pool`` connects to (made on first use)."""
         db = pool.database

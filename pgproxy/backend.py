@@ -71,6 +71,10 @@ class ServerLink:
         """A ReadyForQuery is about to be forwarded: bytes to write just before it."""
         return b""
 
+    def wants_stall(self, status: int) -> bool:
+        """Should this ReadyForQuery wait? If so the client calls ``resume_stream`` later."""
+        return False
+
     def command_complete(self, tag: bytes) -> None:
         """A CommandComplete passed by (only while the server's ``watch_tags`` is set)."""
 
@@ -119,6 +123,7 @@ class ServerConnection(WireProtocol):
         self.needs_unlisten = False
         # Set while the linked client has LISTEN/UNLISTEN effects awaiting COMMIT or ROLLBACK.
         self.watch_tags = False
+        self._stalled = False  # a ReadyForQuery waits, unread, for the client (a fence)
 
     def __repr__(self) -> str:
         return f"<server pid={self.pid} pool={self.pool.name}>"
@@ -198,6 +203,9 @@ class ServerConnection(WireProtocol):
     # --- streaming ---------------------------------------------------------------------------
 
     def stream_received(self, data: bytes) -> None:
+        if self._stalled:
+            self._partial += data
+            return
         if self._partial:
             self._partial += data
             if len(self._partial) < self._need:
@@ -236,6 +244,20 @@ class ServerConnection(WireProtocol):
                 n = pos
                 break
             body = data[pos + 5 : end]
+            if (
+                type_ == m.READY_FOR_QUERY
+                and client is not None
+                and not self._internal
+                and client.wants_stall(body[0] if body else m.IDLE)
+            ):
+                if run_start < pos:
+                    out.append(data[run_start:pos])
+                self._partial += data[pos:]
+                self._need = 0
+                self._stalled = True
+                self.pause_reading()
+                run_start = n = pos
+                break
             if self._internal:
                 if run_start < pos and client is not None:
                     out.append(data[run_start:pos])
@@ -271,6 +293,15 @@ class ServerConnection(WireProtocol):
                 link.server_output(b"".join(out) if len(out) > 1 else out[0])
         if release:
             self.pool.release(self)
+
+    def resume_stream(self) -> None:
+        """Continue after a stall: the held ReadyForQuery and what followed it."""
+        if not self._stalled:
+            return
+        self._stalled = False
+        self.resume_reading()
+        if self._partial:
+            self.stream_received(b"")
 
     def _stash(self, data: bytes, pos: int, need: int) -> None:
         self._partial += data[pos:]

@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as session_params
 from pgproxy import sql
@@ -81,8 +82,12 @@ class ClientSession(WireProtocol, ServerLink):
         self._sub_held: list[str] = []
         self._sub_error = False
         self._sub_rollback = False
-        self._sub_statements: dict[str, list[sql.Subscription]] = {}  # prepared LISTENs
-        self._sub_portals: dict[str, list[sql.Subscription]] = {}
+        # Prepared statements/portals that LISTEN or NOTIFY: (effects, may notify).
+        self._sub_statements: dict[str, tuple[list[sql.Subscription], bool]] = {}
+        self._sub_portals: dict[str, tuple[list[sql.Subscription], bool]] = {}
+        self._may_have_notified = False  # the transaction in flight may have sent NOTIFY
+        self._fence_done = False
+        self._pid_mapped: tuple[Listener, int] | None = None  # see _note_notify
 
     def __repr__(self) -> str:
         return f"<client {self.vpid} {self.user}@{self.database} {self.peer}>"
@@ -102,6 +107,7 @@ class ClientSession(WireProtocol, ServerLink):
             self._task.cancel()
         self._cancel_idle_tx_timer()
         self._drop_pending()
+        self._unmap_pid()
         if self._listener is not None:
             self._listener.drop(self)
         server, self.server = self.server, None
@@ -544,6 +550,8 @@ class ClientSession(WireProtocol, ServerLink):
         return b""
 
     def server_lost(self, error: PgError) -> None:
+        self._unmap_pid()
+        self._may_have_notified = False
         server, self.server = self.server, None
         if self.closed or server is None:
             return
@@ -625,30 +633,53 @@ class ClientSession(WireProtocol, ServerLink):
         """Slow path: note LISTEN/UNLISTEN effects of statements forwarded to a pooled server."""
         if type_ == m.QUERY:
             if sql.might_matter(body):
-                server.needs_unlisten = True  # a LISTEN there would outlive this client
-                effects = sql.subscription_effects(m.parse_query(body))
+                text = m.parse_query(body)
+                if sql.may_notify(text):
+                    self._note_notify(server)
+                effects = sql.subscription_effects(text)
                 if effects:
+                    server.needs_unlisten = True  # a LISTEN there would outlive this client
                     self._add_pending(server, effects)
         elif type_ == m.PARSE:
             name, text, _ = m.parse_parse(body)
-            effects = sql.subscription_effects(text) if sql.might_matter(text) else None
-            if effects:
-                server.needs_unlisten = True
-                self._sub_statements[name] = effects
+            if sql.might_matter(text):
+                effects = sql.subscription_effects(text) or []
+                if effects:
+                    server.needs_unlisten = True
+                self._sub_statements[name] = (effects, sql.may_notify(text))
             else:
                 self._sub_statements.pop(name, None)
         elif type_ == m.BIND:
             portal, statement = m.parse_bind_names(body)
-            effects = self._sub_statements.get(statement)
-            if effects:
-                self._sub_portals[portal] = effects
+            info = self._sub_statements.get(statement)
+            if info is not None:
+                self._sub_portals[portal] = info
             else:
                 self._sub_portals.pop(portal, None)
         elif type_ == m.EXECUTE:
             portal, _ = m.read_cstring(body, 0)
-            effects = self._sub_portals.get(portal)
-            if effects:
-                self._add_pending(server, effects)
+            info = self._sub_portals.get(portal)
+            if info is not None:
+                effects, notifies = info
+                if notifies:
+                    self._note_notify(server)
+                if effects:
+                    self._add_pending(server, effects)
+
+    def _note_notify(self, server: ServerConnection) -> None:
+        """A statement that may NOTIFY is being forwarded: attribute its notifications."""
+        self._may_have_notified = True
+        pool = self.pool
+        listener = self.proxy.existing_listener(pool) if pool is not None else None
+        if listener is not None and listener.channels:
+            listener.map_pid(server.pid, self.vpid)
+            self._pid_mapped = (listener, server.pid)
+
+    def _unmap_pid(self) -> None:
+        if self._pid_mapped is not None:
+            listener, pid = self._pid_mapped
+            listener.unmap_pid(pid, self.vpid)
+            self._pid_mapped = None
 
     def _add_pending(self, server: ServerConnection, effects: list[sql.Subscription]) -> None:
         assert self.pool is not None
@@ -660,6 +691,35 @@ class ClientSession(WireProtocol, ServerLink):
                 listener.hold(effect.channel)
                 self._sub_held.append(effect.channel)
         server.watch_tags = True
+
+    def wants_stall(self, status: int) -> bool:
+        """Hold a ReadyForQuery I after a possible NOTIFY until a listener fence completes.
+
+        Directly connected, a session gets its own notifications before that ReadyForQuery,
+        and their PID is its own; the fence makes both true through the proxy.
+        """
+        if self._fence_done:
+            self._fence_done = False
+            return False
+        if status != m.IDLE or not self._may_have_notified:
+            return False
+        self._may_have_notified = False
+        server, pool = self.server, self.pool
+        listener = self.proxy.existing_listener(pool) if pool is not None else None
+        if server is None or listener is None or not listener.channels:
+            self._unmap_pid()
+            return False  # nobody listens on this database: nothing to attribute or deliver
+        self._pid_mapped = None  # the fence unmaps it when it ends
+        self.proxy.spawn(self._fence(listener.fence(server.pid, self.vpid), server))
+        return True
+
+    async def _fence(self, fence: Coroutine[Any, Any, None], server: ServerConnection) -> None:
+        try:
+            await fence
+        except (PgError, ConnectionError) as exc:
+            log.warning("%r: listener fence failed: %s", self, exc)
+        self._fence_done = True
+        server.resume_stream()
 
     def command_complete(self, tag: bytes) -> None:
         if tag.startswith(b"COMMIT"):

@@ -16,14 +16,20 @@ import pglast
 from pglast import ast
 from pglast.enums.parsenodes import DiscardMode
 
-_PRECHECK = re.compile(rb"listen|discard", re.IGNORECASE)
+_PRECHECK = re.compile(rb"listen|discard|notify", re.IGNORECASE)
+_NOTIFY = re.compile(r"notify", re.IGNORECASE)
 
 
 def might_matter(query_body: bytes | str) -> bool:
-    """True if query text may contain LISTEN/UNLISTEN/DISCARD (false positives are fine)."""
+    """True if query text may LISTEN, UNLISTEN, DISCARD or NOTIFY (false positives are fine)."""
     if isinstance(query_body, str):
         query_body = query_body.encode("utf-8", "surrogateescape")
     return _PRECHECK.search(query_body) is not None
+
+
+def may_notify(sql: str) -> bool:
+    """True if running ``sql`` may send a notification (NOTIFY or pg_notify)."""
+    return _NOTIFY.search(sql) is not None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from tests.support.raw import RawClient
 
 
 def _listener(proxy: ProxyThread, *channels: str) -> psycopg.Connection:
-    conn = psycopg.connect(proxy.dsn(), autocommit=True)
+    # No auto-prepare: named statements in transaction mode are the drivers issue's work.
+    conn = psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None)
     for c in channels:
         conn.execute(f"LISTEN {c}")
     return conn
@@ -513,3 +514,45 @@ async def test_asyncpg_add_listener(proxy: ProxyThread, pg: PgCluster, cache: in
         assert await asyncio.wait_for(received.get(), 10) == "hello asyncpg"
     finally:
         await conn.close()
+
+
+# --- self-notifications and PIDs ----------------------------------------------------------------
+
+
+def test_own_notification_arrives_before_ready_with_the_virtual_pid(proxy: ProxyThread) -> None:
+    with RawClient(proxy.port) as c:
+        info = c.login()
+        c.query("LISTEN self")
+        reply = c.query("NOTIFY self, 'mine'")
+        # As directly connected: the notification comes before this statement's ReadyForQuery.
+        assert [t for t, _ in reply] == ["C", "A", "Z"]
+        n = m.parse_notification(reply[1][1])
+        assert (n.channel, n.payload, n.pid) == ("self", "mine", info["pid"])
+
+
+def test_psycopg_backend_pid_filter_works(proxy: ProxyThread) -> None:
+    with _listener(proxy, "who") as me, _listener(proxy, "who") as other:
+        me.execute("NOTIFY who, 'from me'")
+        other.execute("NOTIFY who, 'from other'")
+        got = {n.payload: n.pid for n in _collect(me, 2)}
+        assert got["from me"] == me.info.backend_pid
+        assert got["from other"] == other.info.backend_pid != me.info.backend_pid
+
+
+def test_skipping_own_notifications_never_hides_others_on_a_shared_server(
+    make_proxy: MakeProxy,
+) -> None:
+    """Two clients take turns on one pooled server; each sees every one of the other's."""
+    proxy = make_proxy(proxy={"default_pool_size": 1})
+    a, b = _listener(proxy, "turns"), _listener(proxy, "turns")
+    try:
+        for i in range(30):
+            a.execute("select pg_notify('turns', %s)", (f"a{i}",))
+            b.execute("select pg_notify('turns', %s)", (f"b{i}",))
+        for me, peer in ((a, "b"), (b, "a")):
+            got = _collect(me, 60)
+            others = [n.payload for n in got if n.pid != me.info.backend_pid]
+            assert others == [f"{peer}{i}" for i in range(30)]
+    finally:
+        a.close()
+        b.close()

@@ -19,7 +19,7 @@ Theory of operation (DESIGN.md, "LISTEN / UNLISTEN / NOTIFY in transaction mode"
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from pgproxy.backend import ServerConnection
@@ -59,6 +59,8 @@ class Listener:
         self._reconnect_task: asyncio.Task[None] | None = None
         self.closing = False
         self.notifications = 0  # received from upstream (for the admin view and tests)
+        # Real backend PID -> virtual PID, only while that backend's client runs a fence.
+        self._pid_map: dict[int, int] = {}
 
     def __repr__(self) -> str:
         return f"<listener {self.pool.name} channels={len(self.channels)}>"
@@ -206,16 +208,47 @@ class Listener:
         log.info("%r: connected (%r)", self, conn)
         return conn
 
+    def map_pid(self, server_pid: int, virtual_pid: int) -> None:
+        """Show ``server_pid``'s notifications as ``virtual_pid`` until the fence ends."""
+        self._pid_map[server_pid] = virtual_pid
+
+    def unmap_pid(self, server_pid: int, virtual_pid: int) -> None:
+        if self._pid_map.get(server_pid) == virtual_pid:
+            del self._pid_map[server_pid]
+
+    def fence(self, server_pid: int, virtual_pid: int) -> Coroutine[Any, Any, None]:
+        """Wait until every notification committed so far has come through the listener.
+
+        The notifier signals its listeners before its own ReadyForQuery, so once an empty query
+        sent now is answered, all notifications committed earlier have been read. From the
+        moment its client forwarded a statement that may notify (``map_pid``) until the fence
+        ends, notifications from ``server_pid`` carry ``virtual_pid``: that client holds the
+        server all along, and every earlier holder that may have notified fenced before
+        letting it go, so the attribution is exact (PROTOCOL-NOTES 21-22).
+        """
+        self.map_pid(server_pid, virtual_pid)
+        return self._run_fence(server_pid, virtual_pid)
+
+    async def _run_fence(self, server_pid: int, virtual_pid: int) -> None:
+        try:
+            conn = await self._connection()
+            await conn.run_internal("")
+        finally:
+            self.unmap_pid(server_pid, virtual_pid)
+
     def _on_notification(self, body: bytes) -> None:
         self.notifications += 1
         try:
-            channel_name = m.parse_notification(body).channel
+            notification = m.parse_notification(body)
         except m.ProtocolError:
             log.error("%r: malformed NotificationResponse dropped", self)
             return
-        channel = self.channels.get(channel_name)
+        channel = self.channels.get(notification.channel)
         if channel is None or not channel.members:
             return
+        virtual_pid = self._pid_map.get(notification.pid)
+        if virtual_pid is not None:
+            body = virtual_pid.to_bytes(4, "big") + body[4:]
         message = m.message(m.NOTIFICATION_RESPONSE, body)
         for client in list(channel.members):
             client.deliver(message)
