@@ -397,7 +397,11 @@ class ClientSession(WireProtocol, ServerLink):
                     if end > n:
                         self._stash(data, pos, end - pos)
                         return
-                    statements = self._subscription_query(data[pos + 5 : end])
+                    body = data[pos + 5 : end]
+                    if self._answer_listening_channels(body):
+                        pos = run_start = end
+                        continue
+                    statements = self._subscription_query(body)
                     if statements is not None:
                         self._inbuf += data[end:]
                         self._waiting = True
@@ -445,12 +449,10 @@ class ClientSession(WireProtocol, ServerLink):
         assert pool is not None
         if pool.closing:  # retired by a reload: move to its successor
             pool = self.pool = self.proxy.pool_for(self.database, self.user)
-        while pool.idle:
-            server = pool.idle.pop()
-            if not server.closed:
-                pool.active.add(server)
-                self._link(server)
-                return server
+        server = pool.take_idle()
+        if server is not None:
+            self._link(server)
+            return server
         self._waiting = True
         self._task = asyncio.get_running_loop().create_task(self._acquire(pool))
         return None
@@ -588,6 +590,26 @@ class ClientSession(WireProtocol, ServerLink):
             and self.reported.get("standard_conforming_strings", "on") == "on"
             and self.reported.get("client_encoding", "UTF8").upper() in _UTF8_NAMES
         )
+
+    def _answer_listening_channels(self, body: bytes) -> bool:
+        """Answer ``SELECT pg_listening_channels()`` from this client's own channels.
+
+        Through a pool the server's answer would describe a random pooled server.
+        """
+        if not sql.might_matter(body):
+            return False
+        try:
+            text = m.parse_query(body)
+        except m.ProtocolError:
+            return False
+        if not sql.is_listening_channels_query(text):
+            return False
+        channels = sorted(self._listener.channels_of(self)) if self._listener else []
+        out = [m.row_description([("pg_listening_channels", m.TEXT_OID)])]
+        out += [m.data_row([c]) for c in channels]
+        out.append(m.command_complete(f"SELECT {len(channels)}"))
+        self.write(b"".join(out) + self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+        return True
 
     @staticmethod
     def _subscription_query(body: bytes) -> list[sql.Subscription] | None:

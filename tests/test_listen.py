@@ -556,3 +556,18 @@ def test_skipping_own_notifications_never_hides_others_on_a_shared_server(
     finally:
         a.close()
         b.close()
+
+
+def test_pg_listening_channels_answers_the_clients_own_channels(proxy: ProxyThread) -> None:
+    with _listener(proxy, "zeta", '"Alpha"') as conn, _listener(proxy, "other") as peer:
+        for form in (
+            "SELECT pg_listening_channels()",
+            "select * from pg_catalog.pg_listening_channels();",
+        ):
+            cur = conn.execute(form)
+            assert cur.description is not None
+            assert cur.description[0].name == "pg_listening_channels"
+            assert cur.fetchall() == [("Alpha",), ("zeta",)]
+        assert peer.execute("SELECT pg_listening_channels()").fetchall() == [("other",)]
+        conn.execute("UNLISTEN *")
+        assert conn.execute("SELECT pg_listening_channels()").fetchall() == []

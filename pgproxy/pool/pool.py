@@ -81,13 +81,20 @@ class Pool:
 
     # --- acquire / release -------------------------------------------------------------------
 
-    async def acquire(self, timeout: float) -> ServerConnection:
-        """A server for exclusive use; raises PgError on connect failure or wait timeout."""
+    def take_idle(self) -> ServerConnection | None:
+        """An idle server at once (no waiting, no task), or None."""
         while self.idle:
             server = self.idle.pop()
             if not server.closed:
                 self.active.add(server)
                 return server
+        return None
+
+    async def acquire(self, timeout: float) -> ServerConnection:
+        """A server for exclusive use; raises PgError on connect failure or wait timeout."""
+        server = self.take_idle()
+        if server is not None:
+            return server
         if self.closing:
             raise PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
         if self.total < self.settings.size:
@@ -153,10 +160,11 @@ class Pool:
 
     def release(self, server: ServerConnection) -> None:
         """Take a server back from a client. It must owe nothing to anyone."""
-        self.active.discard(server)
         server.unlink()
         if server.closed:
+            self.discard(server)
             return
+        # Still counted as active here, so that closing it gives its slot back.
         if (
             not server.flow.idle
             or server.cancels_in_flight
@@ -171,12 +179,12 @@ class Pool:
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
-                self.active.add(server)
-                fut.set_result(server)
+                fut.set_result(server)  # stays active: handed straight to the waiter
                 return
         if self.closing:
             self._close(server)
         else:
+            self.active.discard(server)
             self.idle.append(server)
 
     def discard(self, server: ServerConnection) -> None:

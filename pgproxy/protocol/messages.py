@@ -337,6 +337,29 @@ def parse_command_complete(body: bytes) -> str:
     return tag
 
 
+TEXT_OID = 25
+
+
+def row_description(columns: Sequence[tuple[str, int]]) -> bytes:
+    """RowDescription for computed text-format columns: (name, type OID) each."""
+    body = _I16.pack(len(columns))
+    for name, type_oid in columns:
+        # table OID 0, column 0, type, typlen -1 (varlena), typmod -1, text format
+        body += _cstr(name) + struct.pack("!ihihih", 0, 0, type_oid, -1, -1, 0)
+    return message(ROW_DESCRIPTION, body)
+
+
+def data_row(values: Sequence[str | None]) -> bytes:
+    body = _I16.pack(len(values))
+    for v in values:
+        if v is None:
+            body += _I32.pack(-1)
+        else:
+            b = _enc(v)
+            body += _I32.pack(len(b)) + b
+    return message(DATA_ROW, body)
+
+
 SYNC_MESSAGE = message(SYNC)
 FLUSH_MESSAGE = message(FLUSH)
 TERMINATE_MESSAGE = message(TERMINATE)
