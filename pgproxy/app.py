@@ -220,6 +220,7 @@ class Proxy:
             idle_timeout=proxy.server_idle_timeout,
             lifetime=proxy.server_lifetime,
             reset_query=proxy.server_reset_query,
+            max_prepared_statements=proxy.max_prepared_statements,
         )
         return Pool(
             f"{database}/{user}", db, db.dbname or database, db.user or user, password, settings

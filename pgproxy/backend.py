@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pgproxy.auth.upstream import authenticate_upstream
+from pgproxy.prepared import ReplyFilter, ServerStatements
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
@@ -49,6 +50,10 @@ _INSPECT = frozenset(
 )
 # While a client has LISTEN effects waiting for their transaction's outcome.
 _INSPECT_WATCHING = _INSPECT | {m.COMMAND_COMPLETE}
+# While some ParseComplete/CloseComplete replies may belong to the proxy (prepared.py).
+_FILTERED = frozenset((m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
+_INSPECT_FILTERING = _INSPECT | _FILTERED
+_INSPECT_BOTH = _INSPECT_WATCHING | _FILTERED
 
 
 class ServerLink:
@@ -124,6 +129,8 @@ class ServerConnection(WireProtocol):
         # Set while the linked client has LISTEN/UNLISTEN effects awaiting COMMIT or ROLLBACK.
         self.watch_tags = False
         self._stalled = False  # a ReadyForQuery waits, unread, for the client (a fence)
+        self.statements = ServerStatements(pool.settings.max_prepared_statements)
+        self.replies = ReplyFilter()
 
     def __repr__(self) -> str:
         return f"<server pid={self.pid} pool={self.pool.name}>"
@@ -218,7 +225,10 @@ class ServerConnection(WireProtocol):
         pos = 0
         n = len(data)
         release = False
-        inspect = _INSPECT_WATCHING if self.watch_tags else _INSPECT
+        if self.replies:
+            inspect = _INSPECT_BOTH if self.watch_tags else _INSPECT_FILTERING
+        else:
+            inspect = _INSPECT_WATCHING if self.watch_tags else _INSPECT
         if self._passthrough:
             pos = min(self._passthrough, n)
             self._passthrough -= pos
@@ -330,12 +340,18 @@ class ServerConnection(WireProtocol):
                 # Held back: the client decides what to tell its user once the socket closes.
                 self._fatal = PgError.from_fields(fields)
                 return False, b"", False
+            if self.replies:
+                self.replies.error(self.flow.done)  # the rest of this unit is skipped
             if self.watch_tags:
                 client.error_seen()
             return True, b"", False
         if type_ == m.COMMAND_COMPLETE:
+            if body.startswith((b"DEALLOCATE ALL", b"DISCARD ALL")):
+                self.statements.clear()  # every statement on this server is gone
             client.command_complete(body)
             return True, b"", False
+        if type_ in _FILTERED:
+            return not self.replies.reply(type_), b"", False
         if type_ == m.NOTIFICATION_RESPONSE:
             if self.pool.mode == "session":
                 return True, b"", False  # the client's own LISTEN, passed through
@@ -425,6 +441,7 @@ class ServerConnection(WireProtocol):
     def link(self, client: ServerLink) -> None:
         self.client = client
         self.flow.reset()
+        self.replies.clear()
 
     def unlink(self) -> None:
         self.client = None

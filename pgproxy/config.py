@@ -86,6 +86,7 @@ class ProxySettings:
     notify_buffer_size: int = 1024 * 1024
     notify_pending_limit: int = 16 * 1024 * 1024
     listener_loss: ListenerLossPolicy = "disconnect"
+    max_prepared_statements: int = 200
 
 
 def _is_secret_param(name: str) -> bool:
@@ -438,7 +439,7 @@ def _parse_url(url: str, path: str) -> _ParsedUrl:
 _SECTIONS = ("proxy", "databases", "users")
 _LISTEN_FIELDS = ("listen_host", "listen_port")
 # Lower bounds for integer proxy settings; the rest default to >= 0.
-_PROXY_MINIMUMS = {"max_client_conn": 1, "default_pool_size": 1}
+_PROXY_MINIMUMS = {"max_client_conn": 1, "default_pool_size": 1, "max_prepared_statements": 1}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _DATABASE_KEYS = ("url", "user", "password", "pool_size", "min_pool_size", "pool_mode")
 _USER_KEYS = ("password", "pool_mode", "pool_size")

@@ -29,7 +29,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as session_params
-from pgproxy import sql
+from pgproxy import prepared, sql
 from pgproxy.auth.frontend import authenticate_client
 from pgproxy.backend import ServerConnection, ServerLink
 from pgproxy.pool.pool import READ_ONLY_PARAMETERS, Pool
@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 
 _INBUF_PAUSE = 256 * 1024  # stop reading a client that sends this much while it waits
 _UTF8_NAMES = frozenset(("UTF8", "UTF-8", "UNICODE"))
-# Messages the proxy needs whole: their text decides what happens (LISTEN, dirty servers).
-_NEED_WHOLE = frozenset((m.QUERY, m.PARSE))
+# Messages the proxy needs whole in transaction mode: their text decides what happens
+# (LISTEN, dirty servers) or their statement names are rewritten (prepared.py).
+_NEED_WHOLE = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
+_SESSION_NEED_WHOLE = frozenset((m.QUERY, m.PARSE))
 
 
 class ClientSession(WireProtocol, ServerLink):
@@ -72,6 +74,7 @@ class ClientSession(WireProtocol, ServerLink):
         self._task: asyncio.Task[None] | None = None
         self._idle_tx_timer: asyncio.TimerHandle | None = None
         self._logged_in = False
+        self.statements: dict[str, prepared.Statement] = {}  # named prepared statements
         self._listener: Listener | None = None
         self._notify_queue: list[bytes] = []  # held back until the client is between transactions
         self._notify_queued = 0
@@ -415,16 +418,31 @@ class ClientSession(WireProtocol, ServerLink):
                     self._bound_inbuf()
                     return
                 run_start = pos
-            if type_ in _NEED_WHOLE or (
-                (type_ == m.BIND and self._sub_statements)
-                or (type_ == m.EXECUTE and self._sub_portals)
+            pooled = server.pool.mode == "transaction"
+            if type_ in (_NEED_WHOLE if pooled else _SESSION_NEED_WHOLE) or (
+                type_ == m.EXECUTE and self._sub_portals
             ):
                 if end > n:
                     self._forward(server, data, run_start, pos)
                     self._stash(data, pos, end - pos)
                     return
-                if server.pool.mode == "transaction":
-                    self._watch_subscriptions(server, type_, data[pos + 5 : end])
+                if pooled:
+                    body = data[pos + 5 : end]
+                    try:
+                        self._watch_subscriptions(server, type_, body)
+                        replacement = self._rewrite_statement_names(server, type_, body)
+                    except m.ProtocolError as exc:
+                        self._forward(server, data, run_start, pos)
+                        self.fail(fatal(errors.PROTOCOL_VIOLATION, str(exc)))
+                        return
+                    except PgError as exc:
+                        self._forward(server, data, run_start, pos)
+                        self.fail(exc)
+                        return
+                    if replacement is not None:
+                        self._forward(server, data, run_start, pos)
+                        server.write(replacement)
+                        run_start = end
             server.flow.client_message(type_)
             if end > n:
                 self._passthrough = end - n
@@ -534,6 +552,8 @@ class ClientSession(WireProtocol, ServerLink):
         if self._sub_pending or self._sub_held:
             self._settle_pending(status)
         if status == m.IDLE:
+            if server is not None and not self._sub_pending:
+                server.watch_tags = False
             if self._doomed is not None:
                 asyncio.get_running_loop().call_soon(self._end_doomed)
                 return b""
@@ -655,6 +675,7 @@ class ClientSession(WireProtocol, ServerLink):
         """Slow path: note LISTEN/UNLISTEN effects of statements forwarded to a pooled server."""
         if type_ == m.QUERY:
             if sql.might_matter(body):
+                server.watch_tags = True  # DEALLOCATE ALL / DISCARD ALL clear statements
                 text = m.parse_query(body)
                 if sql.may_notify(text):
                     self._note_notify(server)
@@ -687,6 +708,77 @@ class ClientSession(WireProtocol, ServerLink):
                     self._note_notify(server)
                 if effects:
                     self._add_pending(server, effects)
+
+    def _rewrite_statement_names(
+        self, server: ServerConnection, type_: int, body: bytes
+    ) -> bytes | None:
+        """Transaction mode: what to send instead of this message (None: send it as it is)."""
+        unit = server.flow.sent
+        replies = server.replies
+        if type_ == m.PARSE:
+            name, tail_at = m.read_cstring(body, 0)
+            if not name:
+                replies.expect(m.PARSE_COMPLETE, False, unit)
+                return None
+            tail = body[tail_at:]
+            stmt = self.statements.get(name)
+            if stmt is not None:
+                # Already exists: make the server raise its own 42P05 in its place.
+                out = self._ensure_prepared(server, stmt, unit)
+            else:
+                if len(self.statements) >= prepared.MAX_CLIENT_STATEMENTS:
+                    raise fatal(
+                        errors.PROGRAM_LIMIT_EXCEEDED,
+                        f"too many prepared statements (pgproxy keeps at most "
+                        f"{prepared.MAX_CLIENT_STATEMENTS} per client)",
+                    )
+                stmt = self.statements[name] = prepared.statement_for(tail)
+                if stmt.server_name in server.statements:
+                    out = m.close("S", stmt.server_name)  # re-parse: the server answers itself
+                    replies.expect(m.CLOSE_COMPLETE, True, unit)
+                else:
+                    out = self._evict(server, server.statements.add(stmt.server_name), unit)
+            replies.expect(m.PARSE_COMPLETE, False, unit)
+            return out + stmt.parse_message()
+        if type_ == m.BIND:
+            _, name_at = m.read_cstring(body, 0)
+            name, rest_at = m.read_cstring(body, name_at)
+            stmt = self.statements.get(name) if name else None
+            if stmt is None:
+                return None  # unnamed, or unknown: the server answers (26000) as it would
+            return self._ensure_prepared(server, stmt, unit) + m.message(
+                m.BIND, body[:name_at] + stmt.server_name.encode() + b"\0" + body[rest_at:]
+            )
+        if type_ == m.DESCRIBE:
+            kind, name = m.parse_describe_or_close(body)
+            stmt = self.statements.get(name) if kind == ord("S") and name else None
+            if stmt is None:
+                return None
+            return self._ensure_prepared(server, stmt, unit) + m.describe("S", stmt.server_name)
+        if type_ == m.CLOSE:
+            kind, name = m.parse_describe_or_close(body)
+            if kind == ord("S"):
+                # The server knows no statement by the client's name, so it answers
+                # CloseComplete itself; the shared server copy stays cached.
+                self.statements.pop(name, None)
+            replies.expect(m.CLOSE_COMPLETE, False, unit)
+        return None
+
+    def _ensure_prepared(
+        self, server: ServerConnection, stmt: prepared.Statement, unit: int
+    ) -> bytes:
+        """The Parse to inject before using ``stmt`` on ``server``, if it lacks it."""
+        if stmt.server_name in server.statements:
+            return b""
+        out = self._evict(server, server.statements.add(stmt.server_name), unit)
+        server.replies.expect(m.PARSE_COMPLETE, True, unit)
+        return out + stmt.parse_message()
+
+    @staticmethod
+    def _evict(server: ServerConnection, names: list[str], unit: int) -> bytes:
+        for _ in names:
+            server.replies.expect(m.CLOSE_COMPLETE, True, unit)
+        return b"".join(m.close("S", name) for name in names)
 
     def _note_notify(self, server: ServerConnection) -> None:
         """A statement that may NOTIFY is being forwarded: attribute its notifications."""
@@ -744,6 +836,8 @@ class ClientSession(WireProtocol, ServerLink):
         server.resume_stream()
 
     def command_complete(self, tag: bytes) -> None:
+        if tag.startswith((b"DEALLOCATE ALL", b"DISCARD ALL")):
+            self.statements.clear()
         if tag.startswith(b"COMMIT"):
             self._apply_pending()  # also COMMIT AND CHAIN, which stays in a transaction
         elif tag.startswith(b"ROLLBACK"):

@@ -20,13 +20,14 @@ _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 
 
 def might_matter(query_body: bytes | str) -> bool:
-    """True if query text may LISTEN, UNLISTEN, DISCARD or NOTIFY (false positives are fine)."""
+    """True if query text may LISTEN, UNLISTEN, NOTIFY, DISCARD or DEALLOCATE (false positives
+    are fine)."""
     if isinstance(query_body, str):
         query_body = query_body.encode("utf-8", "surrogateescape")
     # bytes.lower() folds ASCII only, which is all these keywords need; measured an order of
     # magnitude cheaper than a case-insensitive regex (bench/precheck.py).
     low = query_body.lower()
-    return b"listen" in low or b"notify" in low or b"discard" in low
+    return b"listen" in low or b"notify" in low or b"discard" in low or b"deallocate" in low
 
 
 _LISTENING_CHANNELS = re.compile(

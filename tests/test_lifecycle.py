@@ -73,7 +73,7 @@ def test_idle_servers_are_reaped(make_proxy: MakeProxy) -> None:
 
 def test_servers_past_their_lifetime_are_replaced(make_proxy: MakeProxy) -> None:
     proxy = make_proxy(proxy={"server_lifetime": 0.3, "default_pool_size": 1})
-    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as conn:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         first = conn.execute("select pg_backend_pid()").fetchone()
         _eventually(lambda: conn.execute("select pg_backend_pid()").fetchone() != first, timeout=10)
 

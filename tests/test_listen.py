@@ -20,8 +20,7 @@ from tests.support.raw import RawClient
 
 
 def _listener(proxy: ProxyThread, *channels: str) -> psycopg.Connection:
-    # No auto-prepare: named statements in transaction mode are the drivers issue's work.
-    conn = psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None)
+    conn = psycopg.connect(proxy.dsn(), autocommit=True)
     for c in channels:
         conn.execute(f"LISTEN {c}")
     return conn
@@ -375,8 +374,7 @@ def test_notify_sender_threads_and_listener_threads(proxy: ProxyThread) -> None:
     listeners = [_listener(proxy, "mt") for _ in range(3)]
 
     def send(tag: str) -> None:
-        # No auto-prepare: named statements in transaction mode are the drivers issue's work.
-        with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as s:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as s:
             for i in range(100):
                 s.execute("select pg_notify('mt', %s)", (f"{tag}:{i}",))
 
@@ -399,7 +397,7 @@ def test_notify_sender_threads_and_listener_threads(proxy: ProxyThread) -> None:
 
 
 def _subscriber(proxy: ProxyThread) -> psycopg.Connection:
-    return psycopg.connect(proxy.dsn(), prepare_threshold=None)
+    return psycopg.connect(proxy.dsn())
 
 
 def test_listen_inside_a_committed_transaction_takes_effect(

@@ -43,6 +43,7 @@ class PoolSettings:
     idle_timeout: float
     lifetime: float
     reset_query: str
+    max_prepared_statements: int = 200
 
 
 class Pool:

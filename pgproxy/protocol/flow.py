@@ -36,10 +36,14 @@ class FlowError(Exception):
 
 
 class ServerFlow:
-    __slots__ = ("copy_in", "pending", "status", "unsynced")
+    __slots__ = ("copy_in", "done", "pending", "sent", "status", "unsynced")
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()
+        # Units (Sync/Query/FunctionCall) sent and answered since the link: a message sent
+        # when ``sent == k`` belongs to unit k, which the server is running while ``done == k``.
+        self.sent = 0
+        self.done = 0
         self.unsynced = False
         self.copy_in = False
         self.status = m.IDLE
@@ -52,6 +56,7 @@ class ServerFlow:
             return  # the server ignores Sync/Flush during COPY; CopyData needs no bookkeeping
         if type_ in _RFQ_PRODUCERS:
             self.pending.append(type_)
+            self.sent += 1
             self.unsynced = False
         elif type_ in _EXTENDED:
             self.unsynced = True
@@ -61,6 +66,7 @@ class ServerFlow:
         if not self.pending:
             raise FlowError("ReadyForQuery with nothing outstanding")
         self.pending.popleft()
+        self.done += 1
         self.status = status
 
     def server_copy_in(self) -> None:
@@ -70,6 +76,7 @@ class ServerFlow:
             # The Sync that followed the extended Execute is swallowed by the COPY, so the
             # implicit transaction stays open until the Sync the client sends after CopyDone.
             self.pending.popleft()
+            self.done += 1
             self.unsynced = True
 
     @property
@@ -82,6 +89,7 @@ class ServerFlow:
         return not self.pending and not self.unsynced and not self.copy_in and self.status == m.IDLE
 
     def reset(self) -> None:
+        self.sent = self.done = 0
         self.pending.clear()
         self.unsynced = False
         self.copy_in = False

@@ -1,0 +1,112 @@
+"""Named prepared statements in transaction mode: client names, server names, server caches.
+
+Theory of operation. A client's statement ``s1`` is known to the proxy by its Parse body (query
+text and parameter types). On servers it lives under a proxy-wide name derived from that body, so
+two clients' ``s1`` never collide and identical statements are shared. Before a Bind or
+Describe of ``s1`` reaches a server that lacks the statement, the proxy injects its Parse; the
+server's ParseComplete for it is swallowed by the :class:`ReplyFilter`, which knows, in order,
+which ParseComplete/CloseComplete replies belong to the client and which to the proxy.
+
+Nothing is ever made up in the middle of a server's reply stream:
+
+* a client's Close is forwarded as it is: the server has no statement by the client's name, so it
+  answers CloseComplete itself, in the right place (the shared server copy stays cached);
+* a Bind/Describe of a name the client never prepared is forwarded as it is, so Postgres raises
+  its own 26000 with the client's name and aborts the batch exactly as it would directly;
+* a Parse of a name the server already holds is sent as Close + Parse, so the server answers
+  ParseComplete itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from pgproxy.protocol import messages as m
+
+MAX_CLIENT_STATEMENTS = 10_000  # per client: memory stays bounded whatever a client sends
+
+
+@dataclass(frozen=True)
+class Statement:
+    server_name: str
+    parse_tail: bytes  # the Parse body after the statement name: query, parameter types
+
+    def parse_message(self) -> bytes:
+        return m.message(m.PARSE, self.server_name.encode() + b"\0" + self.parse_tail)
+
+
+def statement_for(parse_tail: bytes) -> Statement:
+    digest = hashlib.blake2b(parse_tail, digest_size=12).hexdigest()
+    return Statement(f"pgproxy_{digest}", parse_tail)
+
+
+class ServerStatements:
+    """The proxy-named statements one server holds, least recently used first."""
+
+    __slots__ = ("_names", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._names: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, name: str) -> bool:
+        if name in self._names:
+            self._names.move_to_end(name)
+            return True
+        return False
+
+    def add(self, name: str) -> list[str]:
+        """Record ``name``; return the names evicted to stay within the limit."""
+        self._names[name] = None
+        self._names.move_to_end(name)
+        evicted = []
+        while len(self._names) > self.limit:
+            old, _ = self._names.popitem(last=False)
+            evicted.append(old)
+        return evicted
+
+    def discard(self, name: str) -> None:
+        self._names.pop(name, None)
+
+    def clear(self) -> None:
+        self._names.clear()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class ReplyFilter:
+    """Which ParseComplete/CloseComplete replies go to the client, which the proxy swallows.
+
+    One entry per Parse or Close sent to the server, in order, tagged with the unit (count of
+    ReadyForQuery-producing messages sent before it). After an ErrorResponse the server skips
+    the rest of the unit, so that unit's remaining entries are dropped.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[int, bool, int]] = deque()  # (reply type, swallow, unit)
+
+    def expect(self, reply_type: int, swallow: bool, unit: int) -> None:
+        self._entries.append((reply_type, swallow, unit))
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def reply(self, reply_type: int) -> bool:
+        """A ParseComplete/CloseComplete arrived: True if the proxy swallows it."""
+        while self._entries:
+            expected, swallow, _ = self._entries.popleft()
+            if expected == reply_type:
+                return swallow
+        return False  # nothing expected: not ours to drop
+
+    def error(self, unit: int) -> None:
+        while self._entries and self._entries[0][2] <= unit:
+            self._entries.popleft()
+
+    def clear(self) -> None:
+        self._entries.clear()
