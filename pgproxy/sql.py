@@ -60,28 +60,43 @@ class Unlisten:
 Subscription = Listen | Unlisten
 
 
-def subscription_statements(sql: str) -> list[Subscription] | None:
-    """The statements of ``sql`` if every one is LISTEN or UNLISTEN, else None.
+# DISCARD ALL acts as UNLISTEN * on channels, but only the server can run the rest of it;
+# this instance (compared by identity) marks it.
+_DISCARD_ALL = Unlisten(None)
 
-    None also for text that does not parse or holds no statement at all: the server must
-    answer those itself (its exact error, or EmptyQueryResponse).
-    """
+
+def _classify(sql: str) -> list[Subscription | None] | None:
+    """Each statement's effect on the session's channels (None for any other statement);
+    None if the text does not parse."""
     try:
         parsed = pglast.parse_sql(sql)
     except pglast.parser.ParseError:
         return None
-    if not parsed:
-        return None
-    out: list[Subscription] = []
+    out: list[Subscription | None] = []
     for raw in parsed:
         stmt = raw.stmt
         if isinstance(stmt, ast.ListenStmt):
             out.append(Listen(str(stmt.conditionname)))
         elif isinstance(stmt, ast.UnlistenStmt):
             out.append(Unlisten(None if stmt.conditionname is None else str(stmt.conditionname)))
+        elif isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
+            out.append(_DISCARD_ALL)
         else:
-            return None
+            out.append(None)
     return out
+
+
+def subscription_statements(sql: str) -> list[Subscription] | None:
+    """The statements of ``sql`` if every one is LISTEN or UNLISTEN, else None.
+
+    None also for text that does not parse or holds no statement at all (the server must
+    answer those itself: its exact error, or EmptyQueryResponse), and for DISCARD ALL, which
+    the server must run (it resets much more than channels).
+    """
+    parsed = _classify(sql)
+    if not parsed or any(s is None or s is _DISCARD_ALL for s in parsed):
+        return None
+    return [s for s in parsed if s is not None]
 
 
 def subscription_effects(sql: str) -> list[Subscription] | None:
@@ -90,20 +105,8 @@ def subscription_effects(sql: str) -> list[Subscription] | None:
     ``DISCARD ALL`` counts as ``UNLISTEN *``. None if the text does not parse (the server will
     refuse it too, so it has no effect).
     """
-    try:
-        parsed = pglast.parse_sql(sql)
-    except pglast.parser.ParseError:
-        return None
-    out: list[Subscription] = []
-    for raw in parsed:
-        stmt = raw.stmt
-        if isinstance(stmt, ast.ListenStmt):
-            out.append(Listen(str(stmt.conditionname)))
-        elif isinstance(stmt, ast.UnlistenStmt):
-            out.append(Unlisten(None if stmt.conditionname is None else str(stmt.conditionname)))
-        elif isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
-            out.append(Unlisten(None))
-    return out
+    parsed = _classify(sql)
+    return None if parsed is None else [s for s in parsed if s is not None]
 
 
 def apply_effects(channels: set[str], effects: list[Subscription]) -> set[str]:

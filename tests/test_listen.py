@@ -569,3 +569,36 @@ def test_pg_listening_channels_answers_the_clients_own_channels(proxy: ProxyThre
         assert peer.execute("SELECT pg_listening_channels()").fetchall() == [("other",)]
         conn.execute("UNLISTEN *")
         assert conn.execute("SELECT pg_listening_channels()").fetchall() == []
+
+
+def test_listen_syntax_error_is_postgres_own(proxy: ProxyThread) -> None:
+    with _listener(proxy) as conn, pytest.raises(psycopg.errors.SyntaxError) as info:
+        conn.execute("LISTEN 1bad")
+    # The server's own report, with its error position context.
+    assert info.value.sqlstate == "42601" and "LINE 1: LISTEN 1bad" in str(info.value)
+
+
+def test_each_database_gets_its_own_listener(proxy: ProxyThread, pg: PgCluster) -> None:
+    pg.psql("drop database if exists listen_other")
+    pg.psql("create database listen_other")
+    try:
+        with (
+            _listener(proxy, "same") as a,
+            psycopg.connect(proxy.dsn(dbname="listen_other"), autocommit=True) as b,
+        ):
+            b.execute("LISTEN same")
+            with psycopg.connect(pg.dsn(dbname="listen_other"), autocommit=True) as d:
+                d.execute("NOTIFY same, 'other db'")
+            assert _next(b).payload == "other db"
+            _nothing(a)  # notifications are per database
+            listeners = pg.psql(
+                "select string_agg(datname, ',' order by datname) from pg_stat_activity"
+                " where application_name = 'pgproxy-listener'"
+            )
+            assert listeners == "listen_other,postgres"
+    finally:
+        # The proxy's idle listener on listen_other would block DROP DATABASE.
+        pg.psql(
+            "select pg_terminate_backend(pid) from pg_stat_activity where datname = 'listen_other'"
+        )
+        pg.psql("drop database if exists listen_other")
