@@ -85,6 +85,8 @@ class ClientSession(WireProtocol, ServerLink):
         self._sub_held: list[str] = []
         self._sub_error = False
         self._sub_rollback = False
+        # Savepoints of the open transaction: (name, len(pending), len(held)) when taken.
+        self._savepoints: list[tuple[str, int, int]] = []
         # Prepared statements/portals that LISTEN or NOTIFY: (effects, may notify).
         self._sub_statements: dict[str, tuple[list[sql.Subscription], bool]] = {}
         self._sub_portals: dict[str, tuple[list[sql.Subscription], bool]] = {}
@@ -552,6 +554,7 @@ class ClientSession(WireProtocol, ServerLink):
         if self._sub_pending or self._sub_held:
             self._settle_pending(status)
         if status == m.IDLE:
+            self._savepoints.clear()
             if server is not None and not self._sub_pending:
                 server.watch_tags = False
             if self._doomed is not None:
@@ -679,14 +682,20 @@ class ClientSession(WireProtocol, ServerLink):
                 text = m.parse_query(body)
                 if sql.may_notify(text):
                     self._note_notify(server)
-                effects = sql.subscription_effects(text)
-                if effects:
-                    server.needs_unlisten = True  # a LISTEN there would outlive this client
-                    self._add_pending(server, effects)
+                for effect in sql.session_effects(text) or ():
+                    if isinstance(effect, sql.Listen | sql.Unlisten):
+                        server.needs_unlisten = True  # a LISTEN there would outlive this client
+                        self._add_pending(server, [effect])
+                    else:
+                        self._savepoint_op(effect)
         elif type_ == m.PARSE:
             name, text, _ = m.parse_parse(body)
             if sql.might_matter(text):
-                effects = sql.subscription_effects(text) or []
+                effects = [
+                    e
+                    for e in sql.session_effects(text) or ()
+                    if isinstance(e, sql.Listen | sql.Unlisten)
+                ]
                 if effects:
                     server.needs_unlisten = True
                 self._sub_statements[name] = (effects, sql.may_notify(text))
@@ -794,6 +803,27 @@ class ClientSession(WireProtocol, ServerLink):
             listener, pid = self._pid_mapped
             listener.unmap_pid(pid, self.vpid)
             self._pid_mapped = None
+
+    def _savepoint_op(self, op: sql.SavepointOp) -> None:
+        """Keep pending LISTEN effects in step with savepoints (names may repeat: the most
+        recent one counts; ROLLBACK TO keeps its savepoint, RELEASE drops it and later ones)."""
+        if isinstance(op, sql.Savepoint):
+            self._savepoints.append((op.name, len(self._sub_pending), len(self._sub_held)))
+            return
+        for i in range(len(self._savepoints) - 1, -1, -1):
+            name, pending_len, held_len = self._savepoints[i]
+            if name != op.name:
+                continue
+            if isinstance(op, sql.Release):
+                del self._savepoints[i:]
+            else:
+                del self._savepoints[i + 1 :]
+                del self._sub_pending[pending_len:]
+                if self._listener is not None:
+                    for channel in self._sub_held[held_len:]:
+                        self._listener.unhold(channel)
+                del self._sub_held[held_len:]
+            return
 
     def _add_pending(self, server: ServerConnection, effects: list[sql.Subscription]) -> None:
         assert self.pool is not None

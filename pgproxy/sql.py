@@ -14,20 +14,28 @@ from dataclasses import dataclass
 
 import pglast
 from pglast import ast
-from pglast.enums.parsenodes import DiscardMode
+from pglast.enums.parsenodes import DiscardMode, TransactionStmtKind
 
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 
 
 def might_matter(query_body: bytes | str) -> bool:
-    """True if query text may LISTEN, UNLISTEN, NOTIFY, DISCARD or DEALLOCATE (false positives
-    are fine)."""
+    """True if query text may LISTEN, UNLISTEN, NOTIFY, DISCARD, DEALLOCATE or use savepoints
+    (false positives are fine)."""
     if isinstance(query_body, str):
         query_body = query_body.encode("utf-8", "surrogateescape")
     # bytes.lower() folds ASCII only, which is all these keywords need; measured an order of
     # magnitude cheaper than a case-insensitive regex (bench/precheck.py).
     low = query_body.lower()
-    return b"listen" in low or b"notify" in low or b"discard" in low or b"deallocate" in low
+    return (
+        b"listen" in low
+        or b"notify" in low
+        or b"discard" in low
+        or b"deallocate" in low
+        or b"savepoint" in low  # LISTEN effects follow savepoints (PROTOCOL-NOTES 10)
+        or b"rollback" in low
+        or b"release" in low
+    )
 
 
 _LISTENING_CHANNELS = re.compile(
@@ -60,19 +68,45 @@ class Unlisten:
 Subscription = Listen | Unlisten
 
 
+@dataclass(frozen=True)
+class Savepoint:
+    name: str
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+
+
+@dataclass(frozen=True)
+class RollbackTo:
+    name: str
+
+
+SavepointOp = Savepoint | Release | RollbackTo
+Effect = Subscription | SavepointOp
+
+
 # DISCARD ALL acts as UNLISTEN * on channels, but only the server can run the rest of it;
 # this instance (compared by identity) marks it.
 _DISCARD_ALL = Unlisten(None)
 
 
-def _classify(sql: str) -> list[Subscription | None] | None:
-    """Each statement's effect on the session's channels (None for any other statement);
-    None if the text does not parse."""
+_SAVEPOINT_OPS: dict[int, type[Savepoint] | type[Release] | type[RollbackTo]] = {
+    TransactionStmtKind.TRANS_STMT_SAVEPOINT: Savepoint,
+    TransactionStmtKind.TRANS_STMT_RELEASE: Release,
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_TO: RollbackTo,
+}
+
+
+def _classify(sql: str) -> list[Effect | None] | None:
+    """Each statement's effect on the session's channels or savepoints (None for any other
+    statement); None if the text does not parse."""
     try:
         parsed = pglast.parse_sql(sql)
     except pglast.parser.ParseError:
         return None
-    out: list[Subscription | None] = []
+    out: list[Effect | None] = []
     for raw in parsed:
         stmt = raw.stmt
         if isinstance(stmt, ast.ListenStmt):
@@ -81,6 +115,8 @@ def _classify(sql: str) -> list[Subscription | None] | None:
             out.append(Unlisten(None if stmt.conditionname is None else str(stmt.conditionname)))
         elif isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
             out.append(_DISCARD_ALL)
+        elif isinstance(stmt, ast.TransactionStmt) and stmt.kind in _SAVEPOINT_OPS:
+            out.append(_SAVEPOINT_OPS[stmt.kind](str(stmt.savepoint_name)))
         else:
             out.append(None)
     return out
@@ -94,13 +130,16 @@ def subscription_statements(sql: str) -> list[Subscription] | None:
     the server must run (it resets much more than channels).
     """
     parsed = _classify(sql)
-    if not parsed or any(s is None or s is _DISCARD_ALL for s in parsed):
-        return None
-    return [s for s in parsed if s is not None]
+    out: list[Subscription] = []
+    for s in parsed or ():
+        if not isinstance(s, Listen | Unlisten) or s is _DISCARD_ALL:
+            return None
+        out.append(s)
+    return out or None
 
 
-def subscription_effects(sql: str) -> list[Subscription] | None:
-    """The LISTEN/UNLISTEN effects among all statements of ``sql``, in order.
+def session_effects(sql: str) -> list[Effect] | None:
+    """The LISTEN/UNLISTEN and savepoint statements among all statements of ``sql``, in order.
 
     ``DISCARD ALL`` counts as ``UNLISTEN *``. None if the text does not parse (the server will
     refuse it too, so it has no effect).

@@ -16,7 +16,7 @@ from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 from tests.conftest import MakeProxy
 from tests.support.proxy_runner import ProxyThread
-from tests.support.raw import RawClient
+from tests.support.raw import RawClient, error_of, rows_of
 
 
 def _listener(proxy: ProxyThread, *channels: str) -> psycopg.Connection:
@@ -602,3 +602,47 @@ def test_each_database_gets_its_own_listener(proxy: ProxyThread, pg: PgCluster) 
             "select pg_terminate_backend(pid) from pg_stat_activity where datname = 'listen_other'"
         )
         pg.psql("drop database if exists listen_other")
+
+
+@pytest.mark.parametrize(
+    ("script", "listening"),
+    [
+        (["BEGIN", "SAVEPOINT s", "LISTEN sp_c", "ROLLBACK TO s", "COMMIT"], set()),
+        (["BEGIN", "LISTEN sp_a", "SAVEPOINT s", "LISTEN sp_b", "ROLLBACK TO s", "COMMIT"],
+         {"sp_a"}),
+        (["BEGIN", "SAVEPOINT s", "LISTEN sp_c", "RELEASE s", "COMMIT"], {"sp_c"}),
+        (["BEGIN", "SAVEPOINT s", "SAVEPOINT s", "LISTEN sp_c", "ROLLBACK TO s", "LISTEN sp_d",
+          "ROLLBACK TO s", "RELEASE s", "COMMIT"], set()),
+        (["BEGIN", "SAVEPOINT s", "LISTEN sp_c", "SAVEPOINT t", "RELEASE s", "COMMIT"], {"sp_c"}),
+        (["BEGIN", "LISTEN sp_a", "SAVEPOINT s", "UNLISTEN sp_a", "ROLLBACK TO s", "COMMIT"],
+         {"sp_a"}),
+    ],
+)  # fmt: skip
+def test_listen_follows_savepoints(
+    proxy: ProxyThread, script: list[str], listening: set[str]
+) -> None:
+    with RawClient(proxy.port) as c:
+        c.login()
+        for stmt in script:
+            assert error_of(c.query(stmt)) is None, stmt
+        reply = c.query("SELECT pg_listening_channels()")
+        assert {row[0] for row in rows_of(reply)} == listening
+
+
+def test_psycopg_nested_transaction_rollback_undoes_its_listen(
+    proxy: ProxyThread, pg: PgCluster
+) -> None:
+    with psycopg.connect(proxy.dsn()) as conn:
+        with conn.transaction():
+            conn.execute("LISTEN nest_outer")
+            try:
+                with conn.transaction():
+                    conn.execute("LISTEN nest_inner")
+                    raise RuntimeError("roll back the savepoint")
+            except RuntimeError:
+                pass
+        conn.commit()
+        with psycopg.connect(pg.dsn(), autocommit=True) as d:
+            d.execute("NOTIFY nest_inner, 'no'; NOTIFY nest_outer, 'yes'")
+        assert _next(conn).channel == "nest_outer"
+        _nothing(conn)
