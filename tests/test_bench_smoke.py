@@ -37,3 +37,20 @@ def test_quick_benchmark_reports_all_targets() -> None:
             tps[cells[3]] = float(cells[4])
     assert set(tps) == {"direct", "pgbouncer", "pgproxy"}, proc.stdout
     assert all(value > 0 for value in tps.values()), tps
+
+
+@pytest.mark.timeout(150)
+def test_quick_fanout_benchmark_delivers_exactly_once() -> None:
+    """``python -m bench.fanout --quick``: 20 listeners through pgproxy, 20 + 20 notifications."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fanout", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "pgproxy n=20: exactly-once and in-order: OK at every one of 20 listeners" in (
+        proc.stdout
+    ), proc.stdout
+    assert "| pgproxy | 20 |" in proc.stdout, proc.stdout
