@@ -122,6 +122,7 @@ class ServerConnection(WireProtocol):
         self._fatal: PgError | None = None
         # The listener connection routes notifications and its loss here; pooled servers don't.
         self.notification_sink: Callable[[bytes], None] | None = None
+        self.notifications_done: Callable[[], None] | None = None  # after each read with some
         self.lost_callback: Callable[[PgError], None] | None = None
         # True once this server may be LISTENing (a forwarded LISTEN, a stray notification):
         # it runs UNLISTEN * before anyone else gets it (PROTOCOL-NOTES 11).
@@ -301,6 +302,8 @@ class ServerConnection(WireProtocol):
             link = self.client
             if link is not None:
                 link.server_output(b"".join(out) if len(out) > 1 else out[0])
+        if self.notifications_done is not None:
+            self.notifications_done()
         if release:
             self.pool.release(self)
 

@@ -78,6 +78,8 @@ class ClientSession(WireProtocol, ServerLink):
         self._listener: Listener | None = None
         self._notify_queue: list[bytes] = []  # held back until the client is between transactions
         self._notify_queued = 0
+        self._outbox: list[bytes] = []  # for an idle client, written at the end of the read
+        self._outbox_bytes = 0
         self._doomed: PgError | None = None  # to be disconnected at its next ReadyForQuery I
         # LISTEN slow path: effects forwarded to a pooled server, applied when their
         # transaction commits, dropped if it rolls back; their channels are held meanwhile.
@@ -279,7 +281,9 @@ class ClientSession(WireProtocol, ServerLink):
         server: ServerConnection | None = None
         timeout = self.proxy.config.proxy.query_wait_timeout
         if pool.server_params is None:
-            server = await pool.acquire(timeout)
+            async with pool.params_lock:
+                if pool.server_params is None:
+                    server = await pool.acquire(timeout)
         assert pool.server_params is not None
         canonical = {k.lower(): k for k in pool.server_params}
         wanted = {canonical.get(k, k): v for k, v in startup_gucs.items()}
@@ -916,25 +920,40 @@ class ClientSession(WireProtocol, ServerLink):
         self._sub_held.clear()
         self._sub_pending.clear()
 
-    def deliver(self, message: bytes) -> None:
-        """A notification for this client: now if it is between transactions, else later."""
+    def deliver(self, message: bytes) -> bool:
+        """A notification for this client: now if it is between transactions, else later.
+
+        "Now" means into the outbox, which the listener flushes once per upstream read;
+        returns True when it went there.
+        """
         if self.closed or self._doomed is not None:
-            return
+            return False
         settings = self.proxy.config.proxy
         if self._logged_in and self.server is None and not self._waiting and not self._skipping:
-            if self.transport.get_write_buffer_size() + len(message) > settings.notify_buffer_size:
+            self._outbox.append(message)
+            self._outbox_bytes += len(message)
+            unread = self.transport.get_write_buffer_size() + self._outbox_bytes
+            if unread > settings.notify_buffer_size:
                 log.warning("%r: not reading notifications; disconnecting", self)
+                self._outbox.clear()
                 self.write(m.error_response(_overflow("it is not reading them").fields()))
                 self.reset()  # its buffer will never drain: do not wait for it
-                return
-            self.write(message)
-            return
+                return False
+            return True
         self._notify_queue.append(message)
         self._notify_queued += len(message)
         if self._notify_queued > settings.notify_pending_limit:
             log.warning("%r: too many notifications held during a transaction", self)
             self._notify_queue.clear()
             self.fail(_overflow("it stayed inside a transaction while they piled up"))
+        return False
+
+    def flush_notifications(self) -> None:
+        if self._outbox:
+            data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            self.write(data)
 
     def listener_lost(self, error: PgError) -> None:
         """The listener connection died: notifications may have been lost in the gap."""

@@ -69,6 +69,7 @@ class Pool:
         self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
         self.total = 0
         self.server_params: dict[str, str] | None = None
+        self.params_lock = asyncio.Lock()  # one login learns server_params; the rest wait
         # (name, value) pairs a server accepted -> the value it reported (None if unreported).
         self.validated: dict[tuple[str, str], str | None] = {}
         self.closing = False

@@ -35,7 +35,11 @@ _BACKOFF_MAX = 5.0
 
 
 class Subscriber(Protocol):
-    def deliver(self, message: bytes) -> None: ...
+    def deliver(self, message: bytes) -> bool:
+        """Take a notification; True if it waits in the outbox for ``flush_notifications``."""
+        ...
+
+    def flush_notifications(self) -> None: ...
 
     def listener_lost(self, error: PgError) -> None: ...
 
@@ -61,6 +65,9 @@ class Listener:
         self.notifications = 0  # received from upstream (for the admin view and tests)
         # Real backend PID -> virtual PID, only while that backend's client runs a fence.
         self._pid_map: dict[int, int] = {}
+        # Clients with notifications collected during the current upstream read: each gets
+        # one write per read, not one per notification (a syscall each).
+        self._to_flush: set[Subscriber] = set()
 
     def __repr__(self) -> str:
         return f"<listener {self.pool.name} channels={len(self.channels)}>"
@@ -203,6 +210,7 @@ class Listener:
             raise PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down")
         conn = await self.pool.acquire(self.pool.settings.connect_timeout)
         conn.notification_sink = self._on_notification
+        conn.notifications_done = self._flush
         conn.lost_callback = self._on_lost
         self.conn = conn
         log.info("%r: connected (%r)", self, conn)
@@ -250,8 +258,17 @@ class Listener:
         if virtual_pid is not None:
             body = virtual_pid.to_bytes(4, "big") + body[4:]
         message = m.message(m.NOTIFICATION_RESPONSE, body)
+        to_flush = self._to_flush
         for client in list(channel.members):
-            client.deliver(message)
+            if client.deliver(message):
+                to_flush.add(client)
+
+    def _flush(self) -> None:
+        """End of an upstream read: write out what each client collected."""
+        if self._to_flush:
+            clients, self._to_flush = self._to_flush, set()
+            for client in clients:
+                client.flush_notifications()
 
     def _on_lost(self, error: PgError) -> None:
         self.conn = None
