@@ -646,3 +646,27 @@ def test_psycopg_nested_transaction_rollback_undoes_its_listen(
             d.execute("NOTIFY nest_inner, 'no'; NOTIFY nest_outer, 'yes'")
         assert _next(conn).channel == "nest_outer"
         _nothing(conn)
+
+
+def test_psql_shows_asynchronous_notifications(proxy: ProxyThread) -> None:
+    import subprocess
+
+    from pgproxy.testing.cluster import find_bindir
+
+    out = subprocess.run(
+        [str(find_bindir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", proxy.dsn()],
+        input="LISTEN psql_chan;\nSELECT pg_notify('psql_chan', 'hi from psql');\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    import re
+
+    found = re.search(
+        r'Asynchronous notification "psql_chan" with payload "hi from psql" received from'
+        r" server process with PID (\d+)\.",
+        out.stdout,
+    )
+    assert found is not None, out.stdout
+    assert int(found.group(1)) >= 1 << 22  # psql's own virtual PID, never a real backend's
