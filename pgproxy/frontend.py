@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as session_params
@@ -64,7 +64,10 @@ class ClientSession(WireProtocol, ServerLink):
         self.peer = ""
         self.connected_at = time.monotonic()
         self.reported: dict[str, str] = {}  # settable reported parameters, as the client saw them
-        self.unreported: dict[str, str] = {}  # startup GUCs the server does not report
+        # Unreported GUCs (name -> the SET statement giving the client's value), and the ones
+        # from the startup packet, which RESET returns to.
+        self.unreported: dict[str, str] = {}
+        self._startup_unreported: dict[str, str] = {}
         self._inbuf = bytearray()
         self._need = 0
         self._passthrough = 0  # bytes of a large message still to forward as they arrive
@@ -83,7 +86,7 @@ class ClientSession(WireProtocol, ServerLink):
         self._doomed: PgError | None = None  # to be disconnected at its next ReadyForQuery I
         # LISTEN slow path: effects forwarded to a pooled server, applied when their
         # transaction commits, dropped if it rolls back; their channels are held meanwhile.
-        self._sub_pending: list[sql.Subscription] = []
+        self._sub_pending: list[sql.Subscription | sql.SettingEffect] = []
         self._sub_held: list[str] = []
         self._sub_error = False
         self._sub_rollback = False
@@ -311,7 +314,7 @@ class ClientSession(WireProtocol, ServerLink):
             # What was SET is now this server's state.
             for k in unknown:
                 if k not in canonical.values():
-                    server.proxy_set[k] = unknown[k]
+                    server.proxy_set[k] = session_params.set_statement(k, unknown[k])
         self.reported = {
             k: v for k, v in pool.server_params.items() if k not in READ_ONLY_PARAMETERS
         }
@@ -322,7 +325,8 @@ class ClientSession(WireProtocol, ServerLink):
                 norm = pool.validated.get((k, v))
                 self.reported[k] = norm if norm is not None else v
             else:
-                self.unreported[k] = v
+                self.unreported[k] = session_params.set_statement(k, v)
+        self._startup_unreported = dict(self.unreported)
         return server
 
     # --- streaming: client -> server ---------------------------------------------------------
@@ -681,7 +685,7 @@ class ClientSession(WireProtocol, ServerLink):
     def _watch_subscriptions(self, server: ServerConnection, type_: int, body: bytes) -> None:
         """Slow path: note LISTEN/UNLISTEN effects of statements forwarded to a pooled server."""
         if type_ == m.QUERY:
-            if sql.might_matter(body):
+            if sql.might_matter(body) or sql.starts_with_set(body):
                 server.watch_tags = True  # DEALLOCATE ALL / DISCARD ALL clear statements
                 text = m.parse_query(body)
                 if sql.may_notify(text):
@@ -689,6 +693,8 @@ class ClientSession(WireProtocol, ServerLink):
                 for effect in sql.session_effects(text) or ():
                     if isinstance(effect, sql.Listen | sql.Unlisten):
                         server.needs_unlisten = True  # a LISTEN there would outlive this client
+                        self._add_pending(server, [effect])
+                    elif isinstance(effect, sql.SetParameter | sql.ResetAll):
                         self._add_pending(server, [effect])
                     else:
                         self._savepoint_op(effect)
@@ -829,16 +835,19 @@ class ClientSession(WireProtocol, ServerLink):
                 del self._sub_held[held_len:]
             return
 
-    def _add_pending(self, server: ServerConnection, effects: list[sql.Subscription]) -> None:
-        assert self.pool is not None
-        listener = self._listener = self.proxy.listener_for(self.pool)
+    def _add_pending(
+        self, server: ServerConnection, effects: Sequence[sql.Subscription | sql.SettingEffect]
+    ) -> None:
+        """Effects that take hold when the transaction running them commits."""
         self._sub_pending += effects
+        server.watch_tags = True
         for effect in effects:
             if isinstance(effect, sql.Listen):
+                assert self.pool is not None
+                listener = self._listener = self.proxy.listener_for(self.pool)
                 # LISTEN upstream now, so it is live before this client's COMMIT returns.
                 listener.hold(effect.channel)
                 self._sub_held.append(effect.channel)
-        server.watch_tags = True
 
     def wants_stall(self, status: int) -> bool:
         """Hold a ReadyForQuery I after a possible NOTIFY until a listener fence completes.
@@ -894,8 +903,11 @@ class ClientSession(WireProtocol, ServerLink):
         self._sub_rollback = self._sub_error = False
 
     def _apply_pending(self) -> None:
+        self._apply_settings()
         listener = self._listener
-        if listener is not None and self._sub_pending:
+        if listener is not None and any(
+            isinstance(e, sql.Listen | sql.Unlisten) for e in self._sub_pending
+        ):
             wanted = sql.apply_effects(listener.channels_of(self), self._sub_pending)
             listener.set_channels(self, wanted)
             not_live = listener.pending_readiness(wanted)
@@ -904,6 +916,31 @@ class ClientSession(WireProtocol, ServerLink):
                 self.hold_output()
                 self.proxy.spawn(self._release_when_live(not_live))
         self._drop_pending()
+
+    def _apply_settings(self) -> None:
+        """Committed session SETs of unreported parameters follow the client to other servers
+        (reported ones already do, through ParameterStatus)."""
+        server = self.server
+        reported = {k.lower() for k in self.reported}
+        for effect in self._sub_pending:
+            if isinstance(effect, sql.ResetAll):
+                self.unreported = dict(self._startup_unreported)
+                if server is not None:
+                    server.proxy_set.clear()  # the server is back at its own defaults
+            elif isinstance(effect, sql.SetParameter) and effect.name not in reported:
+                name = effect.name
+                if effect.statement is not None:
+                    self.unreported[name] = effect.statement
+                    if server is not None:
+                        server.proxy_set[name] = effect.statement
+                else:
+                    startup = self._startup_unreported.get(name)
+                    if startup is not None:
+                        self.unreported[name] = startup
+                    else:
+                        self.unreported.pop(name, None)
+                    if server is not None:
+                        server.proxy_set.pop(name, None)
 
     async def _release_when_live(self, waits: list[asyncio.Future[None]]) -> None:
         results = await asyncio.gather(*(asyncio.shield(w) for w in waits), return_exceptions=True)

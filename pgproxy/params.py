@@ -2,8 +2,9 @@
 
 A client's view is two dictionaries: the *reported* parameters (those Postgres announces with
 ParameterStatus: client_encoding, DateStyle, TimeZone, application_name...) with the values the
-client last saw, and the *unreported* ones it asked for at startup (search_path before PG 18,
-statement_timeout via ``options``...), which only the proxy remembers. Before a client's
+client last saw, and the *unreported* ones it asked for at startup or with a session ``SET``
+(search_path before PG 18, statement_timeout via ``options``...), which only the proxy
+remembers, as the statement that sets them. Before a client's
 messages reach a server, the differences are applied as one internal Query (PROTOCOL-NOTES 5,
 18): the common case, a server already in the right state, costs a dictionary comparison.
 """
@@ -31,23 +32,24 @@ def quote_literal(value: str) -> str:
     return "'" + escaped + "'"
 
 
+def set_statement(name: str, value: str) -> str:
+    return f"SET {quote_ident(name)} TO {quote_literal(value)}"
+
+
 def sync_sql(
     reported: Mapping[str, str],
     unreported: Mapping[str, str],
     server_reported: Mapping[str, str],
     server_unreported: Mapping[str, str],
 ) -> str | None:
-    """SQL that brings a server's parameters to the client's values, or None if they agree."""
-    stmts = [
-        f"SET {quote_ident(k)} TO {quote_literal(v)}"
-        for k, v in reported.items()
-        if server_reported.get(k) != v
-    ]
-    stmts += [
-        f"SET {quote_ident(k)} TO {quote_literal(v)}"
-        for k, v in unreported.items()
-        if server_unreported.get(k) != v
-    ]
+    """SQL that brings a server's parameters to the client's, or None if they agree.
+
+    ``reported`` maps names to values; ``unreported`` maps names to the SET statement that
+    gives the client's value (from its startup packet, or its own SET as Postgres' parser
+    reads it), so values never need re-formatting.
+    """
+    stmts = [set_statement(k, v) for k, v in reported.items() if server_reported.get(k) != v]
+    stmts += [stmt for k, stmt in unreported.items() if server_unreported.get(k) != stmt]
     stmts += [f"RESET {quote_ident(k)}" for k in server_unreported if k not in unreported]
     return "; ".join(stmts) if stmts else None
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import pglast
 from pglast import ast
-from pglast.enums.parsenodes import DiscardMode, TransactionStmtKind
+from pglast.enums.parsenodes import DiscardMode, TransactionStmtKind, VariableSetKind
+from pglast.stream import RawStream
 
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 
@@ -84,7 +85,31 @@ class RollbackTo:
 
 
 SavepointOp = Savepoint | Release | RollbackTo
-Effect = Subscription | SavepointOp
+
+
+@dataclass(frozen=True)
+class SetParameter:
+    """A session-level SET (``statement``: how Postgres' parser prints it) or, with
+    ``statement`` None, a RESET / SET ... TO DEFAULT."""
+
+    name: str
+    statement: str | None
+
+
+@dataclass(frozen=True)
+class ResetAll:
+    pass
+
+
+SettingEffect = SetParameter | ResetAll
+Effect = Subscription | SavepointOp | SettingEffect
+
+_SET_START = re.compile(rb"\s*(?:set|reset)\s", re.IGNORECASE)
+
+
+def starts_with_set(query_body: bytes) -> bool:
+    """True if a Query starts with SET or RESET (checked at the first bytes only)."""
+    return _SET_START.match(query_body) is not None
 
 
 # DISCARD ALL acts as UNLISTEN * on channels, but only the server can run the rest of it;
@@ -117,9 +142,24 @@ def _classify(sql: str) -> list[Effect | None] | None:
             out.append(_DISCARD_ALL)
         elif isinstance(stmt, ast.TransactionStmt) and stmt.kind in _SAVEPOINT_OPS:
             out.append(_SAVEPOINT_OPS[stmt.kind](str(stmt.savepoint_name)))
+        elif isinstance(stmt, ast.VariableSetStmt) and not stmt.is_local:
+            out.append(_setting(stmt))
         else:
             out.append(None)
+        if isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
+            out.append(ResetAll())  # DISCARD ALL includes RESET ALL
     return out
+
+
+def _setting(stmt: ast.VariableSetStmt) -> SettingEffect | None:
+    kind = stmt.kind
+    if kind == VariableSetKind.VAR_SET_VALUE:
+        return SetParameter(str(stmt.name), RawStream()(stmt))
+    if kind in (VariableSetKind.VAR_SET_DEFAULT, VariableSetKind.VAR_RESET):
+        return SetParameter(str(stmt.name), None)
+    if kind == VariableSetKind.VAR_RESET_ALL:
+        return ResetAll()
+    return None  # SET TRANSACTION ..., SET ... FROM CURRENT: nothing that outlives the session
 
 
 def subscription_statements(sql: str) -> list[Subscription] | None:
@@ -148,10 +188,12 @@ def session_effects(sql: str) -> list[Effect] | None:
     return None if parsed is None else [s for s in parsed if s is not None]
 
 
-def apply_effects(channels: set[str], effects: list[Subscription]) -> set[str]:
+def apply_effects(channels: set[str], effects: list[Subscription | SettingEffect]) -> set[str]:
     """The channel set after ``effects`` run in order on ``channels``."""
     out = set(channels)
     for effect in effects:
+        if not isinstance(effect, Listen | Unlisten):
+            continue
         if isinstance(effect, Listen):
             out.add(effect.channel)
         elif effect.channel is None:

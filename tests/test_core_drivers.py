@@ -192,3 +192,50 @@ def test_session_mode_keeps_session_state(make_proxy: MakeProxy) -> None:
             b.execute("select * from pg_temp.mine")
         b.rollback()
         assert b.execute("show search_path").fetchone() == ('"$user", public',)
+
+
+def test_session_settings_follow_the_client_to_other_servers(make_proxy: MakeProxy) -> None:
+    """SET application_name / TimeZone / search_path once; a later transaction runs on a
+    different server and still sees them."""
+    proxy = make_proxy(proxy={"default_pool_size": 2})
+    with (
+        psycopg.connect(proxy.dsn(), autocommit=True) as a,
+        psycopg.connect(proxy.dsn(), autocommit=True) as b,
+    ):
+        a.execute("SET application_name = 'tenant-a'")
+        a.execute("SET TimeZone = 'Asia/Tokyo'")
+        a.execute("SET search_path = pg_catalog, public")
+        a.execute("SET statement_timeout = '7s'")
+        first = a.execute("select pg_backend_pid()").fetchone()
+        with b.transaction():  # hold that server, so a's next query gets the other one
+            b.execute("select 1")
+            assert b.execute("select pg_backend_pid()").fetchone() == first
+            row = a.execute(
+                "select pg_backend_pid(), current_setting('application_name'),"
+                " current_setting('TimeZone'), current_setting('search_path'),"
+                " current_setting('statement_timeout')"
+            ).fetchone()
+            assert row is not None and first is not None
+            assert row[0] != first[0]
+            assert row[1:] == ("tenant-a", "Asia/Tokyo", "pg_catalog, public", "7s")
+            # ... and they did not leak to the client that got a's old server.
+            assert b.execute("show search_path").fetchone() == ('"$user", public',)
+            assert b.execute("show statement_timeout").fetchone() == ("0",)
+
+
+def test_set_rolled_back_and_reset_behave_as_in_postgres(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy(proxy={"default_pool_size": 2})
+    with psycopg.connect(proxy.dsn(options="-c statement_timeout=3s")) as conn:
+        conn.execute("SET search_path = pg_catalog")
+        conn.rollback()  # a SET in a rolled-back transaction never happened
+        conn.execute("SET statement_timeout = '9s'")
+        conn.commit()
+        conn.execute("RESET statement_timeout")  # back to the startup value, not the server's
+        conn.commit()
+        with psycopg.connect(proxy.dsn()) as other:  # pushes conn onto another server next
+            other.execute("select 1")
+            row = conn.execute(
+                "select current_setting('search_path'), current_setting('statement_timeout')"
+            ).fetchone()
+            other.commit()
+        assert row == ('"$user", public', "3s")

@@ -98,7 +98,7 @@ def test_quote_ident_doubles_quotes() -> None:
 
 def test_sync_sql_is_none_when_views_agree() -> None:
     reported = {"TimeZone": "UTC", "DateStyle": "ISO, MDY"}
-    unreported = {"search_path": "app"}
+    unreported = {"search_path": params.set_statement("search_path", "app")}
     assert params.sync_sql(reported, unreported, dict(reported), dict(unreported)) is None
     assert params.sync_sql({}, {}, {}, {}) is None
 
@@ -118,13 +118,18 @@ def test_sync_sql_sets_reported_value_the_server_lacks() -> None:
 
 
 def test_sync_sql_sets_differing_unreported_value() -> None:
-    sql = params.sync_sql({}, {"statement_timeout": "5s"}, {}, {"statement_timeout": "1s"})
+    sql = params.sync_sql(
+        {},
+        {"statement_timeout": params.set_statement("statement_timeout", "5s")},
+        {},
+        {"statement_timeout": params.set_statement("statement_timeout", "1s")},
+    )
     assert sql == """SET "statement_timeout" TO '5s'"""
 
 
 def test_sync_sql_sets_unreported_value_the_server_lacks() -> None:
-    sql = params.sync_sql({}, {"search_path": "app, public"}, {}, {})
-    assert sql == """SET "search_path" TO 'app, public'"""
+    stmt = "SET search_path TO 'app', 'public'"  # a client's own SET, as pglast prints it
+    assert params.sync_sql({}, {"search_path": stmt}, {}, {}) == stmt
 
 
 def test_sync_sql_resets_unreported_value_the_client_does_not_want() -> None:
@@ -135,18 +140,21 @@ def test_sync_sql_resets_unreported_value_the_client_does_not_want() -> None:
 def test_sync_sql_combines_sets_then_resets() -> None:
     sql = params.sync_sql(
         {"TimeZone": "UTC", "DateStyle": "ISO, DMY"},
-        {"search_path": "a", "work_mem": "64MB"},
+        {"search_path": "SET search_path TO 'a'", "work_mem": "SET work_mem TO '64MB'"},
         {"TimeZone": "UTC", "DateStyle": "ISO, MDY"},
-        {"search_path": "b", "work_mem": "64MB", "lock_timeout": "1s"},
+        {
+            "search_path": "SET search_path TO 'b'",
+            "work_mem": "SET work_mem TO '64MB'",
+            "lock_timeout": "SET lock_timeout TO '1s'",
+        },
     )
     assert sql == (
-        """SET "DateStyle" TO 'ISO, DMY'; SET "search_path" TO 'a'; RESET "lock_timeout\""""
+        """SET "DateStyle" TO 'ISO, DMY'; SET search_path TO 'a'; RESET "lock_timeout\""""
     )
 
 
 def test_sync_sql_quotes_names_and_values() -> None:
-    sql = params.sync_sql({}, {'my.od"d': "it's C:\\x"}, {}, {})
-    assert sql == """SET "my.od""d" TO E'it''s C:\\\\x'"""
+    assert params.set_statement('my.od"d', "it's C:\\x") == """SET "my.od""d" TO E'it''s C:\\\\x'"""
 
 
 SETTINGS = st.dictionaries(st.sampled_from(["a", "b", "c", "TimeZone"]), TRICKY, max_size=4)
