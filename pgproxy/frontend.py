@@ -75,6 +75,7 @@ class ClientSession(WireProtocol, ServerLink):
         self._waiting = False
         self._skipping = False
         self._task: asyncio.Task[None] | None = None
+        self._request: asyncio.Future[ServerConnection] | None = None  # waiting for a server
         self._idle_tx_timer: asyncio.TimerHandle | None = None
         self._logged_in = False
         self.statements: dict[str, prepared.Statement] = {}  # named prepared statements
@@ -115,6 +116,8 @@ class ClientSession(WireProtocol, ServerLink):
         self.proxy.client_closed(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._request is not None:
+            self._request.cancel()  # if a server was already assigned, it is handed back
         self._cancel_idle_tx_timer()
         self._drop_pending()
         self._unmap_pid()
@@ -482,20 +485,30 @@ class ClientSession(WireProtocol, ServerLink):
             self._link(server)
             return server
         self._waiting = True
-        self._task = asyncio.get_running_loop().create_task(self._acquire(pool))
+        request = self._request = pool.request(self.proxy.config.proxy.query_wait_timeout)
+        request.add_done_callback(self._server_ready)
         return None
 
-    async def _acquire(self, pool: Pool) -> None:
-        try:
-            server = await pool.acquire(self.proxy.config.proxy.query_wait_timeout)
-        except PgError as exc:
+    def _server_ready(self, request: asyncio.Future[ServerConnection]) -> None:
+        """The pool answered a request made by ``_try_link``."""
+        if request is self._request:
+            self._request = None
+        if request.cancelled():
+            return
+        error = request.exception()
+        if error is not None:
             self._waiting = False
-            self._fail_unit(exc)
+            if isinstance(error, PgError):
+                self._fail_unit(error)
+            else:
+                log.error("%r: getting a server failed: %r", self, error)
+                self.fail(fatal(errors.INTERNAL_ERROR, "internal error in pgproxy"))
+            return
+        server = request.result()
+        if self.closed:
+            server.pool.release(server)
             return
         self._waiting = False
-        if self.closed:
-            pool.release(server)
-            return
         self._link(server)
         self._resume_input()
 
@@ -1037,10 +1050,10 @@ class ClientSession(WireProtocol, ServerLink):
 
     def cancel_waiting(self) -> bool:
         """A cancel for a client still queued for a server: drop its request (57014)."""
-        task = self._task
-        if not self._waiting or task is None or task.done():
+        request = self._request
+        if not self._waiting or request is None or request.done():
             return False
-        task.cancel()
+        request.cancel()
         self._waiting = False
         self._fail_unit(PgError(errors.QUERY_CANCELED, "canceling statement due to user request"))
         return True

@@ -65,6 +65,14 @@ def _pool_stats(proxy: ProxyThread) -> dict[str, dict[str, int]]:
     return proxy.call(lambda p: {pool.name: pool.stats() for pool in p.pools.values()})
 
 
+def _until_proxy_received(proxy: ProxyThread, count: int) -> None:
+    """Wait until the proxy's listeners have read ``count`` notifications from upstream."""
+    deadline = time.monotonic() + 10
+    while proxy.call(lambda p: sum(lst.notifications for lst in p.listeners.values())) < count:
+        assert time.monotonic() < deadline, "the notification never reached the proxy"
+        time.sleep(0.01)
+
+
 def _listener_channels(proxy: ProxyThread) -> set[str]:
     return proxy.call(lambda p: {c for lst in p.listeners.values() for c in lst.channels})
 
@@ -170,6 +178,7 @@ def test_notifications_wait_until_the_transaction_ends(proxy: ProxyThread, pg: P
         assert [t for t, _ in c.query("LISTEN tx")] == ["C", "Z"]
         assert [t for t, _ in c.query("BEGIN")] == ["C", "Z"]
         d.execute("NOTIFY tx, 'held'")
+        _until_proxy_received(proxy, 1)
         # Inside the transaction nothing arrives, even across further statements.
         assert [t for t, _ in c.query("SELECT 1")] == ["T", "D", "C", "Z"]
         reply = c.query("COMMIT")

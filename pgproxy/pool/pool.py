@@ -11,6 +11,7 @@ Rules that keep it honest:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,31 +93,48 @@ class Pool:
                 return server
         return None
 
-    async def acquire(self, timeout: float) -> ServerConnection:
-        """A server for exclusive use; raises PgError on connect failure or wait timeout."""
+    def request(self, timeout: float) -> asyncio.Future[ServerConnection]:
+        """A future that gets a server for exclusive use, or a PgError (connect failure, wait
+        timeout). The hot path attaches a callback to it: no task, no ``wait_for``."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[ServerConnection] = loop.create_future()
         server = self.take_idle()
         if server is not None:
-            return server
-        if self.closing:
-            raise PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
-        if self.total < self.settings.size:
-            return await self._connect_for_use()
-        fut: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        try:
-            if timeout > 0:
-                return await asyncio.wait_for(fut, timeout)
-            return await fut
-        except TimeoutError:
-            raise PgError(
-                errors.QUERY_CANCELED,
-                "query_wait_timeout: no server connection became free in time",
-                hint=f"the pool {self.name} has {self.settings.size} connections, all in use",
-            ) from None
-        finally:
-            # release() hands servers only to futures not yet done, and a timed-out or
-            # cancelled future is done, so no server can be lost here.
-            if fut in self.waiters:
+            fut.set_result(server)
+        elif self.closing:
+            fut.set_exception(
+                PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
+            )
+        elif self.total < self.settings.size:
+            _chain(asyncio.ensure_future(self._connect_for_use()), fut)
+        else:
+            self.waiters.append(fut)
+            deadline = loop.call_later(timeout, self._expire, fut) if timeout > 0 else None
+            fut.add_done_callback(lambda f: self._waiter_done(f, deadline))
+        return fut
+
+    async def acquire(self, timeout: float) -> ServerConnection:
+        return await self.request(timeout)
+
+    def _expire(self, fut: asyncio.Future[ServerConnection]) -> None:
+        if not fut.done():
+            fut.set_exception(
+                PgError(
+                    errors.QUERY_CANCELED,
+                    "query_wait_timeout: no server connection became free in time",
+                    hint=f"the pool {self.name} has {self.settings.size} connections, all in use",
+                )
+            )
+
+    def _waiter_done(
+        self, fut: asyncio.Future[ServerConnection], deadline: asyncio.TimerHandle | None
+    ) -> None:
+        # release() hands servers only to futures not yet done, so a timed-out or cancelled
+        # waiter can simply be forgotten.
+        if deadline is not None:
+            deadline.cancel()
+        if fut.cancelled() or fut.exception() is not None:
+            with contextlib.suppress(ValueError):
                 self.waiters.remove(fut)
 
     async def _connect_for_use(self) -> ServerConnection:
