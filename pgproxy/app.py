@@ -12,10 +12,13 @@ import logging
 import secrets
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from pgproxy import tls
+from pgproxy.backend import UpstreamTls
 from pgproxy.config import Config, ConfigError, load_config
 from pgproxy.frontend import ClientSession
 from pgproxy.pool.pool import Pool, PoolSettings
@@ -42,6 +45,7 @@ class Proxy:
         self._janitor: asyncio.Task[None] | None = None
         self._next_vpid = secrets.randbelow(_VPID_SPAN)
         self._sessions: set[ClientSession] = set()
+        self.client_tls = _client_tls(config)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -182,6 +186,7 @@ class Proxy:
                 idle_timeout=0,
                 lifetime=0,
                 reset_query="",
+                tls=pool.settings.tls,
             )
             startup = {
                 "application_name": "pgproxy-listener",
@@ -212,6 +217,10 @@ class Proxy:
             if user_cfg is not None and user_cfg.password and not _is_verifier(user_cfg.password):
                 password = user_cfg.password
         proxy = config.proxy
+        tls_mode = db.url_params.get("sslmode", proxy.server_tls_mode)
+        tls_context = tls.client_side_context(
+            tls_mode, db.url_params.get("sslrootcert", proxy.server_tls_ca_file)
+        )
         settings = PoolSettings(
             size=config.pool_size_for(db, user),
             min_size=config.min_pool_size_for(db),
@@ -221,6 +230,9 @@ class Proxy:
             lifetime=proxy.server_lifetime,
             reset_query=proxy.server_reset_query,
             max_prepared_statements=proxy.max_prepared_statements,
+            tls=None
+            if tls_context is None
+            else UpstreamTls(tls_context, tls.upstream_requires_tls(tls_mode)),
         )
         return Pool(
             f"{database}/{user}", db, db.dbname or database, db.user or user, password, settings
@@ -238,6 +250,7 @@ class Proxy:
     def reload(self, config: Config) -> None:
         """Apply a new configuration: new logins use it; pools whose settings changed retire
         (idle servers close now, busy ones when their client lets go)."""
+        self.client_tls = _client_tls(config)
         self.config = config
         for key, pool in list(self.pools.items()):
             fresh = self._new_pool(*key)
@@ -246,6 +259,19 @@ class Proxy:
             del self.pools[key]
             pool.retire()
         log.info("configuration reloaded from %s", config.source or "built-in defaults")
+
+
+def _client_tls(config: Config) -> ssl.SSLContext | None:
+    settings = config.proxy
+    try:
+        return tls.server_side_context(
+            settings.client_tls_mode,
+            settings.client_tls_cert_file,
+            settings.client_tls_key_file,
+            settings.client_tls_ca_file,
+        )
+    except (tls.TlsConfigError, OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"proxy.client_tls_*: {exc}") from exc
 
 
 def _is_verifier(password: str) -> bool:
@@ -266,7 +292,11 @@ def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
 
 
 async def _serve(config: Config, load: Callable[[], Config]) -> int:
-    proxy = Proxy(config)
+    try:
+        proxy = Proxy(config)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return 2
     try:
         await proxy.start()
     except OSError as exc:
@@ -278,11 +308,9 @@ async def _serve(config: Config, load: Callable[[], Config]) -> int:
 
     def reload() -> None:
         try:
-            new = load()
+            proxy.reload(load())
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        proxy.reload(new)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)

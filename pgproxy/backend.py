@@ -20,6 +20,8 @@ releasing ReadyForQuery in the same chunk are idle-time messages and must not re
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -87,6 +89,20 @@ class ServerLink:
         """An ErrorResponse passed by (only while the server's ``watch_tags`` is set)."""
 
 
+@dataclass(frozen=True)
+class UpstreamTls:
+    context: ssl.SSLContext
+    required: bool  # False: "prefer" (plaintext if the server says no)
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class InternalResult:
     error: PgError | None = None
@@ -140,7 +156,13 @@ class ServerConnection(WireProtocol):
 
     @classmethod
     async def open(
-        cls, pool: Pool, host: str, port: int, params: dict[str, str], password: str | None
+        cls,
+        pool: Pool,
+        host: str,
+        port: int,
+        params: dict[str, str],
+        password: str | None,
+        tls: UpstreamTls | None = None,
     ) -> ServerConnection:
         """Connect and authenticate; raises PgError (with the server's SQLSTATE when it said no)."""
         loop = asyncio.get_running_loop()
@@ -152,11 +174,44 @@ class ServerConnection(WireProtocol):
                 f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
             ) from exc
         try:
+            if tls is not None:
+                await conn._negotiate_tls(tls, host)
             await conn._handshake(params, password)
         except BaseException:
             conn.abort()
             raise
         return conn
+
+    async def _negotiate_tls(self, tls: UpstreamTls, host: str) -> None:
+        self.write(m.ssl_request())
+        try:
+            answer = await self.read_byte()
+        except ConnectionError as exc:
+            raise PgError(
+                errors.CONNECTION_FAILURE, f"upstream closed during SSLRequest: {exc}"
+            ) from exc
+        if answer == b"S":
+            if self.has_buffered_input():
+                # Bytes sent before the handshake would be trusted as if encrypted
+                # (CVE-2021-23222 in libpq).
+                raise PgError(
+                    errors.PROTOCOL_VIOLATION, "received unencrypted data after SSL response"
+                )
+            name = None if _is_ip_address(host) else host  # SNI only for names
+            try:
+                await self.start_tls(tls.context, server_side=False, server_hostname=name or host)
+            except (ssl.SSLError, OSError, ConnectionError) as exc:
+                raise PgError(
+                    errors.CONNECTION_FAILURE, f"TLS handshake with upstream {host} failed: {exc}"
+                ) from exc
+        elif answer == b"N":
+            if tls.required:
+                raise PgError(
+                    errors.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                    f"upstream {host} does not support TLS, but server_tls_mode requires it",
+                )
+        else:
+            raise PgError(errors.PROTOCOL_VIOLATION, f"unexpected answer {answer!r} to SSLRequest")
 
     async def _handshake(self, params: dict[str, str], password: str | None) -> None:
         self.write(m.startup_message(params))

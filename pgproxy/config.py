@@ -41,6 +41,7 @@ __all__ = [
 
 PoolMode = Literal["session", "transaction"]
 ListenerLossPolicy = Literal["disconnect", "keep"]
+TlsMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 AuthType = Literal["trust", "md5", "scram-sha-256"]
 
 DEFAULT_UPSTREAM_URL = "postgresql://127.0.0.1:5432"
@@ -87,6 +88,12 @@ class ProxySettings:
     notify_pending_limit: int = 16 * 1024 * 1024
     listener_loss: ListenerLossPolicy = "disconnect"
     max_prepared_statements: int = 200
+    client_tls_mode: TlsMode = "disable"
+    client_tls_cert_file: str = ""
+    client_tls_key_file: str = ""
+    client_tls_ca_file: str = ""
+    server_tls_mode: TlsMode = "prefer"
+    server_tls_ca_file: str = ""
 
 
 def _is_secret_param(name: str) -> bool:

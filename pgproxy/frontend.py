@@ -29,7 +29,7 @@ from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as session_params
-from pgproxy import prepared, sql
+from pgproxy import prepared, sql, tls
 from pgproxy.auth.frontend import authenticate_client
 from pgproxy.backend import ServerConnection, ServerLink
 from pgproxy.pool.pool import READ_ONLY_PARAMETERS, Pool
@@ -199,14 +199,20 @@ class ClientSession(WireProtocol, ServerLink):
                 self.close()
                 return None
             # SSLRequest / GSSENCRequest: one of each is legal (libpq's gssencmode=prefer
-            # falls back to SSL on the same socket); TLS is not offered yet.
+            # falls back to SSL on the same socket). GSS encryption is never offered.
             kind_seen = seen_ssl if isinstance(packet, m.SSLRequest) else seen_gss
-            if kind_seen:
+            if kind_seen or self.tls:
                 raise m.ProtocolError("duplicate encryption request")
             if self.has_buffered_input():
+                # Plaintext sent ahead would be read as if it came through TLS (CVE-2021-3935).
                 raise m.ProtocolError("received unencrypted data after encryption request")
+            ctx = self.proxy.client_tls
             if isinstance(packet, m.SSLRequest):
                 seen_ssl = True
+                if ctx is not None:
+                    self.write(b"S")
+                    await self.start_tls(ctx, server_side=True)
+                    continue
             else:
                 seen_gss = True
             self.write(b"N")
@@ -230,6 +236,7 @@ class ClientSession(WireProtocol, ServerLink):
                 "no PostgreSQL user name specified in startup packet",
             )
         self.user = user
+        self._check_tls(user)
         self.database = params.get("database") or user
         if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
             raise fatal(
@@ -275,6 +282,27 @@ class ClientSession(WireProtocol, ServerLink):
             self._link(await pool.acquire(config.proxy.query_wait_timeout))
         log.debug("%r: logged in", self)
         self.end_handshake()
+
+    def _check_tls(self, user: str) -> None:
+        """Enforce client_tls_mode once the client says who it is."""
+        mode = self.proxy.config.proxy.client_tls_mode
+        if not self.tls:
+            if not tls.plaintext_allowed(mode):
+                raise fatal(
+                    errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                    f'pgproxy requires TLS for user "{user}" (client_tls_mode = {mode})',
+                    hint="connect with sslmode=require or stricter",
+                )
+            return
+        if mode == "verify-full":
+            cert = self.transport.get_extra_info("peercert") or {}
+            names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            if user not in names:
+                raise fatal(
+                    errors.INVALID_AUTHORIZATION_SPECIFICATION,
+                    f'certificate authentication failed for user "{user}"',
+                    detail="The certificate's common name does not match the user name.",
+                )
 
     async def _prepare_parameters(
         self, pool: Pool, startup_gucs: dict[str, str]

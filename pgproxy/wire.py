@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
 from typing import cast
 
@@ -42,6 +43,7 @@ class WireProtocol(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self._held: list[bytes] | None = None  # output held back, in order (hold_output)
+        self.tls = False
 
     # --- asyncio callbacks -----------------------------------------------------------------
 
@@ -161,6 +163,26 @@ class WireProtocol(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+
+    async def start_tls(
+        self, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        """Upgrade this connection in place; later reads and writes are encrypted."""
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self.transport, self, ctx, server_side=server_side, server_hostname=server_hostname
+        )
+        if transport is None:
+            raise ConnectionError("connection closed during the TLS handshake")
+        self.transport = transport
+        self.tls = True
+
+    async def read_byte(self) -> bytes:
+        """One byte of the handshake (the server's answer to an SSLRequest)."""
+        await self._fill(1)
+        b = bytes(self._hs_buf[:1])
+        del self._hs_buf[:1]
+        return b
 
     async def read_startup_packet(self, max_length: int) -> bytes:
         """A length-prefixed startup-phase packet (no type byte); returns its body."""

@@ -169,11 +169,13 @@ def test_many_clients_share_a_small_pool_without_crosstalk(
         await asyncio.gather(*(client(i) for i in range(200)))
 
     asyncio.run(main())
+    # This proxy's servers carry its clients' application_name (cN), synced on every link;
+    # backends of other tests' proxies may still be exiting and are not counted.
     backends = pg.psql(
         "select count(*) from pg_stat_activity where backend_type = 'client backend'"
-        " and application_name <> 'psql' and pid <> pg_backend_pid()"
+        " and application_name ~ '^c[0-9]+$'"
     )
-    assert int(backends) <= 5
+    assert 1 <= int(backends) <= 5
 
 
 def test_session_mode_keeps_session_state(make_proxy: MakeProxy) -> None:

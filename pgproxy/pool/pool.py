@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pgproxy.backend import ServerConnection
+from pgproxy.backend import ServerConnection, UpstreamTls
 from pgproxy.config import DatabaseConfig, PoolMode
 from pgproxy.protocol import errors
 from pgproxy.protocol.errors import PgError
@@ -45,6 +45,7 @@ class PoolSettings:
     lifetime: float
     reset_query: str
     max_prepared_statements: int = 200
+    tls: UpstreamTls | None = None
 
 
 class Pool:
@@ -106,7 +107,7 @@ class Pool:
                 PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
             )
         elif self.total < self.settings.size:
-            _chain(asyncio.ensure_future(self._connect_for_use()), fut)
+            _chain(self._connect_for_use(), fut)
         else:
             self.waiters.append(fut)
             deadline = loop.call_later(timeout, self._expire, fut) if timeout > 0 else None
@@ -137,8 +138,12 @@ class Pool:
             with contextlib.suppress(ValueError):
                 self.waiters.remove(fut)
 
-    async def _connect_for_use(self) -> ServerConnection:
+    def _connect_for_use(self) -> asyncio.Future[ServerConnection]:
+        """Reserve a slot now (so ``total`` never overshoots ``size``) and connect."""
         self.total += 1
+        return asyncio.ensure_future(self._open_reserved())
+
+    async def _open_reserved(self) -> ServerConnection:
         try:
             server = await self._open()
         except BaseException:
@@ -153,7 +158,12 @@ class Pool:
         try:
             server = await asyncio.wait_for(
                 ServerConnection.open(
-                    self, self.database.host, self.database.port, params, self.password
+                    self,
+                    self.database.host,
+                    self.database.port,
+                    params,
+                    self.password,
+                    self.settings.tls,
                 ),
                 self.settings.connect_timeout or None,
             )
@@ -174,7 +184,7 @@ class Pool:
             fut = self.waiters.popleft()
             if fut.done():
                 continue
-            task = asyncio.ensure_future(self._connect_for_use())
+            task = self._connect_for_use()
             _chain(task, fut)
             return
 
