@@ -49,6 +49,10 @@ _UTF8_NAMES = frozenset(("UTF8", "UTF-8", "UNICODE"))
 # (LISTEN, dirty servers) or their statement names are rewritten (prepared.py).
 _NEED_WHOLE = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
 _SESSION_NEED_WHOLE = frozenset((m.QUERY, m.PARSE))
+# A Query larger than this is streamed uninspected (never a LISTEN fast path; its server is
+# cleaned as if it had LISTENed), so no client makes the proxy buffer much before a server is
+# even in sight.
+_WHOLE_QUERY_LIMIT = 1024 * 1024
 
 
 class ClientSession(WireProtocol, ServerLink):
@@ -367,8 +371,12 @@ class ClientSession(WireProtocol, ServerLink):
             self._cancel_idle_tx_timer()
         if self._inbuf:
             self._inbuf += data
-            if self._waiting or len(self._inbuf) < self._need:
+            if self._waiting:
                 self._bound_inbuf()
+                return
+            if len(self._inbuf) < self._need:
+                # Completing one message the proxy must see whole: its size is already
+                # bounded by Postgres' per-type limit, so keep reading.
                 return
             data = bytes(self._inbuf)
             self._inbuf.clear()
@@ -379,6 +387,7 @@ class ClientSession(WireProtocol, ServerLink):
         self._process(data)
 
     def _bound_inbuf(self) -> None:
+        """While waiting for a server, stop reading a client that keeps sending."""
         if len(self._inbuf) > _INBUF_PAUSE:
             self.pause_reading()
 
@@ -437,7 +446,7 @@ class ClientSession(WireProtocol, ServerLink):
                         self.write(self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
                     pos = run_start = end
                     continue
-                if type_ == m.QUERY and self._fast_path_allowed():
+                if type_ == m.QUERY and length <= _WHOLE_QUERY_LIMIT and self._fast_path_allowed():
                     if end > n:
                         self._stash(data, pos, end - pos)
                         return

@@ -241,3 +241,18 @@ def test_set_rolled_back_and_reset_behave_as_in_postgres(make_proxy: MakeProxy) 
             ).fetchone()
             other.commit()
         assert row == ('"$user", public', "3s")
+
+
+@pytest.mark.parametrize("size", [300_000, 5_000_000])
+def test_large_parameters_and_queries(proxy: ProxyThread, size: int) -> None:
+    """Bind and Query messages bigger than the proxy's buffers still go through whole."""
+    blob = bytes(range(256)) * (size // 256)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        row = conn.execute("select length(%s::bytea), md5(%s::bytea)", (blob, blob)).fetchone()
+        import hashlib
+
+        assert row == (len(blob), hashlib.md5(blob).hexdigest())
+        text = "x" * size
+        assert conn.execute(f"select length('{text}')").fetchone() == (size,)
+        with conn.transaction():
+            assert conn.execute("select length(%s::text)", (text,)).fetchone() == (size,)

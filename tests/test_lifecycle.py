@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 from tests.conftest import MakeProxy, pg_server_url
+from tests.support.process import free_port, proxy_process
 from tests.support.proxy_runner import ProxyThread
 from tests.support.raw import RawClient, rows_of
 
@@ -78,46 +76,26 @@ def test_servers_past_their_lifetime_are_replaced(make_proxy: MakeProxy) -> None
         _eventually(lambda: conn.execute("select pg_backend_pid()").fetchone() != first, timeout=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_real_process_reloads_on_sighup_and_stops_on_sigterm(
     pg: PgCluster, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "pgproxy.toml"
     base = (
         f'[proxy]\nlisten = "127.0.0.1:{port}"\nlog_level = "warning"\n\n'
         f'[databases.main]\nurl = "{pg_server_url(pg)}/postgres"\n'
     )
     config.write_text(base)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgproxy", "--config", str(config)],
-        cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    with proxy_process(config, port) as proc:
         dsn = f"postgresql://postgres@127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while True:  # the process is up when it accepts connections
-            try:
-                with psycopg.connect(f"{dsn}/main", connect_timeout=2) as conn:
-                    assert conn.execute("select current_database()").fetchone() == ("postgres",)
-                break
-            except psycopg.OperationalError:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        with psycopg.connect(f"{dsn}/main") as conn:
+            assert conn.execute("select current_database()").fetchone() == ("postgres",)
         with pytest.raises(psycopg.OperationalError, match='database "alias" does not exist'):
             psycopg.connect(f"{dsn}/alias")
         config.write_text(base + f'\n[databases.alias]\nurl = "{pg_server_url(pg)}/postgres"\n')
         os.kill(proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while True:
+        while True:  # the reload happens asynchronously to this test
             try:
                 with psycopg.connect(f"{dsn}/alias") as conn:
                     assert conn.execute("select 1").fetchone() == (1,)
@@ -127,7 +105,3 @@ def test_the_real_process_reloads_on_sighup_and_stops_on_sigterm(
                 time.sleep(0.1)
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -6,9 +6,6 @@ import gc
 import os
 import shutil
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import trustme
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 from tests.conftest import MakeProxy, pg_server_url
+from tests.support.process import free_port, proxy_process
 from tests.support.proxy_runner import ProxyThread
 
 
@@ -84,28 +82,14 @@ def test_tls_garbage_after_s_leaves_the_proxy_serving(
     pg: PgCluster, certs: dict[str, str], tmp_path: Path
 ) -> None:
     # The proxy as a real process, as deployed: garbage instead of a TLS handshake.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / "pgproxy.toml"
     config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{port}"\nclient_tls_mode = "require"\n'
         f'client_tls_cert_file = "{certs["cert"]}"\nclient_tls_key_file = "{certs["key"]}"\n'
         f'log_level = "warning"\n\n[databases."*"]\nurl = "{pg_server_url(pg)}"\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgproxy", "--config", str(config)],
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:  # up once it accepts connections
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
+    with proxy_process(config, port):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(m.ssl_request())
             assert sock.recv(1) == b"S"
@@ -118,9 +102,6 @@ def test_tls_garbage_after_s_leaves_the_proxy_serving(
         dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=require"
         with psycopg.connect(dsn) as conn:
             assert conn.execute("select 2").fetchone() == (2,)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_plaintext_cancel_is_accepted_in_require_mode(
