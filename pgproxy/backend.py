@@ -266,6 +266,12 @@ class ServerConnection(WireProtocol):
     # --- streaming ---------------------------------------------------------------------------
 
     def stream_received(self, data: bytes) -> None:
+        try:
+            self._stream(data)
+        except m.ProtocolError as exc:  # a malformed message from the server
+            self._protocol_failure(f"malformed message from server: {exc}")
+
+    def _stream(self, data: bytes) -> None:
         if self._stalled:
             self._partial += data
             return

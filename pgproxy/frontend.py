@@ -48,7 +48,7 @@ _UTF8_NAMES = frozenset(("UTF8", "UTF-8", "UNICODE"))
 # Messages the proxy needs whole in transaction mode: their text decides what happens
 # (LISTEN, dirty servers) or their statement names are rewritten (prepared.py).
 _NEED_WHOLE = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
-_SESSION_NEED_WHOLE = frozenset((m.QUERY, m.PARSE))
+_SESSION_NEED_WHOLE: frozenset[int] = frozenset()  # session mode inspects nothing
 # A Query larger than this is streamed uninspected (never a LISTEN fast path; its server is
 # cleaned as if it had LISTENed), so no client makes the proxy buffer much before a server is
 # even in sight.
@@ -136,9 +136,6 @@ class ClientSession(WireProtocol, ServerLink):
         pool = server.pool
         flow = server.flow
         if server.closed:
-            return
-        if flow.idle and pool.mode == "transaction":
-            pool.release(server)
             return
         if flow.pending or flow.unsynced or flow.copy_in:
             # Mid-query: its results would go nowhere and its state is unknown.
@@ -266,13 +263,13 @@ class ClientSession(WireProtocol, ServerLink):
         if "options" in params:
             startup_gucs.update(session_params.parse_options(params["options"]))
         server = await self._prepare_parameters(pool, startup_gucs)
-
+        # From here to the hand-off below nothing awaits: the server cannot be stranded.
         out = [m.authentication_ok()]
         assert pool.server_params is not None
         shown = dict(pool.server_params)
         shown.update(self.reported)
         out += [m.parameter_status(k, v) for k, v in shown.items()]
-        self.vpid, self.secret = proxy.register(self)
+        self.vpid, self.secret = self.proxy.register(self)
         out.append(m.backend_key_data(self.vpid, self.secret))
         out.append(m.ready_for_query(m.IDLE))
         self.write(b"".join(out))
@@ -337,8 +334,11 @@ class ClientSession(WireProtocol, ServerLink):
             assert sql is not None
             try:
                 result = await server.run_internal(sql)
-            except PgError:
+            except BaseException:
+                # Failed, timed out or cancelled mid-query: its state is unknown.
+                server.unlink()
                 pool.discard(server)
+                server.close()
                 raise
             if result.error is not None:
                 pool.release(server)  # a failed SET leaves the server as it was
@@ -432,7 +432,7 @@ class ClientSession(WireProtocol, ServerLink):
                     break
                 if type_ == m.SYNC:
                     self._skipping = False
-                    self.write(self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+                    self.write(self._ready_idle())
                 pos = run_start = end
                 continue
             if server is None:
@@ -443,7 +443,7 @@ class ClientSession(WireProtocol, ServerLink):
                         n = pos
                         break
                     if type_ == m.SYNC:
-                        self.write(self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+                        self.write(self._ready_idle())
                     pos = run_start = end
                     continue
                 if type_ == m.QUERY and length <= _WHOLE_QUERY_LIMIT and self._fast_path_allowed():
@@ -579,12 +579,14 @@ class ClientSession(WireProtocol, ServerLink):
         self._inbuf.clear()
         self._need = 0
         if len(data) >= 5 and data[0] in (m.QUERY, m.FUNCTION_CALL):
+            # A simple-protocol unit is that one message: it gets its ReadyForQuery now.
             end = 1 + read_length(data, 1)
+            self.write(self._ready_idle())
             if end <= len(data):
-                self.write(self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
                 data = data[end:]
             else:
-                self._skipping = True
+                self._drop = end - len(data)  # the rest of it is still on its way
+                data = b""
         else:
             self._skipping = True  # drop through the next Sync, which gets the ReadyForQuery
         self.resume_reading()
@@ -606,6 +608,10 @@ class ClientSession(WireProtocol, ServerLink):
         self.server = None
         return True
 
+    def _ready_idle(self) -> bytes:
+        """A ReadyForQuery I the proxy writes itself, with what must precede it."""
+        return self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE)
+
     def on_ready(self, status: int) -> bytes:
         """Called just before a ReadyForQuery reaches the client: held notifications go first."""
         server = self.server
@@ -613,6 +619,7 @@ class ClientSession(WireProtocol, ServerLink):
             self._settle_pending(status)
         if status == m.IDLE:
             self._savepoints.clear()
+            self._sub_portals.clear()  # portals end with their transaction
             if server is not None and not self._sub_pending:
                 server.watch_tags = False
             if self._doomed is not None:
@@ -635,6 +642,11 @@ class ClientSession(WireProtocol, ServerLink):
     def server_lost(self, error: PgError) -> None:
         self._unmap_pid()
         self._may_have_notified = False
+        # Whatever the lost transaction did never committed.
+        self._drop_pending()
+        self._savepoints.clear()
+        self._sub_portals.clear()
+        self._sub_error = self._sub_rollback = False
         server, self.server = self.server, None
         if self.closed or server is None:
             return
@@ -652,7 +664,7 @@ class ClientSession(WireProtocol, ServerLink):
         err = PgError(error.sqlstate, error.message, detail=error.detail, hint=error.hint)
         self.write(m.error_response(err.fields()))
         if flow.pending:
-            self.write(m.ready_for_query(m.IDLE))
+            self.write(self._ready_idle())
         else:
             self._skipping = True
 
@@ -689,7 +701,7 @@ class ClientSession(WireProtocol, ServerLink):
         out = [m.row_description([("pg_listening_channels", m.TEXT_OID)])]
         out += [m.data_row([c]) for c in channels]
         out.append(m.command_complete(f"SELECT {len(channels)}"))
-        self.write(b"".join(out) + self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+        self.write(b"".join(out) + self._ready_idle())
         return True
 
     @staticmethod
@@ -710,14 +722,7 @@ class ClientSession(WireProtocol, ServerLink):
         """
         assert self.pool is not None
         listener = self._listener = self.proxy.listener_for(self.pool)
-        wanted = listener.channels_of(self)
-        for stmt in statements:
-            if isinstance(stmt, sql.Listen):
-                wanted.add(stmt.channel)
-            elif stmt.channel is None:
-                wanted.clear()
-            else:
-                wanted.discard(stmt.channel)
+        wanted = sql.apply_effects(listener.channels_of(self), list(statements))
         try:
             await listener.update(self, wanted)
         except PgError as exc:
@@ -729,7 +734,7 @@ class ClientSession(WireProtocol, ServerLink):
                 for st in statements
             )
         self._waiting = False
-        self.write(reply + self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE))
+        self.write(reply + self._ready_idle())
         self._resume_input()
 
     def _watch_subscriptions(self, server: ServerConnection, type_: int, body: bytes) -> None:
@@ -750,15 +755,19 @@ class ClientSession(WireProtocol, ServerLink):
                         self._savepoint_op(effect)
         elif type_ == m.PARSE:
             name, text, _ = m.parse_parse(body)
+            effects: list[sql.Subscription] = []
+            notifies = False
             if sql.might_matter(text):
                 effects = [
                     e
                     for e in sql.session_effects(text) or ()
                     if isinstance(e, sql.Listen | sql.Unlisten)
                 ]
+                notifies = sql.may_notify(text)
+            if effects or notifies:
                 if effects:
                     server.needs_unlisten = True
-                self._sub_statements[name] = (effects, sql.may_notify(text))
+                self._sub_statements[name] = (effects, notifies)
             else:
                 self._sub_statements.pop(name, None)
         elif type_ == m.BIND:
@@ -826,6 +835,7 @@ class ClientSession(WireProtocol, ServerLink):
             return self._ensure_prepared(server, stmt, unit) + m.describe("S", stmt.server_name)
         if type_ == m.CLOSE:
             kind, name = m.parse_describe_or_close(body)
+            (self._sub_statements if kind == ord("S") else self._sub_portals).pop(name, None)
             if kind == ord("S"):
                 # The server knows no statement by the client's name, so it answers
                 # CloseComplete itself; the shared server copy stays cached.
@@ -931,6 +941,7 @@ class ClientSession(WireProtocol, ServerLink):
     def command_complete(self, tag: bytes) -> None:
         if tag.startswith((b"DEALLOCATE ALL", b"DISCARD ALL")):
             self.statements.clear()
+            self._sub_statements.clear()
         if tag.startswith(b"COMMIT"):
             self._apply_pending()  # also COMMIT AND CHAIN, which stays in a transaction
         elif tag.startswith(b"ROLLBACK"):

@@ -222,3 +222,27 @@ async def test_client_scram_and_md5_auth_through_asyncpg(make_proxy: MakeProxy) 
         await conn.close()
         with pytest.raises(asyncpg.InvalidPasswordError):
             await asyncpg.connect(proxy.dsn(password="nope"))
+
+
+def test_wait_timeout_during_a_large_simple_query_does_not_hang(make_proxy: MakeProxy) -> None:
+    """The Query is still arriving when its wait times out: it gets its error and
+    ReadyForQuery, the rest of it is dropped, and the next Query works."""
+    from pgproxy.protocol import messages as m
+    from tests.support.raw import RawClient, error_of, rows_of
+
+    proxy = make_proxy(proxy={"default_pool_size": 1, "query_wait_timeout": 0.5})
+    holder = psycopg.connect(proxy.dsn())
+    try:
+        holder.execute("select 1")  # the only server, held
+        with RawClient(proxy.port) as c:
+            c.login()
+            query = m.query("select '" + "x" * 2_000_000 + "'")
+            c.send(query[:300_000])
+            reply = c.read_until_ready()
+            err = error_of(reply)
+            assert err is not None and err["C"] == "57014"
+            c.send(query[300_000:])  # dropped, as the unit already ended
+            holder.commit()
+            assert rows_of(c.query("select 'next'")) == [["next"]]
+    finally:
+        holder.close()

@@ -150,3 +150,21 @@ def test_pgbench_modes(make_proxy: MakeProxy, pg: PgCluster, mode: str) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "number of failed transactions: 0" in out.stdout
+
+
+def test_statement_bookkeeping_stays_bounded(proxy: ProxyThread) -> None:
+    """Statements whose text merely mentions savepoint words are not tracked for LISTEN."""
+    with RawClient(proxy.port) as c:
+        c.login()
+        for i in range(50):
+            c.send(
+                m.parse(f"s{i}", "select 'release rollback savepoint'")
+                + m.bind(f"p{i}", f"s{i}")
+                + m.execute(f"p{i}")
+                + m.message(m.SYNC)
+            )
+            assert error_of(c.read_until_ready()) is None
+        sizes = proxy.call(
+            lambda p: [(len(s._sub_statements), len(s._sub_portals)) for s in p._sessions]
+        )
+        assert sizes == [(0, 0)]
