@@ -174,7 +174,7 @@ class ClientSession(WireProtocol, ServerLink):
                 await self._authenticate_and_start(startup)
         except PgError as exc:
             if not exc.fatal:
-                exc = fatal(exc.sqlstate, exc.message, detail=exc.detail, hint=exc.hint)
+                exc = exc.with_severity("FATAL")
             log.info("login failed for %s: %s", self.peer, exc.message)
             self.fail(exc)
         except m.ProtocolError as exc:
@@ -343,7 +343,7 @@ class ClientSession(WireProtocol, ServerLink):
             if result.error is not None:
                 pool.release(server)  # a failed SET leaves the server as it was
                 err = result.error
-                raise fatal(err.sqlstate, err.message, detail=err.detail, hint=err.hint)
+                raise err.with_severity("FATAL")
             for k, v in unknown.items():
                 pool.validated[(k, v)] = server.params.get(k) if k in canonical.values() else None
             # What was SET is now this server's state.
@@ -653,15 +653,15 @@ class ClientSession(WireProtocol, ServerLink):
         flow = server.flow
         log.warning("%r: server %r lost: %s", self, server, error.message)
         if self.pool is not None and self.pool.mode == "session":
-            self.fail(fatal(error.sqlstate, error.message, detail=error.detail))
+            self.fail(error.with_severity("FATAL"))
             return
         if flow.in_transaction or flow.copy_in or len(flow.pending) > 1 or self._passthrough:
             # Carrying on would run the rest of the transaction in autocommit (PROTOCOL-NOTES 33).
-            self.fail(fatal(error.sqlstate, error.message, detail=error.detail))
+            self.fail(error.with_severity("FATAL"))
             return
         if not flow.pending and not flow.unsynced:
             return  # nothing was in flight: the next query simply gets another server
-        err = PgError(error.sqlstate, error.message, detail=error.detail, hint=error.hint)
+        err = error.with_severity("ERROR")
         self.write(m.error_response(err.fields()))
         if flow.pending:
             self.write(self._ready_idle())
@@ -726,7 +726,7 @@ class ClientSession(WireProtocol, ServerLink):
         try:
             await listener.update(self, wanted)
         except PgError as exc:
-            err = PgError(exc.sqlstate, exc.message, detail=exc.detail, hint=exc.hint)
+            err = exc.with_severity("ERROR")
             reply = m.error_response(err.fields())
         else:
             reply = b"".join(

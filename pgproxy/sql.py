@@ -9,6 +9,7 @@ case, and names are truncated to 63 bytes.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -124,9 +125,11 @@ _SAVEPOINT_OPS: dict[int, type[Savepoint] | type[Release] | type[RollbackTo]] = 
 }
 
 
-def _classify(sql: str) -> list[Effect | None] | None:
+@functools.lru_cache(maxsize=1024)
+def _classify(sql: str) -> tuple[Effect | None, ...] | None:
     """Each statement's effect on the session's channels or savepoints (None for any other
-    statement); None if the text does not parse."""
+    statement); None if the text does not parse. Cached: drivers send the same few texts
+    (ROLLBACK, SAVEPOINT "_pg3_1", LISTEN "jobs") over and over, and effects are immutable."""
     try:
         parsed = pglast.parse_sql(sql)
     except pglast.parser.ParseError:
@@ -148,7 +151,7 @@ def _classify(sql: str) -> list[Effect | None] | None:
             out.append(None)
         if isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
             out.append(ResetAll())  # DISCARD ALL includes RESET ALL
-    return out
+    return tuple(out)
 
 
 def _setting(stmt: ast.VariableSetStmt) -> SettingEffect | None:

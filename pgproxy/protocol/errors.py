@@ -62,6 +62,13 @@ class PgError(Exception):
             out["H"] = self.hint
         return out
 
+    def with_severity(self, severity: str) -> PgError:
+        """The same error (SQLSTATE, message, detail, hint) at another severity: a server's
+        FATAL passed on as an ERROR when the client can carry on, or the reverse."""
+        return PgError(
+            self.sqlstate, self.message, severity=severity, detail=self.detail, hint=self.hint
+        )
+
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> PgError:
         """Rebuild from a server's ErrorResponse; tolerate missing fields (a CVE elsewhere)."""
