@@ -168,14 +168,18 @@ class Proxy:
             self.spawn(pool.warm_up())
         return pool
 
+    @staticmethod
+    def _listener_key(pool: Pool) -> tuple[str, int, str]:
+        """Notifications are per upstream database: one listener per (host, port, dbname)."""
+        return (pool.database.host, pool.database.port, pool.upstream_db)
+
     def existing_listener(self, pool: Pool) -> Listener | None:
-        db = pool.database
-        return self.listeners.get((db.host, db.port, pool.upstream_db))
+        return self.listeners.get(self._listener_key(pool))
 
     def listener_for(self, pool: Pool) -> Listener:
         """The listener of the upstream database ``pool`` connects to (made on first use)."""
         db = pool.database
-        key = (db.host, db.port, pool.upstream_db)
+        key = self._listener_key(pool)
         listener = self.listeners.get(key)
         if listener is None:
             settings = PoolSettings(

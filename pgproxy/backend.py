@@ -455,8 +455,7 @@ class ServerConnection(WireProtocol):
         elif type_ == m.ERROR_RESPONSE:
             err = self._fatal = PgError.from_fields(m.parse_error_fields(body))
             log.info("%r: closed by server while idle: %s", self, err.message)
-            self.pool.discard(self)
-            self.close()
+            self.pool.close_server(self)
         elif type_ == m.NOTICE_RESPONSE:
             fields = m.parse_error_fields(body)
             log.debug("%r: notice while idle: %s", self, fields.get("M", ""))
@@ -464,8 +463,7 @@ class ServerConnection(WireProtocol):
             self._stray_notification(body)
         else:
             log.warning("%r: unexpected message %r while idle; closing", self, chr(type_))
-            self.pool.discard(self)
-            self.close()
+            self.pool.close_server(self)
 
     def _stray_notification(self, body: bytes) -> None:
         if self.notification_sink is not None:

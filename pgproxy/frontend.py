@@ -139,9 +139,7 @@ class ClientSession(WireProtocol, ServerLink):
             return
         if flow.pending or flow.unsynced or flow.copy_in:
             # Mid-query: its results would go nowhere and its state is unknown.
-            server.unlink()
-            pool.discard(server)
-            server.close()
+            pool.close_server(server)
             return
         cleanup = []
         if flow.in_transaction:
@@ -336,9 +334,7 @@ class ClientSession(WireProtocol, ServerLink):
                 result = await server.run_internal(sql)
             except BaseException:
                 # Failed, timed out or cancelled mid-query: its state is unknown.
-                server.unlink()
-                pool.discard(server)
-                server.close()
+                pool.close_server(server)
                 raise
             if result.error is not None:
                 pool.release(server)  # a failed SET leaves the server as it was
@@ -1083,9 +1079,7 @@ class ClientSession(WireProtocol, ServerLink):
         self._idle_tx_timer = None
         server, self.server = self.server, None
         if server is not None:
-            server.unlink()
-            server.pool.discard(server)
-            server.close()
+            server.pool.close_server(server)
         self.fail(
             fatal(
                 errors.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
@@ -1124,7 +1118,6 @@ async def _clean_and_release(server: ServerConnection, statements: list[str]) ->
                 raise result.error
     except (PgError, ConnectionError) as exc:
         log.info("%r: cleanup failed (%s); closing", server, exc)
-        pool.discard(server)
-        server.close()
+        pool.close_server(server)
         return
     pool.release(server)

@@ -200,7 +200,7 @@ class Pool:
             or server.cancels_in_flight
             or (self.settings.lifetime and server.age() > self.settings.lifetime)
         ):
-            self._close(server)
+            self.close_server(server)
             return
         if server.needs_unlisten:
             # Queued ahead of the next client's messages; its replies are swallowed in order.
@@ -212,7 +212,7 @@ class Pool:
                 fut.set_result(server)  # stays active: handed straight to the waiter
                 return
         if self.closing:
-            self._close(server)
+            self.close_server(server)
         else:
             self.active.discard(server)
             self.idle.append(server)
@@ -230,7 +230,9 @@ class Pool:
             self.total -= 1
             self._wake_waiter_to_connect()
 
-    def _close(self, server: ServerConnection) -> None:
+    def close_server(self, server: ServerConnection) -> None:
+        """Take a server out of use for good: no client, no pool slot, socket closed."""
+        server.unlink()
         self.discard(server)
         server.close()
 
@@ -247,7 +249,7 @@ class Pool:
                 and self.total > keep
             )
             if too_old or too_idle:
-                self._close(server)
+                self.close_server(server)
 
     async def warm_up(self) -> None:
         """Open servers until ``min_size`` exist (best effort)."""
@@ -275,7 +277,7 @@ class Pool:
         """Stop pooling: idle servers close now, busy ones when released (after waiters)."""
         self.closing = True
         for server in list(self.idle):
-            self._close(server)
+            self.close_server(server)
 
     async def close(self) -> None:
         self.retire()
@@ -286,7 +288,7 @@ class Pool:
                 )
         self.waiters.clear()
         for server in list(self.active):
-            self._close(server)
+            self.close_server(server)
 
     def stats(self) -> dict[str, int]:
         return {
