@@ -1,10 +1,11 @@
 """LISTEN fan-out: many idle listening clients through pgproxy vs. direct PostgreSQL.
 
 Everything runs on this machine: a throwaway cluster (max_connections 100), pgproxy as a
-subprocess (transaction mode, pool size 5), N psycopg clients that each ``LISTEN bench``
-through it, and a publisher connected directly to PostgreSQL that sends sequenced
-notifications, one per transaction: first at a steady pace, then a burst.  For comparison,
-as many clients as ``max_connections`` allows LISTEN on PostgreSQL directly.
+subprocess (transaction mode, pool size 5), N clients (psycopg, or ``--client raw`` sockets,
+spread over ``--procs`` receiving processes) that each ``LISTEN bench`` through it, and a
+publisher connected directly to PostgreSQL that sends sequenced notifications, one per
+transaction: first at a steady pace, then a burst.  For comparison, as many clients as
+``max_connections`` allows LISTEN on PostgreSQL directly.
 
     .venv/bin/python -m bench.fanout --listeners 100,1000 --notifications 200
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import platform
@@ -30,11 +32,14 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import psycopg
 import uvloop
 
 from bench.throughput import clean_env, free_port, percentile, start_server, stop_server
+from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,10 +50,15 @@ NOTIFY_BUFFER = 8 * 1024 * 1024
 LISTENER_APP = "fanout-listener"
 PUBLISHER_APP = "fanout-publisher"
 STATS_APP = "fanout-stats"
+CLIENTS = {
+    "psycopg": "psycopg AsyncConnection, autocommit",
+    "raw": "raw asyncio socket (startup, Query and NotificationResponse via "
+    "pgproxy.protocol.messages)",
+}
 EXACTLY_ONCE_OK = "exactly-once and in-order: OK"
 CAVEAT = (
-    "Caveat: the receiving clients are Python (psycopg, one asyncio/uvloop process) and share "
-    "the machine's {cores} core(s) with pgproxy and PostgreSQL; every latency and rate below "
+    "Caveat: the receiving clients are Python ({client}, {procs} asyncio/uvloop process(es)) and "
+    "share the machine's {cores} core(s) with pgproxy and PostgreSQL; every latency and rate below "
     "includes the receivers' own CPU time and scheduling delays, so it is an upper bound for "
     "pgproxy's fan-out cost, not a measure of it alone."
 )
@@ -73,13 +83,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--direct", type=int, default=80, help="listeners directly on PostgreSQL (0 = skip)"
     )
     p.add_argument("--concurrency", type=int, default=50, help="connections opened at a time")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="receiving processes the listeners are spread over (so they are not the limit)",
+    )
+    p.add_argument(
+        "--client",
+        choices=("psycopg", "raw"),
+        default="psycopg",
+        help="listening clients: psycopg AsyncConnections, or raw sockets parsing "
+        "NotificationResponse with pgproxy.protocol.messages (cheaper per delivery)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="max wait for deliveries (s)")
     p.add_argument("--out", type=Path, help="also write the markdown report to this file")
     p.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="pgproxy `workers = N` (SO_REUSEPORT processes, one listener connection each); "
+        "RSS and CPU are summed over its process tree",
+    )
     # Internal: the publisher runs as a subprocess of its own (see publish()).
     p.add_argument("--publish", metavar="DSN", help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--receive", metavar="DSN", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.listeners, args.notifications, args.direct = [20], 20, 0
@@ -131,6 +162,7 @@ class Phase:
     count: int
     sent: dict[int, int] = field(default_factory=dict)  # seq -> send ns
     last: dict[int, int] = field(default_factory=dict)  # seq -> latest receive ns
+    first_rx: dict[int, int] = field(default_factory=dict)  # seq -> earliest receive ns
     got: dict[int, int] = field(default_factory=dict)  # seq -> deliveries so far
     complete: int = 0  # seqs delivered to every listener
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -147,9 +179,11 @@ class Row:
     rss_after: int | None = None
     rss_end: int | None = None
     phases: list[Phase] = field(default_factory=list)
-    # (user, system) CPU seconds used during the burst by pgproxy and by this process
+    # (user, system) CPU seconds used during a phase by pgproxy / the receiving processes
     burst_cpu_proxy: tuple[float, float] | None = None
     burst_cpu_receivers: tuple[float, float] | None = None
+    steady_cpu_proxy: tuple[float, float] | None = None
+    steady_cpu_receivers: tuple[float, float] | None = None
     ok: bool = False
     problems: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # pgproxy's WARNING/ERROR lines in this run
@@ -163,6 +197,7 @@ class Receivers:
         self.n = n
         self.seen: list[list[int]] = [[] for _ in range(n)]
         self.errors: list[BaseException] = []
+        self.closing = False
 
     def _phase(self, seq: int) -> Phase | None:
         for ph in self.phases:
@@ -170,31 +205,109 @@ class Receivers:
                 return ph
         return None
 
+    def note(self, idx: int, channel: str, payload: str, now: int) -> None:
+        """One notification received by listener ``idx`` at ``now`` (monotonic ns)."""
+        seq_text, _, sent_text = payload.partition(":")
+        seq = int(seq_text)
+        self.seen[idx].append(seq)
+        ph = self._phase(seq)
+        if ph is None or channel != CHANNEL:
+            return
+        ph.sent[seq] = int(sent_text)
+        if now > ph.last.get(seq, 0):
+            ph.last[seq] = now
+        if seq not in ph.first_rx:
+            ph.first_rx[seq] = now  # each process notes in time order
+        got = ph.got[seq] = ph.got.get(seq, 0) + 1
+        if got == self.n:
+            ph.complete += 1
+            if ph.complete == ph.count:
+                ph.done.set()
+
+    def failed(self, exc: BaseException) -> None:
+        """A lost connection is a failed run, not a hang."""
+        self.errors.append(exc)
+        for ph in self.phases:
+            ph.done.set()
+
     async def receive(self, idx: int, conn: psycopg.AsyncConnection[object]) -> None:
-        seen = self.seen[idx]
         try:
             async for note in conn.notifies():
-                now = time.monotonic_ns()
-                seq_text, _, sent_text = note.payload.partition(":")
-                seq = int(seq_text)
-                seen.append(seq)
-                ph = self._phase(seq)
-                if ph is None or note.channel != CHANNEL:
-                    continue
-                ph.sent[seq] = int(sent_text)
-                if now > ph.last.get(seq, 0):
-                    ph.last[seq] = now
-                got = ph.got[seq] = ph.got.get(seq, 0) + 1
-                if got == self.n:
-                    ph.complete += 1
-                    if ph.complete == ph.count:
-                        ph.done.set()
+                self.note(idx, note.channel, note.payload, time.monotonic_ns())
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # a lost connection is a failed run, not a hang
-            self.errors.append(exc)
-            for ph in self.phases:
-                ph.done.set()
+        except BaseException as exc:
+            self.failed(exc)
+
+
+class RawListener(asyncio.Protocol):
+    """A listening client without a driver (``--client raw``): startup (trust), ``LISTEN
+    bench``, then NotificationResponses parsed straight from the socket, all those of one
+    read stamped with that read's time.  About a third of psycopg's CPU per delivery, so
+    the receiving side takes less of the machine from pgproxy."""
+
+    def __init__(self, idx: int, recv: Receivers) -> None:
+        self.idx = idx
+        self.recv = recv
+        self.buf = bytearray()
+        self.ready = asyncio.get_running_loop().create_future()
+        self.readies = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
+        self.transport.write(m.startup_message({"user": "postgres", "database": "postgres"}))
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        buf = self.buf
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 5:
+            length = int.from_bytes(buf[pos + 1 : pos + 5])
+            if end - pos - 1 < length:
+                break
+            kind = buf[pos]
+            if kind == m.NOTIFICATION_RESPONSE:
+                note = m.parse_notification(bytes(buf[pos + 5 : pos + 1 + length]))
+                self.recv.note(self.idx, note.channel, note.payload, now)
+            elif kind == m.READY_FOR_QUERY:
+                self.readies += 1
+                if self.readies == 1 and self.transport is not None:
+                    self.transport.write(m.query(f"LISTEN {CHANNEL}"))
+                elif self.readies == 2 and not self.ready.done():
+                    self.ready.set_result(None)
+            elif kind == m.ERROR_RESPONSE:
+                fields = m.parse_error_fields(bytes(buf[pos + 5 : pos + 1 + length]))
+                self._fail(RuntimeError(f"{fields.get('C')} {fields.get('M')}"))
+            pos += 1 + length
+        del buf[:pos]
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        else:
+            self.recv.failed(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.recv.closing:
+            self._fail(ConnectionError(f"listener {self.idx} lost: {exc!r}"))
+
+
+async def open_raw_listeners(
+    host: str, port: int, recv: Receivers, concurrency: int
+) -> list[RawListener]:
+    """``recv.n`` RawListeners, ``concurrency`` logging in at a time."""
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(idx: int) -> RawListener:
+        async with sem:
+            _, proto = await loop.create_connection(lambda: RawListener(idx, recv), host, port)
+            await asyncio.wait_for(proto.ready, 30)
+            return proto
+
+    return list(await asyncio.gather(*(one(i) for i in range(recv.n))))
 
 
 async def open_listeners(
@@ -232,7 +345,7 @@ async def close_all(conns: list[psycopg.AsyncConnection[object]]) -> None:
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
-async def backend_counts(stats: psycopg.AsyncConnection[object]) -> tuple[int, int]:
+async def backend_counts(stats: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
     """(listener backends, other client backends), the publisher and this query excluded."""
     cur = await stats.execute(
         "select count(*) filter (where application_name = 'pgproxy-listener'),"
@@ -267,6 +380,168 @@ def rss_kb(pid: int) -> int:
     return int(match[1])
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (pgproxy with ``workers = N``: supervisor + workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def tree_rss_kb(pid: int) -> int:
+    return sum(rss_kb(p) for p in process_tree(pid))
+
+
+def tree_cpu_s(pid: int) -> tuple[float, float]:
+    times = [cpu_s(p) for p in process_tree(pid)]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
+
+
+def make_phases(notifications: int) -> list[Phase]:
+    return [Phase("steady", 0, notifications), Phase("burst", notifications, notifications)]
+
+
+def listener_problems(seen: list[list[int]], total: int) -> tuple[int, list[str]]:
+    """(listeners that did not get exactly 0..total-1 in order, up to 3 descriptions)."""
+    want = list(range(total))
+    bad = [i for i, s in enumerate(seen) if s != want]
+    out = []
+    for i in bad[:3]:
+        got = seen[i]
+        dup = len(got) - len(set(got))
+        missing = len(set(want) - set(got))
+        order = "in order" if got == sorted(got) else "OUT OF ORDER"
+        out.append(
+            f"listener {i}: {len(got)} received, {missing} missing, {dup} duplicated, {order}"
+        )
+    return len(bad), out
+
+
+async def receive_main(args: argparse.Namespace) -> None:
+    """One receiving process (``--receive DSN --count N``): N listeners, then on stdout
+    ``ready``, ``done <phase>`` per phase (every notification of it reached all N, or a
+    receiver failed), and after ``stop`` on stdin one JSON line with the timestamps and the
+    exactly-once check.  The parent (measure()) merges the processes' results."""
+    phases = make_phases(args.notifications)
+    total = 2 * args.notifications
+    recv = Receivers(phases, args.count)
+    conns: list[psycopg.AsyncConnection[object]] = []
+    raw: list[RawListener] = []
+    tasks: list[asyncio.Task[None]] = []
+    if args.client == "raw":
+        url = urlsplit(args.receive)
+        raw = await open_raw_listeners(url.hostname or "", url.port or 5432, recv, args.concurrency)
+    else:
+        conns = await open_listeners(args.receive, args.count, args.concurrency)
+        tasks = [asyncio.create_task(recv.receive(i, c)) for i, c in enumerate(conns)]
+    try:
+        await asyncio.sleep(0.3)  # every receiver is waiting for notifications
+        print("ready", flush=True)
+        stop = asyncio.create_task(asyncio.to_thread(sys.stdin.readline))
+        for ph in phases:
+            done = asyncio.create_task(ph.done.wait())
+            await asyncio.wait({done, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                done.cancel()
+                break
+            print(f"done {ph.name}", flush=True)
+        await stop
+        await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
+    finally:
+        recv.closing = True
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_all(conns)
+        for proto in raw:
+            if proto.transport is not None:
+                proto.transport.close()
+    bad, problems = listener_problems(recv.seen, total)
+    result = {
+        "phases": [
+            {"sent": ph.sent, "last": ph.last, "first": ph.first_rx, "complete": ph.complete}
+            for ph in phases
+        ],
+        "bad": bad,
+        "problems": problems,
+        "errors": [repr(e) for e in recv.errors[:3]],
+    }
+    print(json.dumps(result), flush=True)
+
+
+class ReceiverProcs:
+    """The listeners, spread over ``procs`` receiving processes (receive_main())."""
+
+    def __init__(self, dsn: str, n: int, args: argparse.Namespace) -> None:
+        self.dsn = dsn
+        self.n = n
+        self.args = args
+        k = max(1, min(args.procs, n))
+        self.counts = [n // k + (1 if i < n % k else 0) for i in range(k)]
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    async def start(self) -> None:
+        concurrency = max(1, self.args.concurrency // len(self.counts))
+        for count in self.counts:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.fanout", "--receive", self.dsn,
+                "--count", str(count), "--notifications", str(self.args.notifications),
+                "--concurrency", str(concurrency), "--client", self.args.client,
+                cwd=REPO, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            )  # fmt: skip
+            self.procs.append(proc)
+        await self.expect("ready", self.args.timeout + 60)
+
+    async def line(self, proc: asyncio.subprocess.Process, timeout: float) -> str:
+        assert proc.stdout is not None
+        raw = await asyncio.wait_for(proc.stdout.readline(), timeout)
+        if not raw:
+            raise RuntimeError(f"receiving process {proc.pid} exited ({await proc.wait()})")
+        return raw.decode().strip()
+
+    async def expect(self, text: str, timeout: float) -> bool:
+        """Wait for ``text`` from every process; False on a timeout."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                got = await self.line(proc, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return False
+            if got != text:
+                raise RuntimeError(f"receiving process {proc.pid} said {got!r}, not {text!r}")
+        return True
+
+    async def finish(self) -> list[dict[str, Any]]:
+        """Tell every process to stop; their JSON results (skipping unread ``done`` lines)."""
+        results = []
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"stop\n")
+            await proc.stdin.drain()
+        for proc in self.procs:
+            while True:
+                text = await self.line(proc, 60)
+                if text.startswith("{"):
+                    results.append(json.loads(text))
+                    break
+        return results
+
+    async def kill(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
 async def measure(
     target: str,
     dsn: str,
@@ -275,10 +550,9 @@ async def measure(
     args: argparse.Namespace,
     proxy_pid: int | None,
 ) -> Row:
-    """Connect ``n`` listeners to ``dsn``, run the steady phase then the burst, check."""
-    steady = Phase("steady", 0, args.notifications)
-    burst = Phase("burst", args.notifications, args.notifications)
-    phases = [steady, burst]
+    """Connect ``n`` listeners to ``dsn`` (in ``--procs`` receiving processes), run the
+    steady phase then the burst, merge and check."""
+    steady, burst = phases = make_phases(args.notifications)
     total = steady.count + burst.count
     async with await psycopg.AsyncConnection.connect(
         pg_dsn, autocommit=True, application_name=STATS_APP
@@ -291,62 +565,66 @@ async def measure(
             await warm.execute("LISTEN warmup")
             await warm.close()
             await asyncio.sleep(0.5)
-        rss_before = rss_kb(proxy_pid) if proxy_pid else None
-        print(f"[{target} n={n}] connecting {n} listeners ...", file=sys.stderr)
+        rss_before = tree_rss_kb(proxy_pid) if proxy_pid else None
+        receivers = ReceiverProcs(dsn, n, args)
+        print(
+            f"[{target} n={n}] connecting {n} listeners in {len(receivers.counts)} process(es)",
+            file=sys.stderr,
+        )
         t0 = time.monotonic()
-        conns = await open_listeners(dsn, n, args.concurrency)
-        connect_s = time.monotonic() - t0
         try:
+            await receivers.start()
+            connect_s = time.monotonic() - t0
             await asyncio.sleep(0.5)
-            rss_after = rss_kb(proxy_pid) if proxy_pid else None
+            rss_after = tree_rss_kb(proxy_pid) if proxy_pid else None
             lst, other = await backend_counts(stats)
             row = Row(target, n, connect_s, lst, other, rss_before, rss_after, phases=phases)
-            recv = Receivers(phases, n)
-            tasks = [asyncio.create_task(recv.receive(i, c)) for i, c in enumerate(conns)]
-            try:
-                await asyncio.sleep(0.3)  # every receiver is waiting in notifies()
-                for ph, interval in ((steady, args.interval_ms), (burst, 0.0)):
-                    print(f"[{target} n={n}] {ph.name}: {ph.count} notifications", file=sys.stderr)
-                    proxy0, self0 = (cpu_s(proxy_pid) if proxy_pid else None), cpu_s(None)
-                    await run_publisher(pg_dsn, ph.first, ph.count, interval)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(ph.done.wait(), args.timeout)
-                    if ph is burst:
-                        row.burst_cpu_receivers = cpu_delta(self0, cpu_s(None))
-                        if proxy_pid and proxy0:
-                            row.burst_cpu_proxy = cpu_delta(proxy0, cpu_s(proxy_pid))
-                    if recv.errors:
-                        break
-                    if not ph.done.is_set():
-                        row.problems.append(
-                            f"{ph.name}: only {ph.complete}/{ph.count} notifications reached "
-                            f"all {n} listeners within {args.timeout:.0f} s"
-                        )
-                        break
-                await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            for ph, interval in ((steady, args.interval_ms), (burst, 0.0)):
+                print(f"[{target} n={n}] {ph.name}: {ph.count} notifications", file=sys.stderr)
+                proxy0 = tree_cpu_s(proxy_pid) if proxy_pid else None
+                recv0 = [cpu_s(pid) for pid in receivers.pids]
+                await run_publisher(pg_dsn, ph.first, ph.count, interval)
+                done = await receivers.expect(f"done {ph.name}", args.timeout)
+                deltas = [
+                    cpu_delta(a, cpu_s(pid)) for a, pid in zip(recv0, receivers.pids, strict=True)
+                ]
+                recv_cpu = (sum(d[0] for d in deltas), sum(d[1] for d in deltas))
+                proxy_cpu = (
+                    cpu_delta(proxy0, tree_cpu_s(proxy_pid)) if proxy_pid and proxy0 else None
+                )
+                if ph is burst:
+                    row.burst_cpu_receivers, row.burst_cpu_proxy = recv_cpu, proxy_cpu
+                else:
+                    row.steady_cpu_receivers, row.steady_cpu_proxy = recv_cpu, proxy_cpu
+                if not done:
+                    row.problems.append(
+                        f"{ph.name}: not every notification reached all {n} listeners "
+                        f"within {args.timeout:.0f} s"
+                    )
+                    break
+            results = await receivers.finish()
             lst2, other2 = await backend_counts(stats)
             row.backends_listener = max(lst, lst2)
             row.backends_other = max(other, other2)
-            row.rss_end = rss_kb(proxy_pid) if proxy_pid else None
+            row.rss_end = tree_rss_kb(proxy_pid) if proxy_pid else None
         finally:
-            await close_all(conns)
-    row.problems += [f"receiver error: {e!r}" for e in recv.errors[:3]]
-    want = list(range(total))
-    bad = [i for i, seen in enumerate(recv.seen) if seen != want]
-    for i in bad[:3]:
-        seen = recv.seen[i]
-        dup = len(seen) - len(set(seen))
-        missing = len(set(want) - set(seen))
-        order = "in order" if seen == sorted(seen) else "OUT OF ORDER"
-        row.problems.append(
-            f"listener {i}: {len(seen)} received, {missing} missing, {dup} duplicated, {order}"
-        )
+            await receivers.kill()
+    for i, ph in enumerate(phases):
+        for res in results:
+            part = res["phases"][i]
+            for seq, ns in part["sent"].items():
+                ph.sent[int(seq)] = ns
+            for seq, ns in part["last"].items():
+                ph.last[int(seq)] = max(ns, ph.last.get(int(seq), 0))
+            for seq, ns in part["first"].items():
+                ph.first_rx[int(seq)] = min(ns, ph.first_rx.get(int(seq), ns))
+        ph.complete = min(res["phases"][i]["complete"] for res in results)
+    for res in results:
+        row.problems += [f"receiver error: {e}" for e in res["errors"]]
+        row.problems += res["problems"]
+    bad = sum(res["bad"] for res in results)
     if bad:
-        row.problems.append(f"{len(bad)} of {n} listeners did not get exactly 0..{total - 1}")
+        row.problems.append(f"{bad} of {n} listeners did not get exactly 0..{total - 1}")
     row.ok = not row.problems
     return row
 
@@ -354,12 +632,17 @@ async def measure(
 # --- pgproxy ---------------------------------------------------------------------------------
 
 
-def start_pgproxy(tmp: Path, pg_port: int, max_clients: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_pgproxy(
+    tmp: Path, pg_port: int, max_clients: int, workers: int = 1
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     config = tmp / "pgproxy-fanout.toml"
+    # With workers, max_client_conn is divided among them and the kernel's spread of
+    # connections is uneven: allow each worker all of them.
     config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{port}"\npool_mode = "transaction"\n'
-        f"default_pool_size = {POOL_SIZE}\nmax_client_conn = {max_clients}\n"
+        + (f"workers = {workers}\n" if workers > 1 else "")
+        + f"default_pool_size = {POOL_SIZE}\nmax_client_conn = {max_clients * workers}\n"
         f'notify_buffer_size = {NOTIFY_BUFFER}\nlog_level = "warning"\n'
         f'\n[databases."*"]\nurl = "postgresql://127.0.0.1:{pg_port}"\n'
     )
@@ -389,6 +672,20 @@ def lat_stats(ph: Phase) -> tuple[float, float, float]:
     return percentile(lats, 0.5), percentile(lats, 0.99), lats[-1]
 
 
+def spread_stats(ph: Phase) -> tuple[float, float, float, float]:
+    """p50/p99 (ms) of the latency to the FIRST listener, and p50/p99 of last - first (the
+    time one notification takes to reach every listener once the first has it)."""
+    seqs = [s for s in ph.last if s in ph.sent and s in ph.first_rx]
+    if len(seqs) < ph.count:
+        return (math.nan,) * 4
+    first = sorted((ph.first_rx[s] - ph.sent[s]) / 1e6 for s in seqs)
+    spread = sorted((ph.last[s] - ph.first_rx[s]) / 1e6 for s in seqs)
+    return (
+        percentile(first, 0.5), percentile(first, 0.99),
+        percentile(spread, 0.5), percentile(spread, 0.99),
+    )  # fmt: skip
+
+
 def burst_rate(ph: Phase, n: int) -> float:
     """Deliveries per second: all of the burst's, over first send -> last delivery."""
     if not ph.sent or len(ph.last) < ph.count:
@@ -399,8 +696,9 @@ def burst_rate(ph: Phase, n: int) -> float:
 
 def machine_line(bindir: Path) -> str:
     cpu = "unknown CPU"
-    with contextlib.suppress(OSError, TypeError):
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())[1]
+    with contextlib.suppress(OSError):
+        found = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        cpu = found[1] if found else cpu
     postgres = subprocess.run([bindir / "postgres", "--version"], capture_output=True, text=True)
     commit = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
@@ -432,9 +730,12 @@ def report(rows: list[Row], args: argparse.Namespace, machine: str, nofile: tupl
         f"Machine: {machine}",
         "",
         f"PostgreSQL max_connections {MAX_CONNECTIONS}; pgproxy transaction mode, pool size "
-        f"{POOL_SIZE}, notify_buffer_size {NOTIFY_BUFFER // 1024 // 1024} MiB; "
-        f"RLIMIT_NOFILE {nofile[0]}. Each listener: psycopg AsyncConnection, autocommit, "
-        f"`LISTEN {CHANNEL}` (simple Query). Publisher directly on PostgreSQL, one "
+        f"{POOL_SIZE}, notify_buffer_size {NOTIFY_BUFFER // 1024 // 1024} MiB"
+        + (f", workers = {args.workers} (RSS and CPU summed)" if args.workers > 1 else "")
+        + "; "
+        f"RLIMIT_NOFILE {nofile[0]}. Each listener: {CLIENTS[args.client]}, "
+        f"`LISTEN {CHANNEL}` (simple Query); listeners spread over {args.procs} receiving "
+        f"process(es). Publisher directly on PostgreSQL, one "
         f"`pg_notify` per transaction: {args.notifications} every {args.interval_ms:g} ms "
         f"(steady), then {args.notifications} back to back (burst).",
         "",
@@ -462,6 +763,36 @@ def report(rows: list[Row], args: argparse.Namespace, machine: str, nofile: tupl
             f"| {fmt(s50)} / {fmt(s99)} / {fmt(smax)} | {fmt(b50)} / {fmt(b99)} / {fmt(bmax)} "
             f"| {fmt(rate, '.0f')} | {per_delivery_us(r.burst_cpu_proxy, r)} "
             f"| {per_delivery_us(r.burst_cpu_receivers, r)} | {'yes' if r.ok else 'NO'} |"
+        )
+    lines.append("")
+    for r in rows:
+        rate = burst_rate(r.phases[1], r.listeners)
+        if r.burst_cpu_proxy is None or r.burst_cpu_receivers is None or math.isnan(rate):
+            continue
+        span = r.listeners * args.notifications / rate
+        used = (sum(r.burst_cpu_proxy) + sum(r.burst_cpu_receivers)) / span
+        lines.append(
+            f"{r.target} n={r.listeners}: during the burst ({span:.2f} s) pgproxy and the "
+            f"receivers used {used:.2f} of the machine's {os.cpu_count()} cores; the rest went "
+            "to PostgreSQL, the publisher and anything else running."
+        )
+    lines += [
+        "",
+        "Where the steady latency goes: to the FIRST listener (upstream -> pgproxy -> one "
+        "client), and the spread last - first (pgproxy writing to every client, the receivers "
+        "waking up); CPU per delivery over the steady phase.",
+        "",
+        "| target | listeners | steady first listener p50 / p99 ms | steady last - first p50 / "
+        "p99 ms | pgproxy CPU us/delivery, steady (user / sys) | receivers CPU us/delivery, "
+        "steady (user / sys) |",
+        "|---|---:|---|---|---:|---:|",
+    ]
+    for r in rows:
+        f50, f99, d50, d99 = spread_stats(r.phases[0])
+        lines.append(
+            f"| {r.target} | {r.listeners} | {fmt(f50)} / {fmt(f99)} | {fmt(d50)} / {fmt(d99)} "
+            f"| {per_delivery_us(r.steady_cpu_proxy, r)} "
+            f"| {per_delivery_us(r.steady_cpu_receivers, r)} |"
         )
     lines += [
         "",
@@ -506,10 +837,10 @@ def report(rows: list[Row], args: argparse.Namespace, machine: str, nofile: tupl
         "per listener. RSS per idle client = (pgproxy RSS after connecting and LISTENing all "
         "listeners - RSS before) / listeners; 'before' is after one warm-up client LISTENed "
         "and left; pgproxy is started afresh for every row. CPU us/delivery = CPU time of "
-        "pgproxy (/proc/PID/stat) or of this receiving process during the burst / its "
+        "pgproxy or of the receiving processes (/proc/PID/stat) during the burst / their "
         "deliveries.",
         "",
-        CAVEAT.format(cores=os.cpu_count()),
+        CAVEAT.format(cores=os.cpu_count(), procs=args.procs, client=args.client),
     ]
     return "\n".join(lines) + "\n"
 
@@ -523,7 +854,7 @@ async def run_all(args: argparse.Namespace, cluster: PgCluster, tmp: Path) -> li
     log = tmp / "pgproxy.log"
     for n in args.listeners:
         offset = log.stat().st_size if log.exists() else 0
-        proc, port = start_pgproxy(tmp, cluster.port, max(n + 100, 1000))
+        proc, port = start_pgproxy(tmp, cluster.port, max(n + 100, 1000), args.workers)
         try:
             dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
             rows.append(await measure("pgproxy", dsn, pg_dsn, n, args, proc.pid))
@@ -545,9 +876,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         publish(args.publish, args.first, args.count, args.interval_ms)
         return 0
+    if args.receive:
+        uvloop.run(receive_main(args))
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     nofile = raise_nofile()
-    need = 2 * max(args.listeners) + 200  # our sockets + pgproxy's (it inherits the limit)
+    # pgproxy's sockets (it inherits the limit) and each receiving process's share of ours.
+    need = max(args.listeners) + 200
     if nofile[0] != resource.RLIM_INFINITY and nofile[0] < need:
         print(
             f"warning: RLIMIT_NOFILE {nofile[0]} (hard {nofile[1]}) is below ~{need}; "

@@ -8,6 +8,12 @@ median over the rounds.
 
     .venv/bin/python -m bench.throughput --clients 1,50 --seconds 15 --rounds 3
 
+``--pgproxy-workers 2`` adds the target ``pgproxy-2w``: pgproxy with ``workers = 2`` (the
+same total pool size, split between the workers), measured in the same interleaving.  The
+"pooler CPU" columns are the user + system time of the pooler's processes during each run
+(/proc), as cores and per transaction: on a machine whose cores are all busy, CPU per
+transaction, not one process's ceiling, is what decides throughput.
+
 See bench/README.md for how to read the output.
 """
 
@@ -35,7 +41,7 @@ from pgproxy.testing.cluster import PgCluster
 
 REPO = Path(__file__).resolve().parent.parent
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"  # sbin is not always on PATH
-TARGETS = ("direct", "pgbouncer", "pgproxy")
+TARGETS = ("direct", "pgbouncer", "pgproxy")  # plus "pgproxy-<N>w" for --pgproxy-workers N
 MODES = {"select-only": ["-S"], "tpcb": []}
 # Client/server round trips per pgbench transaction: -S is one SELECT; the TPC-B-like
 # script is BEGIN, 3 UPDATEs, SELECT, INSERT, END.  Used for "added latency per round trip".
@@ -51,12 +57,25 @@ USER = "postgres"
 
 @dataclass
 class Sample:
-    """One pgbench run: tps without connection time, latency in milliseconds."""
+    """One pgbench run: tps without connection time, latency in milliseconds, and the
+    pooler's CPU use (user + system, all its processes) in cores (NaN: not measured)."""
 
     tps: float
     lat_avg: float
     p50: float
     p99: float
+    cores: float = math.nan
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of group ``pgid``."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[2]) == pgid:  # after "pid (comm)": state, ppid, pgrp, ...
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,9 +92,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=20, help="pool size of both poolers")
     p.add_argument("--jobs", type=int, help="pgbench -j (default: min(clients, 2))")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case")
+    p.add_argument(
+        "--pgproxy-workers",
+        type=lambda s: [int(n) for n in csv(s)],
+        default=[],
+        metavar="N[,N...]",
+        help="also measure pgproxy with workers = N (target pgproxy-<N>w)",
+    )
+    p.add_argument(
+        "--targets",
+        type=csv,
+        help="subset of targets to run (direct and pgbouncer are always run: ratios need them)",
+    )
     p.add_argument("--out", type=Path, help="also write the markdown report to this file")
     p.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = p.parse_args(argv)
+    every = [*TARGETS, *(f"pgproxy-{n}w" for n in args.pgproxy_workers if n > 1)]
+    wanted = args.targets or every
+    for target in wanted:
+        if target not in every:
+            p.error(f"unknown target {target!r} (choose from {', '.join(every)})")
+    args.targets = [t for t in every if t in ("direct", "pgbouncer") or t in wanted]
     if args.quick:
         args.clients, args.seconds, args.rounds = [2], 2, 1
         args.modes, args.protocol = ["select-only"], ["simple"]
@@ -152,17 +189,21 @@ def start_pgbouncer(
 
 
 def start_pgproxy(
-    tmp: Path, pg_port: int, pool_size: int, max_conn: int
+    tmp: Path, pg_port: int, pool_size: int, max_conn: int, workers: int = 1
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """pgproxy; with ``workers`` > 1 the pool size and max_client_conn are totals, split
+    between the workers by pgproxy itself."""
     port = free_port()
-    config = tmp / "pgproxy.toml"
+    name = "pgproxy" if workers == 1 else f"pgproxy-{workers}w"
+    config = tmp / f"{name}.toml"
     config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{port}"\npool_mode = "transaction"\n'
         f'default_pool_size = {pool_size}\nmax_client_conn = {max_conn}\nlog_level = "warning"\n'
+        f"workers = {workers}\n"
         f'\n[databases."*"]\nurl = "postgresql://127.0.0.1:{pg_port}"\n'
     )
     cmd = [sys.executable, "-m", "pgproxy", "--config", str(config)]
-    return start_server("pgproxy", cmd, port, tmp / "pgproxy.log"), port
+    return start_server(name, cmd, port, tmp / f"{name}.log"), port
 
 
 def pgbench(bindir: Path, port: int, *args: str, timeout: float = 600) -> str:
@@ -179,18 +220,28 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
-def run_case(bindir: Path, port: int, args: argparse.Namespace, case: Case, logdir: Path) -> Sample:
+def run_case(
+    bindir: Path,
+    port: int,
+    args: argparse.Namespace,
+    case: Case,
+    logdir: Path,
+    pooler: int | None = None,
+) -> Sample:
     """One pgbench run.  The per-transaction log (-l; third column = latency in us) gives
-    the median and p99, which pgbench's summary does not report."""
+    the median and p99, which pgbench's summary does not report.  ``pooler``: the process
+    group whose CPU time to measure over the run."""
     mode, proto, clients = case
     jobs = min(args.jobs or 2, clients)
     for old in logdir.glob("tx.*"):
         old.unlink()
+    cpu_before, started = group_cpu(pooler) if pooler else 0.0, time.monotonic()
     out = pgbench(
         bindir, port, *MODES[mode], "-n", "-M", proto, "-c", str(clients), "-j", str(jobs),
         "-T", str(args.seconds), "-l", "--log-prefix", str(logdir / "tx"),
         timeout=args.seconds + 60,
     )  # fmt: skip
+    cores = (group_cpu(pooler) - cpu_before) / (time.monotonic() - started) if pooler else math.nan
     tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)[1])
     lat_avg = float(re.search(r"latency average = ([\d.]+) ms", out)[1])
     latencies = sorted(
@@ -199,7 +250,7 @@ def run_case(bindir: Path, port: int, args: argparse.Namespace, case: Case, logd
         for fields in (line.split() for line in f.read_text().splitlines())
         if len(fields) > 2 and fields[2].isdigit()
     )
-    return Sample(tps, lat_avg, percentile(latencies, 0.5), percentile(latencies, 0.99))
+    return Sample(tps, lat_avg, percentile(latencies, 0.5), percentile(latencies, 0.99), cores)
 
 
 def machine_line(bindir: Path) -> str:
@@ -236,40 +287,46 @@ def report(
         f"Machine: {machine}",
         "",
         f"pgbench -s {SCALE}, {args.seconds} s per run, {args.rounds} interleaved round(s), "
-        f"pool size {args.pool_size} (transaction mode); medians over rounds.",
+        f"pool size {args.pool_size} (transaction mode; pgproxy-<N>w: N workers sharing that "
+        "total); medians over rounds.",
         "",
         "| mode | protocol | clients | target | tps | tps spread | tps / direct "
-        "| tps / pgbouncer | lat avg ms | p50 ms | p99 ms |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| tps / pgbouncer | lat avg ms | p50 ms | p99 ms | pooler CPU cores | pooler CPU us/tx |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in cases:
-        for target in TARGETS:
+        for target in args.targets:
             tps = med(case, target, "tps")
+            cores = med(case, target, "cores")
+            cpu = "- | -" if math.isnan(cores) else f"{cores:.2f} | {cores / tps * 1e6:.0f}"
             lines.append(
                 f"| {case[0]} | {case[1]} | {case[2]} | {target} | {tps:.0f} "
                 f"| {spread(case, target)} | {tps / med(case, 'direct', 'tps'):.2f} "
                 f"| {tps / med(case, 'pgbouncer', 'tps'):.2f} | {med(case, target, 'lat_avg'):.3f} "
-                f"| {med(case, target, 'p50'):.3f} | {med(case, target, 'p99'):.3f} |"
+                f"| {med(case, target, 'p50'):.3f} | {med(case, target, 'p99'):.3f} | {cpu} |"
             )
     fewest = min(c[2] for c in cases)
+    ours = [t for t in args.targets if t.startswith("pgproxy")]
     lines += [
         "",
         f"Added latency per round trip at {fewest} client(s) "
         "(median transaction latency minus direct's, divided by round trips per transaction):",
         "",
-        "| mode | protocol | pgbouncer +us | pgproxy +us | pgproxy / pgbouncer |",
-        "|---|---|---:|---:|---:|",
+        "| mode | protocol | pgbouncer +us | "
+        + " | ".join(f"{t} +us | {t} / pgbouncer" for t in ours)
+        + " |",
+        "|---|---|---:|" + "---:|---:|" * len(ours),
     ]
     for case in (c for c in cases if c[2] == fewest):
         added = {
             t: (med(case, t, "p50") - med(case, "direct", "p50")) * 1000 / ROUND_TRIPS[case[0]]
-            for t in ("pgbouncer", "pgproxy")
+            for t in ("pgbouncer", *ours)
         }
-        ratio = added["pgproxy"] / added["pgbouncer"] if added["pgbouncer"] > 0 else math.nan
-        lines.append(
-            f"| {case[0]} | {case[1]} | {added['pgbouncer']:.1f} | {added['pgproxy']:.1f} "
-            f"| {ratio:.2f} |"
-        )
+        cells = [f"{case[0]} | {case[1]} | {added['pgbouncer']:.1f}"]
+        for t in ours:
+            ratio = added[t] / added["pgbouncer"] if added["pgbouncer"] > 0 else math.nan
+            cells.append(f"{added[t]:.1f} | {ratio:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,24 +350,32 @@ def main(argv: list[str] | None = None) -> int:
         pgbench(bindir, cluster.port, "-i", "-q", "-s", str(SCALE))
         bouncer, bouncer_port = start_pgbouncer(tmp, cluster.port, args.pool_size, max_conn)
         servers.append(bouncer)
-        proxy, proxy_port = start_pgproxy(tmp, cluster.port, args.pool_size, max_conn)
-        servers.append(proxy)
-        ports = {"direct": cluster.port, "pgbouncer": bouncer_port, "pgproxy": proxy_port}
+        ports = {"direct": cluster.port, "pgbouncer": bouncer_port}
+        groups = {"pgbouncer": bouncer.pid}  # start_server gives each pooler its own group
+        for target in args.targets:
+            if target.startswith("pgproxy"):
+                workers = 1 if target == "pgproxy" else int(target[len("pgproxy-") : -1])
+                proxy, ports[target] = start_pgproxy(
+                    tmp, cluster.port, args.pool_size, max_conn, workers
+                )
+                servers.append(proxy)
+                groups[target] = proxy.pid
         # Warm-up (not measured): fills the poolers' pools and Postgres' buffer cache.
         warm = argparse.Namespace(**{**vars(args), "seconds": 1})
-        for target in TARGETS:
+        for target in args.targets:
             run_case(bindir, ports[target], warm, ("select-only", "simple", max(args.clients)), tmp)
         results: dict[tuple[Case, str], list[Sample]] = {}
         for rnd in range(1, args.rounds + 1):
             for case in cases:
-                for target in TARGETS:
+                for target in args.targets:
                     if case[0] == "tpcb":  # same starting state for every tpcb run
                         cluster.psql(RESET_TPCB)
-                    sample = run_case(bindir, ports[target], args, case, tmp)
+                    sample = run_case(bindir, ports[target], args, case, tmp, groups.get(target))
                     results.setdefault((case, target), []).append(sample)
                     print(
                         f"[round {rnd}/{args.rounds}] {case[0]} {case[1]} c={case[2]} "
-                        f"{target}: {sample.tps:.0f} tps, p50 {sample.p50:.3f} ms",
+                        f"{target}: {sample.tps:.0f} tps, p50 {sample.p50:.3f} ms, "
+                        f"pooler {sample.cores:.2f} cores",
                         file=sys.stderr,
                     )
         text = report(results, args, machine_line(bindir))

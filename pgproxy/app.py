@@ -8,6 +8,7 @@ constant time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import signal
@@ -18,8 +19,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pgproxy import tls
+from pgproxy.auth import cbind
+from pgproxy.auth.credentials import PassThroughStore, UpstreamSecret, is_verifier
+from pgproxy.auth.query import AuthQuery
 from pgproxy.backend import UpstreamTls
-from pgproxy.config import Config, ConfigError, load_config
+from pgproxy.config import Config, ConfigError, DatabaseConfig, load_config
 from pgproxy.frontend import ClientSession
 from pgproxy.pool.pool import Pool, PoolSettings
 from pgproxy.protocol import errors
@@ -27,6 +31,7 @@ from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.pubsub.listener import Listener
 from pgproxy.wire import log
+from pgproxy.workers import CancelPeers, WorkerRole, serve_supervisor
 
 _VPID_BASE = 1 << 22
 _VPID_SPAN = (1 << 31) - 1 - _VPID_BASE
@@ -34,6 +39,9 @@ _JANITOR_INTERVAL = 1.0
 
 
 class Proxy:
+    # In a worker of a multi-process pgproxy (pgproxy.workers), set by _serve before start().
+    peers: CancelPeers | None = None
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pools: dict[tuple[str, str], Pool] = {}
@@ -46,6 +54,10 @@ class Proxy:
         self._next_vpid = secrets.randbelow(_VPID_SPAN)
         self._sessions: set[ClientSession] = set()
         self.client_tls = _client_tls(config)
+        self.cert_binding = _cert_binding(config)  # SCRAM-SHA-256-PLUS channel binding data
+        # Credentials learnt from logins, per (upstream host, port, user).
+        self.pass_through = PassThroughStore()
+        self.auth_query = AuthQuery(self._auth_pool)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -57,6 +69,7 @@ class Proxy:
             settings.listen_host,
             settings.listen_port,
             reuse_address=True,
+            reuse_port=self.peers is not None,  # only workers share the port
             backlog=4096,
         )
         self._janitor = loop.create_task(self._janitor_loop())
@@ -88,6 +101,7 @@ class Proxy:
             await listener.close()
         for pool in self.pools.values():
             await pool.close()
+        await self.auth_query.close()
         for task in list(self._tasks):
             task.cancel()
         if self._server is not None:
@@ -111,16 +125,32 @@ class Proxy:
             del self.clients[client.vpid]
 
     def register(self, client: ClientSession) -> tuple[int, bytes]:
-        """A fresh (virtual pid, secret) for a client that has logged in."""
+        """A fresh (virtual pid, secret) for a client that has logged in.
+
+        Among N workers, worker i hands out ``base + serial * N + i`` (``vpid_owner``)."""
+        index, count = (self.peers.index, self.peers.count) if self.peers else (0, 1)
+        span = _VPID_SPAN // count
         while True:
-            self._next_vpid = (self._next_vpid + 1) % _VPID_SPAN
-            vpid = _VPID_BASE + self._next_vpid
+            self._next_vpid = (self._next_vpid + 1) % span
+            vpid = _VPID_BASE + self._next_vpid * count + index
             if vpid not in self.clients:
                 break
         self.clients[vpid] = client
         return vpid, secrets.token_bytes(4)
 
     def cancel(self, request: m.CancelRequest) -> None:
+        """Route a cancel to the worker whose client it names (this one, without workers)."""
+        peers = self.peers
+        if peers is not None:
+            owner = vpid_owner(request.pid, peers.count)
+            if owner is not None and owner != peers.index:
+                log.debug("cancel request for %d: forwarded to worker %d", request.pid, owner)
+                self.spawn(peers.forward(owner, request))
+                return
+            log.debug("cancel request for %d: handled here", request.pid)
+        self.cancel_here(request)
+
+    def cancel_here(self, request: m.CancelRequest) -> None:
         """Forward a cancel to the server the client holds now, and nowhere else."""
         client = self.clients.get(request.pid)
         if client is None or not client.matches_secret(request.secret):
@@ -206,8 +236,13 @@ class Proxy:
                 pool.password,
                 settings,
                 startup,
+                pass_through=pool.pass_through,
             )
-            listener = self.listeners[key] = Listener(listener_pool)
+            listener = self.listeners[key] = Listener(
+                listener_pool,
+                ping_interval=self.config.proxy.listener_ping_interval,
+                ping_timeout=self.config.proxy.listener_ping_timeout,
+            )
         return listener
 
     def _new_pool(self, database: str, user: str) -> Pool | None:
@@ -215,16 +250,8 @@ class Proxy:
         db = config.database_for(database)
         if db is None:
             return None
-        password = db.password
-        if password is None:
-            user_cfg = config.users.get(user)
-            if user_cfg is not None and user_cfg.password and not _is_verifier(user_cfg.password):
-                password = user_cfg.password
+        password, pass_through = self._upstream_credentials(db, user)
         proxy = config.proxy
-        tls_mode = db.url_params.get("sslmode", proxy.server_tls_mode)
-        tls_context = tls.client_side_context(
-            tls_mode, db.url_params.get("sslrootcert", proxy.server_tls_ca_file)
-        )
         settings = PoolSettings(
             size=config.pool_size_for(db, user),
             min_size=config.min_pool_size_for(db),
@@ -234,18 +261,92 @@ class Proxy:
             lifetime=proxy.server_lifetime,
             reset_query=proxy.server_reset_query,
             max_prepared_statements=proxy.max_prepared_statements,
-            tls=None
-            if tls_context is None
-            else UpstreamTls(tls_context, tls.upstream_requires_tls(tls_mode)),
+            tls=self._upstream_tls(db),
         )
+        upstream_user = db.user or user
         return Pool(
-            f"{database}/{user}", db, db.dbname or database, db.user or user, password, settings
+            f"{database}/{user}",
+            db,
+            db.dbname or database,
+            upstream_user,
+            password,
+            settings,
+            pass_through=pass_through,
+        )
+
+    def _upstream_tls(self, db: DatabaseConfig) -> UpstreamTls | None:
+        proxy = self.config.proxy
+        tls_mode = db.url_params.get("sslmode", proxy.server_tls_mode)
+        tls_context = tls.client_side_context(
+            tls_mode, db.url_params.get("sslrootcert", proxy.server_tls_ca_file)
+        )
+        if tls_context is None:
+            return None
+        return UpstreamTls(tls_context, tls.upstream_requires_tls(tls_mode))
+
+    def _upstream_credentials(
+        self, db: DatabaseConfig, user: str
+    ) -> tuple[str | None, Callable[[], UpstreamSecret | None] | None]:
+        """(password, pass-through source) for a pool of client ``user`` on ``db``.
+
+        A configured password wins (the database's, else the user's plain one); without one,
+        a user logging in upstream as itself uses what its own logins taught the proxy (SCRAM
+        pass-through, md5 hash): its secret is a verifier, in ``[users]`` or from auth_query.
+        """
+        if db.password is not None:
+            return db.password, None
+        user_cfg = self.config.users.get(user)
+        secret = user_cfg.password if user_cfg is not None else None
+        if secret and not is_verifier(secret):
+            return secret, None
+        if db.user is not None and db.user != user:
+            return None, None  # a forced upstream user without a password (trust upstream)
+        looked_up = user_cfg is None and bool(self.auth_query.auth_user(self.config, db))
+        if not secret and not looked_up:
+            return None, None  # no password anywhere: the upstream must trust this user
+        store, key = self.pass_through, (db.host, db.port, user)  # what frontend.py learns
+        return None, lambda: store.get(key)
+
+    def _auth_pool(self, db: DatabaseConfig, dbname: str, auth_user: str) -> Pool:
+        """A small pool for auth_query lookups; no client startup parameter reaches it."""
+        proxy = self.config.proxy
+        settings = PoolSettings(
+            size=2,
+            min_size=0,
+            mode="transaction",
+            connect_timeout=proxy.server_connect_timeout,
+            idle_timeout=proxy.server_idle_timeout,
+            lifetime=proxy.server_lifetime,
+            reset_query="",
+            tls=self._upstream_tls(db),
+        )
+        startup = {
+            "application_name": "pgproxy-auth",
+            "client_encoding": "UTF8",
+            "options": "-c search_path=pg_catalog -c statement_timeout=10000",
+        }
+        password: str | None = db.password if db.user == auth_user else None
+        pass_through = None
+        if password is None:
+            password, pass_through = self._upstream_credentials(
+                dataclasses.replace(db, user=None, password=None), auth_user
+            )
+        return Pool(
+            f"auth:{dbname}/{auth_user}",
+            db,
+            dbname,
+            auth_user,
+            password,
+            settings,
+            startup,
+            pass_through=pass_through,
         )
 
     async def _janitor_loop(self) -> None:
         while True:
             await asyncio.sleep(_JANITOR_INTERVAL)
             now = time.monotonic()
+            self.auth_query.reap(now)
             for pool in list(self.pools.values()):
                 pool.reap(now)
                 if pool.settings.min_size and pool.total < pool.settings.min_size:
@@ -255,7 +356,12 @@ class Proxy:
         """Apply a new configuration: new logins use it; pools whose settings changed retire
         (idle servers close now, busy ones when their client lets go)."""
         self.client_tls = _client_tls(config)
+        self.cert_binding = _cert_binding(config)
         self.config = config
+        # Secrets, auth_user and upstreams may all have changed: nothing learnt or looked up
+        # under the old settings is trusted under the new ones.
+        self.pass_through.clear()
+        self.auth_query.reload()
         for key, pool in list(self.pools.items()):
             fresh = self._new_pool(*key)
             if fresh is not None and fresh.same_route(pool):
@@ -263,6 +369,13 @@ class Proxy:
             del self.pools[key]
             pool.retire()
         log.info("configuration reloaded from %s", config.source or "built-in defaults")
+
+
+def vpid_owner(vpid: int, workers: int) -> int | None:
+    """The index of the worker that handed out virtual pid ``vpid`` (None: not a vpid)."""
+    if not _VPID_BASE <= vpid < _VPID_BASE + _VPID_SPAN:
+        return None
+    return (vpid - _VPID_BASE) % workers
 
 
 def _client_tls(config: Config) -> ssl.SSLContext | None:
@@ -278,34 +391,48 @@ def _client_tls(config: Config) -> ssl.SSLContext | None:
         raise ConfigError(f"proxy.client_tls_*: {exc}") from exc
 
 
-def _is_verifier(password: str) -> bool:
-    return password.startswith("SCRAM-SHA-256$") or (
-        len(password) == 35 and password.startswith("md5")
-    )
+def _cert_binding(config: Config) -> bytes | None:
+    settings = config.proxy
+    if settings.client_tls_mode == "disable":
+        return None
+    return cbind.certificate_file_hash(settings.client_tls_cert_file)
 
 
-def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
-    """Run the proxy until SIGINT/SIGTERM; SIGHUP calls ``reload`` for a fresh config."""
+def run(
+    config: Config, reload: Callable[[], Config] | None = None, role: WorkerRole | None = None
+) -> int:
+    """Run the proxy until SIGINT/SIGTERM; SIGHUP calls ``reload`` for a fresh config.
+
+    ``role``: this process is one of several workers (``pgproxy.workers``)."""
+    tag = "" if role is None else f"[worker {role.index}]"
     logging.basicConfig(
         level=config.proxy.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
     )
+    if role is not None:  # Ctrl-C reaches the whole process group; the supervisor stops us
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     import uvloop
 
-    return int(uvloop.run(_serve(config, reload or (lambda: load_config(config.source)))))
+    load = reload or (lambda: load_config(config.source))
+    return int(uvloop.run(_serve(config, load, role)))
 
 
-async def _serve(config: Config, load: Callable[[], Config]) -> int:
+async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | None = None) -> int:
     try:
         proxy = Proxy(config)
     except ConfigError as exc:
         log.error("config error: %s", exc)
         return 2
+    if role is not None:
+        proxy.peers = CancelPeers(role)
     try:
         await proxy.start()
+        if proxy.peers is not None:
+            await proxy.peers.start(proxy.cancel_here)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.proxy.listen_host,
                   config.proxy.listen_port, exc)  # fmt: skip
+        await proxy.stop()
         return 1
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -318,8 +445,13 @@ async def _serve(config: Config, load: Callable[[], Config]) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    if role is None:
+        loop.add_signal_handler(signal.SIGINT, stopping.set)
+    else:
+        serve_supervisor(role, stopping.set)
     await stopping.wait()
     log.info("shutting down")
     await proxy.stop()
+    if proxy.peers is not None:
+        await proxy.peers.close()
     return 0

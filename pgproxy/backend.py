@@ -28,13 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.auth.upstream import authenticate_upstream
+from pgproxy.params import ParamState
 from pgproxy.prepared import ReplyFilter, ServerStatements
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.protocol.flow import FlowError, ServerFlow
-from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT, read_length
+from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT, LENGTH_AT
 from pgproxy.wire import WireProtocol, log
 
 if TYPE_CHECKING:
@@ -60,6 +62,9 @@ _INSPECT_BOTH = _INSPECT_WATCHING | _FILTERED
 
 class ServerLink:
     """What a server needs from the client it is linked to (implemented by ClientSession)."""
+
+    # False while ``wants_stall`` would certainly say no: saves a call per ReadyForQuery.
+    may_stall = False
 
     def server_output(self, data: bytes) -> None:
         raise NotImplementedError
@@ -148,6 +153,14 @@ class ServerConnection(WireProtocol):
         self._stalled = False  # a ReadyForQuery waits, unread, for the client (a fence)
         self.statements = ServerStatements(pool.settings.max_prepared_statements)
         self.replies = ReplyFilter()
+        # The Parse body (after the name) of the unnamed statement this server holds, the very
+        # object the client that sent it keeps (compared by identity); None if it holds none.
+        # A simple Query destroys it, internal work included. Another client's Bind of ""
+        # must never run it.
+        self.unnamed: bytes | None = None
+        # The client parameter state (params.ParamState) this server's parameters were last
+        # made to agree with; anything that may change them forgets it.
+        self.param_state: ParamState | None = None
 
     def __repr__(self) -> str:
         return f"<server pid={self.pid} pool={self.pool.name}>"
@@ -161,7 +174,7 @@ class ServerConnection(WireProtocol):
         host: str,
         port: int,
         params: dict[str, str],
-        password: str | None,
+        password: UpstreamSecret | None,
         tls: UpstreamTls | None = None,
     ) -> ServerConnection:
         """Connect and authenticate; raises PgError (with the server's SQLSTATE when it said no)."""
@@ -213,7 +226,7 @@ class ServerConnection(WireProtocol):
         else:
             raise PgError(errors.PROTOCOL_VIOLATION, f"unexpected answer {answer!r} to SSLRequest")
 
-    async def _handshake(self, params: dict[str, str], password: str | None) -> None:
+    async def _handshake(self, params: dict[str, str], password: UpstreamSecret | None) -> None:
         self.write(m.startup_message(params))
         try:
             await authenticate_upstream(self, params["user"], password)
@@ -251,12 +264,16 @@ class ServerConnection(WireProtocol):
         """
         fut: asyncio.Future[InternalResult] = asyncio.get_running_loop().create_future()
         self._internal.append(_Internal(fut))
+        self.unnamed = None
+        self.param_state = None
         self.write(m.query(sql))
         return fut
 
     def send_internal(self, sql: str) -> None:
         """Like run_internal, for work nobody waits on (a failure is logged)."""
         self._internal.append(_Internal(None))
+        self.unnamed = None
+        self.param_state = None
         self.write(m.query(sql))
 
     @property
@@ -294,17 +311,20 @@ class ServerConnection(WireProtocol):
         if self._passthrough:
             pos = min(self._passthrough, n)
             self._passthrough -= pos
+        # Forwarding to a client with no internal work queued: only ``inspect`` types are
+        # looked at. Recomputed after every inspected message (either may change there).
+        plain = client is not None and not self._internal
         while pos < n:
             if n - pos < 5:
                 self._stash(data, pos, 5)
                 n = pos
                 break
             type_ = data[pos]
-            end = pos + 1 + read_length(data, pos + 1)
+            end = pos + 1 + LENGTH_AT(data, pos + 1)[0]
             if end <= pos + 4 or end - pos - 1 > LARGE_MESSAGE_LIMIT:
                 self._protocol_failure("invalid message length from server")
                 return
-            if client is not None and not self._internal and type_ not in inspect:
+            if plain and type_ not in inspect:
                 if end > n:  # stream the rest of a large message as it arrives
                     self._passthrough = end - n
                     pos = n
@@ -318,8 +338,9 @@ class ServerConnection(WireProtocol):
             body = data[pos + 5 : end]
             if (
                 type_ == m.READY_FOR_QUERY
+                and plain
                 and client is not None
-                and not self._internal
+                and client.may_stall
                 and client.wants_stall(body[0] if body else m.IDLE)
             ):
                 if run_start < pos:
@@ -357,6 +378,7 @@ class ServerConnection(WireProtocol):
                         release = True
                         client = None
             pos = end
+            plain = client is not None and not self._internal
         if client is not None and run_start < n:
             out.append(data[run_start:n] if run_start or n < len(data) else data)
         if out:
@@ -392,10 +414,13 @@ class ServerConnection(WireProtocol):
             except FlowError:
                 self._protocol_failure("unexpected ReadyForQuery from server")
                 return False, b"", False
+            if self.replies:
+                self.replies.unit_done(self.flow.done - 1)
             return True, client.on_ready(status), self.flow.idle
         if type_ == m.PARAMETER_STATUS:
             name, value = m.parse_parameter_status(body)
             self.params[name] = value
+            self.param_state = None
             client.server_parameter(name, value)
             return True, b"", False
         if type_ == m.ERROR_RESPONSE:
@@ -404,11 +429,15 @@ class ServerConnection(WireProtocol):
                 # Held back: the client decides what to tell its user once the socket closes.
                 self._fatal = PgError.from_fields(fields)
                 return False, b"", False
+            reworded = b""
             if self.replies:
+                fixed = self.replies.reword(fields)
+                if fixed is not None:  # an error the proxy provoked, in the client's words
+                    reworded = m.error_response(fixed)
                 self.replies.error(self.flow.done)  # the rest of this unit is skipped
             if self.watch_tags:
                 client.error_seen()
-            return True, b"", False
+            return not reworded, reworded, False
         if type_ == m.COMMAND_COMPLETE:
             if body.startswith((b"DEALLOCATE ALL", b"DISCARD ALL")):
                 self.statements.clear()  # every statement on this server is gone
@@ -452,6 +481,7 @@ class ServerConnection(WireProtocol):
         if type_ == m.PARAMETER_STATUS:
             name, value = m.parse_parameter_status(body)
             self.params[name] = value
+            self.param_state = None
         elif type_ == m.ERROR_RESPONSE:
             err = self._fatal = PgError.from_fields(m.parse_error_fields(body))
             log.info("%r: closed by server while idle: %s", self, err.message)
@@ -470,6 +500,11 @@ class ServerConnection(WireProtocol):
             self.notification_sink(body)
         else:
             self.needs_unlisten = True  # a leftover LISTEN; the listener path delivers
+
+    def abort_with(self, error: PgError) -> None:
+        """Drop the connection now; ``error`` is what its client or owner is told."""
+        self._fatal = error
+        self.abort()
 
     def _protocol_failure(self, why: str) -> None:
         log.error("%r: %s; closing", self, why)
@@ -503,13 +538,15 @@ class ServerConnection(WireProtocol):
     def link(self, client: ServerLink) -> None:
         self.client = client
         self.flow.reset()
-        self.replies.clear()
+        if self.replies:
+            self.replies.clear()
 
     def unlink(self) -> None:
         self.client = None
         self.watch_tags = False
         self.idle_since = time.monotonic()
-        self.resume_reading()
+        if self.read_paused:  # paused for a slow client
+            self.resume_reading()
 
     def age(self, now: float | None = None) -> float:
         return (now or time.monotonic()) - self.created_at

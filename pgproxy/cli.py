@@ -6,16 +6,24 @@ in the event loop and protocol machinery.
 """
 
 import argparse
+import dataclasses
+import os
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
-from pgproxy.config import Config, ConfigError, PoolMode, load_config
+from pgproxy.config import Config, ConfigError, PoolMode, as_workers, load_config
+
+if TYPE_CHECKING:
+    from pgproxy.workers import WorkerRole
 
 __all__ = ["build_arg_parser", "config_from_args", "main"]
+
+ENV_WORKERS = "PGPROXY_WORKERS"
+WORKER_FLAG = "--worker"  # internal: how the supervisor starts a worker (pgproxy.workers)
 
 
 def _version() -> str:
@@ -32,13 +40,20 @@ def _version() -> str:
         return "unknown"
 
 
+def _worker_role(text: str) -> "WorkerRole":
+    from pgproxy.workers import WorkerRole
+
+    return WorkerRole.parse(text)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgproxy",
         description="PostgreSQL wire-protocol pooling proxy.",
         epilog=(
             "Precedence: built-in defaults < config file < environment "
-            "(PGPROXY_CONFIG, PGPROXY_LISTEN, PGPROXY_UPSTREAM) < command-line options."
+            "(PGPROXY_CONFIG, PGPROXY_LISTEN, PGPROXY_UPSTREAM, PGPROXY_WORKERS) < "
+            "command-line options."
         ),
     )
     parser.add_argument(
@@ -56,23 +71,48 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help='postgresql:// URL for the "*" database (every database name not configured)',
     )
     parser.add_argument("--pool-mode", choices=get_args(PoolMode), help="override proxy.pool_mode")
+    parser.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="processes sharing the listen port (override proxy.workers; auto = one per CPU)",
+    )
+    parser.add_argument(WORKER_FLAG, type=_worker_role, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--version", action="version", version=f"pgproxy {_version()}")
     return parser
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
-    """Load the config the parsed arguments describe; ``env`` defaults to os.environ."""
-    return load_config(
+    """Load the config the parsed arguments describe; ``env`` defaults to os.environ.
+
+    A worker (``--worker``) gets its share of the sizes (``pgproxy.workers.per_worker``)."""
+    environ = os.environ if env is None else env
+    config = load_config(
         args.config,
         listen=args.listen,
         upstream=args.upstream,
         pool_mode=args.pool_mode,
-        env=env,
+        env=environ,
     )
+    workers = None
+    if getattr(args, "workers", None) is not None:
+        workers = (args.workers, "--workers")
+    elif environ.get(ENV_WORKERS):
+        workers = (environ[ENV_WORKERS], ENV_WORKERS)
+    if workers is not None:
+        text, label = workers
+        value = as_workers(int(text) if text.strip().isdigit() else text.strip(), label)
+        config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, workers=value))
+    role: WorkerRole | None = getattr(args, "worker", None)
+    if role is None:
+        return config
+    from pgproxy.workers import per_worker
+
+    return per_worker(config, role.count)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_arg_parser().parse_args(argv)
     try:
         config = config_from_args(args)
@@ -83,7 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = str(config.source) if config.source is not None else "built-in defaults"
         print(f"pgproxy: configuration OK ({where})")
         return 0
+    if args.worker is None and config.proxy.workers > 1:
+        from pgproxy.workers import supervise
+
+        def load(path: Path | None) -> Config:
+            if path is None:
+                return config_from_args(args)
+            return config_from_args(argparse.Namespace(**{**vars(args), "config": path}))
+
+        return supervise(config, argv, load)
     # Imported here so that --check and --version never load the event-loop machinery.
     from pgproxy.app import run
 
-    return run(config, reload=lambda: config_from_args(args))
+    return run(config, reload=lambda: config_from_args(args), role=args.worker)

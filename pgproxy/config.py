@@ -23,6 +23,9 @@ from types import MappingProxyType
 from typing import Any, Literal, cast, get_args, get_origin
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
+from pgproxy.auth import hba
+from pgproxy.auth.hba import HbaRule
+
 __all__ = [
     "DEFAULT_UPSTREAM_URL",
     "ENV_CONFIG",
@@ -41,6 +44,7 @@ __all__ = [
 
 PoolMode = Literal["session", "transaction"]
 ListenerLossPolicy = Literal["disconnect", "keep"]
+SessionStatePolicy = Literal["log", "error", "ignore"]
 TlsMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 AuthType = Literal["trust", "md5", "scram-sha-256"]
 
@@ -54,6 +58,14 @@ ENV_LISTEN = "PGPROXY_LISTEN"
 ENV_UPSTREAM = "PGPROXY_UPSTREAM"
 
 _MASK = "***"
+
+# Schema-qualified names and operators, so no search_path can redirect it (CVE-2025-12819's
+# class); pg_shadow lists LOGIN roles only, and expired (VALID UNTIL) ones are left out.
+DEFAULT_AUTH_QUERY = (
+    "SELECT usename, passwd FROM pg_catalog.pg_shadow"
+    " WHERE usename OPERATOR(pg_catalog.=) $1"
+    " AND (valuntil IS NULL OR valuntil OPERATOR(pg_catalog.>) pg_catalog.now())"
+)
 
 
 class ConfigError(Exception):
@@ -87,13 +99,23 @@ class ProxySettings:
     notify_buffer_size: int = 1024 * 1024
     notify_pending_limit: int = 16 * 1024 * 1024
     listener_loss: ListenerLossPolicy = "disconnect"
+    listener_ping_interval: float = 30.0
+    listener_ping_timeout: float = 10.0
     max_prepared_statements: int = 200
+    unsupported_session_state: SessionStatePolicy = "log"
     client_tls_mode: TlsMode = "disable"
     client_tls_cert_file: str = ""
     client_tls_key_file: str = ""
     client_tls_ca_file: str = ""
     server_tls_mode: TlsMode = "prefer"
     server_tls_ca_file: str = ""
+    auth_user: str = ""  # runs auth_query for users not in [users]; "" = no lookups
+    auth_query: str = DEFAULT_AUTH_QUERY
+    # Database auth_query runs in; "" = the entry's upstream database ("postgres" for "*").
+    auth_dbname: str = ""
+    auth_query_cache_ttl: float = 60.0
+    auth_failure_delay: float = 0.0  # seconds before a failed login is answered (auth_delay)
+    workers: int = 1  # processes sharing the listen port (pgproxy.workers); "auto" = CPUs
 
 
 def _is_secret_param(name: str) -> bool:
@@ -134,6 +156,7 @@ class DatabaseConfig:
     pool_mode: PoolMode | None = None
     url: str = ""
     url_params: Mapping[str, str] = field(default_factory=dict, hash=False)
+    auth_user: str | None = None  # overrides proxy.auth_user for this database
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url_params", MappingProxyType(dict(self.url_params)))
@@ -167,6 +190,7 @@ class Config:
     databases: Mapping[str, DatabaseConfig] = field(hash=False)
     users: Mapping[str, UserConfig] = field(default_factory=dict, hash=False)
     source: Path | None = None
+    hba: tuple[HbaRule, ...] = ()  # [[hba]] access rules, first match wins
 
     def __post_init__(self) -> None:
         # Read-only views: a Config is shared by every connection task.
@@ -339,7 +363,8 @@ _SCRAM_RE = re.compile(
 def _check_scram_verifier(password: str, path: str) -> None:
     """Catch mangled verifiers at startup rather than as mysterious login failures."""
     m = _SCRAM_RE.fullmatch(password)
-    ok = m is not None and int(m.group(1)) >= 1
+    # Length first: int() of a >4300-digit string raises ValueError (and 2**31 - 1 is the max).
+    ok = m is not None and len(m.group(1)) <= 10 and 1 <= int(m.group(1)) < 2**31
     if m is not None and ok:
         try:
             base64.b64decode(m.group(2), validate=True)
@@ -443,12 +468,20 @@ def _parse_url(url: str, path: str) -> _ParsedUrl:
 
 # --------------------------------------------------------------------------- sections
 
-_SECTIONS = ("proxy", "databases", "users")
+_SECTIONS = ("proxy", "databases", "users", "hba")
 _LISTEN_FIELDS = ("listen_host", "listen_port")
 # Lower bounds for integer proxy settings; the rest default to >= 0.
 _PROXY_MINIMUMS = {"max_client_conn": 1, "default_pool_size": 1, "max_prepared_statements": 1}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-_DATABASE_KEYS = ("url", "user", "password", "pool_size", "min_pool_size", "pool_mode")
+_DATABASE_KEYS = (
+    "url",
+    "user",
+    "password",
+    "pool_size",
+    "min_pool_size",
+    "pool_mode",
+    "auth_user",
+)
 _USER_KEYS = ("password", "pool_mode", "pool_size")
 
 
@@ -461,7 +494,21 @@ class _Overrides:
     pool_mode: tuple[str, str] | None = None
 
 
+MAX_WORKERS = 1024
+
+
+def as_workers(value: object, path: str) -> int:
+    """``workers``: an integer 1..MAX_WORKERS, or ``"auto"`` for one per CPU."""
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    if isinstance(value, str):
+        raise ConfigError(f"{path}: must be an integer or 'auto' (got {_describe(value)})")
+    return _as_int(value, path, minimum=1, maximum=MAX_WORKERS)
+
+
 def _proxy_value(name: str, typ: Any, value: object, path: str) -> object:
+    if name == "workers":
+        return as_workers(value, path)
     if get_origin(typ) is Literal:
         return _as_choice(value, path, get_args(typ))
     if typ is bool:
@@ -497,6 +544,8 @@ def _parse_proxy(table: Mapping[str, Any], overrides: _Overrides) -> ProxySettin
         values["pool_mode"] = _as_pool_mode(text, label)
 
     settings = ProxySettings(**values)
+    if "$1" not in settings.auth_query:
+        raise ConfigError("proxy.auth_query: must take the user name as $1")
     if settings.min_pool_size > settings.default_pool_size:
         raise ConfigError(
             f"proxy.min_pool_size: must be <= proxy.default_pool_size "
@@ -530,6 +579,9 @@ def _parse_database(
     pool_mode = None
     if "pool_mode" in table:
         pool_mode = _as_pool_mode(table["pool_mode"], _key("databases", name, "pool_mode"))
+    auth_user = None
+    if "auth_user" in table:
+        auth_user = _as_str(table["auth_user"], _key("databases", name, "auth_user"))
 
     size, size_label = proxy.default_pool_size, "proxy.default_pool_size"
     if pool_size is not None:
@@ -557,6 +609,7 @@ def _parse_database(
         pool_mode=pool_mode,
         url=parsed.masked,
         url_params=parsed.params,
+        auth_user=auth_user,
     )
 
 
@@ -593,7 +646,8 @@ def _build(data: Mapping[str, Any], source: Path | None, overrides: _Overrides) 
     for section in data:
         if section not in _SECTIONS:
             raise ConfigError(
-                f"{_key(section)}: unknown section (expected 'proxy', 'databases' or 'users')"
+                f"{_key(section)}: unknown section "
+                "(expected 'proxy', 'databases', 'users' or 'hba')"
             )
     proxy = _parse_proxy(_as_table(data.get("proxy", {}), "proxy"), overrides)
 
@@ -620,7 +674,35 @@ def _build(data: Mapping[str, Any], source: Path | None, overrides: _Overrides) 
             raise ConfigError('users."": user name must not be empty')
         users[name] = _parse_user(name, _as_table(table, _key("users", name)), proxy, databases)
 
-    return Config(proxy=proxy, databases=databases, users=users, source=source)
+    try:
+        rules = hba.parse_rules(data.get("hba", []))
+    except hba.HbaError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_lookups_need_passwords(proxy, databases, rules)
+    return Config(proxy=proxy, databases=databases, users=users, source=source, hba=rules)
+
+
+def _check_lookups_need_passwords(
+    proxy: ProxySettings,
+    databases: Mapping[str, DatabaseConfig],
+    rules: tuple[HbaRule, ...],
+) -> None:
+    """auth_user / auth_query only make sense where some login proves a password: with trust
+    alone the looked-up secrets would never be checked, only mislead."""
+    methods = {rule.method for rule in rules} if rules else {proxy.auth_type}
+    if methods & set(hba.PASSWORD_METHODS):
+        return
+    keys = [_key("proxy", "auth_user")] if proxy.auth_user else []
+    keys += [_key("databases", db.name, "auth_user") for db in databases.values() if db.auth_user]
+    if proxy.auth_query != DEFAULT_AUTH_QUERY:  # the shipped example spells out the default
+        keys.append(_key("proxy", "auth_query"))
+    if keys:
+        how = "proxy.auth_type" if not rules else "every [[hba]] rule"
+        raise ConfigError(
+            f"{keys[0]}: needs a password method (md5 or scram-sha-256), but {how} is "
+            f"{' or '.join(repr(m) for m in sorted(methods))}: a trust login proves nothing, "
+            "so looked-up secrets would never be checked"
+        )
 
 
 # --------------------------------------------------------------------------- entry points

@@ -30,13 +30,19 @@ from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as session_params
 from pgproxy import prepared, sql, tls
-from pgproxy.auth.frontend import authenticate_client
+from pgproxy.auth import hba
+from pgproxy.auth.frontend import TRUST, authenticate_client
 from pgproxy.backend import ServerConnection, ServerLink
-from pgproxy.pool.pool import READ_ONLY_PARAMETERS, Pool
+from pgproxy.pool.pool import READ_ONLY_PARAMETERS, Pool, ServerRequest
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError, fatal
-from pgproxy.protocol.framing import check_frontend_header, read_length
+from pgproxy.protocol.framing import (
+    FRONTEND_LIMITS,
+    LENGTH_AT,
+    check_frontend_header,
+    read_length,
+)
 from pgproxy.wire import WireProtocol, log
 
 if TYPE_CHECKING:
@@ -53,6 +59,20 @@ _SESSION_NEED_WHOLE: frozenset[int] = frozenset()  # session mode inspects nothi
 # cleaned as if it had LISTENed), so no client makes the proxy buffer much before a server is
 # even in sight.
 _WHOLE_QUERY_LIMIT = 1024 * 1024
+# Text no server can parse: sent in place of a refused statement, so the server raises the
+# error (a syntax error the proxy rewords) exactly where the statement's own would be.
+_PROVOKE = "pgproxy_refused_statement"
+
+
+def _renamer(server_name: str, client_name: str) -> prepared.ErrorRewrite:
+    """Reword a server error about a proxy-named statement with the client's name for it."""
+
+    def rename(fields: dict[str, str]) -> dict[str, str]:
+        out = dict(fields)
+        out["M"] = out["M"].replace(f'"{server_name}"', f'"{client_name}"')
+        return out
+
+    return rename
 
 
 class ClientSession(WireProtocol, ServerLink):
@@ -72,22 +92,37 @@ class ClientSession(WireProtocol, ServerLink):
         # from the startup packet, which RESET returns to.
         self.unreported: dict[str, str] = {}
         self._startup_unreported: dict[str, str] = {}
+        self._startup_reported: dict[str, str] = {}  # what RESET returns reported ones to
+        # ParameterStatus to send before the next ReadyForQuery: a RESET made the server
+        # report its own default where this client's is the startup value.
+        self._param_fixes: dict[str, str] = {}
+        # This client's parameters as an interned snapshot (None: changed, to be recomputed).
+        # A server remembers the snapshot it was last synchronised to, so a client getting a
+        # server in the state it wants (the common case) costs one identity comparison.
+        self._param_state: session_params.ParamState | None = None
+        # Whether pglast reads this client's text as the server would (UTF-8, standard
+        # strings): the LISTEN fast path needs it; None = to be worked out again.
+        self._text_rules_ok: bool | None = None
         self._inbuf = bytearray()
+        self._inbuf_matters: bool | None = None  # might_matter of _inbuf's first message
         self._need = 0
         self._passthrough = 0  # bytes of a large message still to forward as they arrive
         self._drop = 0  # bytes of a skipped message still to discard as they arrive
         self._waiting = False
         self._skipping = False
         self._task: asyncio.Task[None] | None = None
-        self._request: asyncio.Future[ServerConnection] | None = None  # waiting for a server
+        self._request: ServerRequest | None = None  # waiting for a server
         self._idle_tx_timer: asyncio.TimerHandle | None = None
         self._logged_in = False
         self.statements: dict[str, prepared.Statement] = {}  # named prepared statements
+        # The Parse body (after the name) of the client's unnamed statement; servers compare it
+        # by identity to tell whether the unnamed statement they hold is this one.
+        self._unnamed: bytes | None = None
+        self._state_logged: set[str] = set()  # kinds of untracked session state logged once
         self._listener: Listener | None = None
         self._notify_queue: list[bytes] = []  # held back until the client is between transactions
         self._notify_queued = 0
         self._outbox: list[bytes] = []  # for an idle client, written at the end of the read
-        self._outbox_bytes = 0
         self._doomed: PgError | None = None  # to be disconnected at its next ReadyForQuery I
         # LISTEN slow path: effects forwarded to a pooled server, applied when their
         # transaction commits, dropped if it rolls back; their channels are held meanwhile.
@@ -98,8 +133,10 @@ class ClientSession(WireProtocol, ServerLink):
         # Savepoints of the open transaction: (name, len(pending), len(held)) when taken.
         self._savepoints: list[tuple[str, int, int]] = []
         # Prepared statements/portals that LISTEN or NOTIFY: (effects, may notify).
-        self._sub_statements: dict[str, tuple[list[sql.Subscription], bool]] = {}
-        self._sub_portals: dict[str, tuple[list[sql.Subscription], bool]] = {}
+        self._sub_statements: dict[str, tuple[list[sql.Subscription | sql.SettingEffect], bool]]
+        self._sub_statements = {}
+        self._sub_portals: dict[str, tuple[list[sql.Subscription | sql.SettingEffect], bool]]
+        self._sub_portals = {}
         self._may_have_notified = False  # the transaction in flight may have sent NOTIFY
         self._fence_done = False
         self._pid_mapped: tuple[Listener, int] | None = None  # see _note_notify
@@ -170,6 +207,8 @@ class ClientSession(WireProtocol, ServerLink):
                 if startup is None:
                     return
                 await self._authenticate_and_start(startup)
+            if self._task is asyncio.current_task():
+                self._task = None  # a finished task held by every idle client (~0.7 KiB)
         except PgError as exc:
             if not exc.fatal:
                 exc = exc.with_severity("FATAL")
@@ -192,6 +231,11 @@ class ClientSession(WireProtocol, ServerLink):
         while True:
             packet = m.parse_startup_packet(await self.read_startup_packet(m.STARTUP_MAX_LENGTH))
             if isinstance(packet, m.StartupMessage):
+                # As Postgres: names longer than NAMEDATALEN - 1 bytes are cut before any use,
+                # so hba, [users] and pools see the role the upstream will log in as.
+                for key in ("user", "database"):
+                    if key in packet.params:
+                        packet.params[key] = hba.truncate_name(packet.params[key])
                 return packet
             if isinstance(packet, m.CancelRequest):
                 self.proxy.cancel(packet)
@@ -244,12 +288,50 @@ class ClientSession(WireProtocol, ServerLink):
         if proxy.client_count > config.proxy.max_client_conn:
             raise fatal(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
 
+        peer = self.transport.get_extra_info("peername")
+        method = hba.decide(
+            config.hba,
+            config.proxy.auth_type,
+            database=self.database,
+            user=user,
+            address=peer[0] if isinstance(peer, tuple) else None,
+            tls=self.tls,
+        )
+        # The stored secret: [users], else auth_query (None: unknown, expired, no password).
         user_cfg = config.users.get(user)
-        method = config.proxy.auth_type
-        await authenticate_client(self, method, user, user_cfg.password if user_cfg else None)
-        if config.users and user_cfg is None:
-            # Only reachable with trust: password methods already failed for unknown users.
-            raise fatal(errors.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist')
+        secret = user_cfg.password if user_cfg is not None else None
+        db = config.database_for(self.database)
+        lookup_db = None  # the database whose auth_user looks this user up
+        if user_cfg is None and db is not None and proxy.auth_query.auth_user(config, db):
+            lookup_db = db
+            if method != TRUST:  # config refuses auth_user without a password method anyway
+                secret = await proxy.auth_query.lookup(config, db, user)
+        try:
+            result = await authenticate_client(
+                self, method, user, secret, channel_binding=proxy.cert_binding if self.tls else None
+            )
+        except PgError as exc:
+            if exc.sqlstate == errors.INVALID_PASSWORD:
+                if lookup_db is not None:  # the password may have changed upstream
+                    proxy.auth_query.forget(config, lookup_db, user)
+                if config.proxy.auth_failure_delay:  # as Postgres' auth_delay
+                    await asyncio.sleep(config.proxy.auth_failure_delay)
+            raise
+        if result.method == TRUST:
+            if user_cfg is None and config.users and lookup_db is None:
+                raise fatal(
+                    errors.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'
+                )
+        elif (
+            secret is not None
+            and db is not None
+            and (db.user is None or db.user == user)
+            and proxy.config is config  # a reload meanwhile: the secret may be stale
+        ):
+            # What SCRAM/md5 pass-through upstream can use from now on. Only a login that
+            # proved the password teaches anything: a trust login proved nothing, and must
+            # never unlock what a stored md5 hash or SCRAM verifier can do upstream.
+            proxy.pass_through.learn((db.host, db.port, user), secret, result.scram_client_key)
 
         pool = proxy.pool_for(self.database, user)
         self.pool = pool
@@ -358,6 +440,7 @@ class ClientSession(WireProtocol, ServerLink):
             else:
                 self.unreported[k] = session_params.set_statement(k, v)
         self._startup_unreported = dict(self.unreported)
+        self._startup_reported = dict(self.reported)
         return server
 
     # --- streaming: client -> server ---------------------------------------------------------
@@ -387,8 +470,11 @@ class ClientSession(WireProtocol, ServerLink):
         if len(self._inbuf) > _INBUF_PAUSE:
             self.pause_reading()
 
-    def _process(self, data: bytes) -> None:
-        """Walk the client's messages; forward runs of them to the linked server."""
+    def _process(self, data: bytes, matters_first: bool | None = None) -> None:
+        """Walk the client's messages; forward runs of them to the linked server.
+
+        ``matters_first``: ``sql.might_matter`` of the first message, a Query whose pre-check
+        ran before it had to wait for a server."""
         server = self.server
         pos = 0
         n = len(data)
@@ -405,13 +491,17 @@ class ClientSession(WireProtocol, ServerLink):
                 n = pos
                 break
             type_ = data[pos]
-            length = read_length(data, pos + 1)
-            try:
-                check_frontend_header(type_, length)
-            except m.ProtocolError as exc:
-                self._forward(server, data, run_start, pos)
-                self.fail(fatal(errors.PROTOCOL_VIOLATION, str(exc)))
-                return
+            length = LENGTH_AT(data, pos + 1)[0]
+            body: bytes | None = None
+            matters, matters_first = matters_first, None  # might_matter(body), once known
+            limit = FRONTEND_LIMITS.get(type_)
+            if limit is None or length < 4 or length > limit:
+                try:
+                    check_frontend_header(type_, length)
+                except m.ProtocolError as exc:
+                    self._forward(server, data, run_start, pos)
+                    self.fail(fatal(errors.PROTOCOL_VIOLATION, str(exc)))
+                    return
             end = pos + 1 + length
             if type_ == m.TERMINATE:
                 self._forward(server, data, run_start, pos)
@@ -447,10 +537,11 @@ class ClientSession(WireProtocol, ServerLink):
                         self._stash(data, pos, end - pos)
                         return
                     body = data[pos + 5 : end]
-                    if self._answer_listening_channels(body):
+                    matters = sql.might_matter(body)  # computed once per Query
+                    if matters and self._answer_listening_channels(body):
                         pos = run_start = end
                         continue
-                    statements = self._subscription_query(body)
+                    statements = self._subscription_query(body) if matters else None
                     if statements is not None:
                         self._inbuf += data[end:]
                         self._waiting = True
@@ -460,7 +551,8 @@ class ClientSession(WireProtocol, ServerLink):
                         return
                 server = self._try_link()
                 if server is None:
-                    self._inbuf += data[pos:]
+                    self._inbuf += data[pos:]  # _inbuf was empty: this message comes first
+                    self._inbuf_matters = matters
                     self._bound_inbuf()
                     return
                 run_start = pos
@@ -473,10 +565,10 @@ class ClientSession(WireProtocol, ServerLink):
                     self._stash(data, pos, end - pos)
                     return
                 if pooled:
-                    body = data[pos + 5 : end]
+                    if body is None:
+                        body = data[pos + 5 : end]
                     try:
-                        self._watch_subscriptions(server, type_, body)
-                        replacement = self._rewrite_statement_names(server, type_, body)
+                        replacement = self._inspect(server, type_, body, matters)
                     except m.ProtocolError as exc:
                         self._forward(server, data, run_start, pos)
                         self.fail(fatal(errors.PROTOCOL_VIOLATION, str(exc)))
@@ -518,18 +610,13 @@ class ClientSession(WireProtocol, ServerLink):
             self._link(server)
             return server
         self._waiting = True
-        request = self._request = pool.request(self.proxy.config.proxy.query_wait_timeout)
-        request.add_done_callback(self._server_ready)
+        self._request = pool.request(self._server_ready, self.proxy.config.proxy.query_wait_timeout)
         return None
 
-    def _server_ready(self, request: asyncio.Future[ServerConnection]) -> None:
-        """The pool answered a request made by ``_try_link``."""
-        if request is self._request:
-            self._request = None
-        if request.cancelled():
-            return
-        error = request.exception()
-        if error is not None:
+    def _server_ready(self, server: ServerConnection | None, error: BaseException | None) -> None:
+        """The pool answered a request made by ``_try_link`` (maybe from inside a release)."""
+        self._request = None
+        if server is None:
             self._waiting = False
             if isinstance(error, PgError):
                 self._fail_unit(error)
@@ -537,7 +624,6 @@ class ClientSession(WireProtocol, ServerLink):
                 log.error("%r: getting a server failed: %r", self, error)
                 self.fail(fatal(errors.INTERNAL_ERROR, "internal error in pgproxy"))
             return
-        server = request.result()
         if self.closed:
             server.pool.release(server)
             return
@@ -549,19 +635,25 @@ class ClientSession(WireProtocol, ServerLink):
         data = bytes(self._inbuf)
         self._inbuf.clear()
         self._need = 0
+        matters, self._inbuf_matters = self._inbuf_matters, None
         self.resume_reading()
         if data:
-            self._process(data)
+            self._process(data, matters)
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
         server.link(self)
-        sql = session_params.sync_sql(
-            self.reported, self.unreported, server.params, server.proxy_set
-        )
-        if sql is not None:
-            server.send_internal(sql)
-            server.proxy_set = dict(self.unreported)
+        state = self._param_state
+        if state is None:
+            state = self._param_state = session_params.param_state(self.reported, self.unreported)
+        if server.param_state is not state:
+            sql = session_params.sync_sql(
+                self.reported, self.unreported, server.params, server.proxy_set
+            )
+            if sql is not None:
+                server.send_internal(sql)
+                server.proxy_set = dict(self.unreported)
+            server.param_state = state
         if self.write_paused:
             server.pause_reading()
 
@@ -573,6 +665,7 @@ class ClientSession(WireProtocol, ServerLink):
         self.write(m.error_response(error.fields()))
         data = bytes(self._inbuf)
         self._inbuf.clear()
+        self._inbuf_matters = None
         self._need = 0
         if len(data) >= 5 and data[0] in (m.QUERY, m.FUNCTION_CALL):
             # A simple-protocol unit is that one message: it gets its ReadyForQuery now.
@@ -597,6 +690,7 @@ class ClientSession(WireProtocol, ServerLink):
     def server_parameter(self, name: str, value: str) -> None:
         if name not in READ_ONLY_PARAMETERS:
             self.reported[name] = value
+            self._param_state = self._text_rules_ok = None
 
     def server_released(self) -> bool:
         if self.pool is None or self.pool.mode == "session" or self._inbuf:
@@ -613,6 +707,10 @@ class ClientSession(WireProtocol, ServerLink):
         server = self.server
         if self._sub_pending or self._sub_held:
             self._settle_pending(status)
+        fixes = b""
+        if self._param_fixes:
+            fixes = b"".join(m.parameter_status(k, v) for k, v in self._param_fixes.items())
+            self._param_fixes.clear()
         if status == m.IDLE:
             self._savepoints.clear()
             self._sub_portals.clear()  # portals end with their transaction
@@ -620,20 +718,20 @@ class ClientSession(WireProtocol, ServerLink):
                 server.watch_tags = False
             if self._doomed is not None:
                 asyncio.get_running_loop().call_soon(self._end_doomed)
-                return b""
+                return fixes
             if not self._notify_queue:
-                return b""
+                return fixes
             out = b"".join(self._notify_queue)
             self._notify_queue.clear()
             self._notify_queued = 0
-            return out
+            return fixes + out
         if server is not None and not server.flow.pending:
             timeout = self.proxy.config.proxy.idle_transaction_timeout
             if timeout > 0:
                 self._idle_tx_timer = asyncio.get_running_loop().call_later(
                     timeout, self._idle_transaction_expired
                 )
-        return b""
+        return fixes
 
     def server_lost(self, error: PgError) -> None:
         self._unmap_pid()
@@ -671,22 +769,22 @@ class ClientSession(WireProtocol, ServerLink):
 
     def _fast_path_allowed(self) -> bool:
         """LISTEN can be answered here only where pglast reads the text as the server would."""
+        text_ok = self._text_rules_ok
+        if text_ok is None:  # once per parameter change
+            reported = self.reported
+            text_ok = self._text_rules_ok = (
+                reported.get("standard_conforming_strings", "on") == "on"
+                and reported.get("client_encoding", "UTF8").upper() in _UTF8_NAMES
+            )
         pool = self.pool
-        return (
-            pool is not None
-            and pool.mode == "transaction"
-            and self._doomed is None
-            and self.reported.get("standard_conforming_strings", "on") == "on"
-            and self.reported.get("client_encoding", "UTF8").upper() in _UTF8_NAMES
-        )
+        return text_ok and pool is not None and pool.mode == "transaction" and self._doomed is None
 
     def _answer_listening_channels(self, body: bytes) -> bool:
         """Answer ``SELECT pg_listening_channels()`` from this client's own channels.
 
         Through a pool the server's answer would describe a random pooled server.
+        ``body`` passed the ``sql.might_matter`` pre-check.
         """
-        if not sql.might_matter(body):
-            return False
         try:
             text = m.parse_query(body)
         except m.ProtocolError:
@@ -702,8 +800,7 @@ class ClientSession(WireProtocol, ServerLink):
 
     @staticmethod
     def _subscription_query(body: bytes) -> list[sql.Subscription] | None:
-        if not sql.might_matter(body):
-            return None
+        """``body`` passed the ``sql.might_matter`` pre-check."""
         try:
             text = m.parse_query(body)
         except m.ProtocolError:
@@ -733,47 +830,17 @@ class ClientSession(WireProtocol, ServerLink):
         self.write(reply + self._ready_idle())
         self._resume_input()
 
-    def _watch_subscriptions(self, server: ServerConnection, type_: int, body: bytes) -> None:
-        """Slow path: note LISTEN/UNLISTEN effects of statements forwarded to a pooled server."""
+    def _inspect(
+        self, server: ServerConnection, type_: int, body: bytes, matters: bool | None
+    ) -> bytes | None:
+        """Transaction mode: note what this message does to the session; return what to send
+        instead of it (None: send it as it is). ``matters``: ``might_matter`` of a Query's
+        body, if already known."""
         if type_ == m.QUERY:
-            if sql.might_matter(body) or sql.starts_with_set(body):
-                server.watch_tags = True  # DEALLOCATE ALL / DISCARD ALL clear statements
-                text = m.parse_query(body)
-                if sql.may_notify(text):
-                    self._note_notify(server)
-                for effect in sql.session_effects(text) or ():
-                    if isinstance(effect, sql.Listen | sql.Unlisten):
-                        server.needs_unlisten = True  # a LISTEN there would outlive this client
-                        self._add_pending(server, [effect])
-                    elif isinstance(effect, sql.SetParameter | sql.ResetAll):
-                        self._add_pending(server, [effect])
-                    else:
-                        self._savepoint_op(effect)
-        elif type_ == m.PARSE:
-            name, text, _ = m.parse_parse(body)
-            effects: list[sql.Subscription] = []
-            notifies = False
-            if sql.might_matter(text):
-                effects = [
-                    e
-                    for e in sql.session_effects(text) or ()
-                    if isinstance(e, sql.Listen | sql.Unlisten)
-                ]
-                notifies = sql.may_notify(text)
-            if effects or notifies:
-                if effects:
-                    server.needs_unlisten = True
-                self._sub_statements[name] = (effects, notifies)
-            else:
-                self._sub_statements.pop(name, None)
-        elif type_ == m.BIND:
-            portal, statement = m.parse_bind_names(body)
-            info = self._sub_statements.get(statement)
-            if info is not None:
-                self._sub_portals[portal] = info
-            else:
-                self._sub_portals.pop(portal, None)
-        elif type_ == m.EXECUTE:
+            return self._inspect_query(server, body, matters)
+        if type_ == m.PARSE:
+            return self._inspect_parse(server, body)
+        if type_ == m.EXECUTE:
             portal, _ = m.read_cstring(body, 0)
             info = self._sub_portals.get(portal)
             if info is not None:
@@ -782,62 +849,189 @@ class ClientSession(WireProtocol, ServerLink):
                     self._note_notify(server)
                 if effects:
                     self._add_pending(server, effects)
-
-    def _rewrite_statement_names(
-        self, server: ServerConnection, type_: int, body: bytes
-    ) -> bytes | None:
-        """Transaction mode: what to send instead of this message (None: send it as it is)."""
+            return None
         unit = server.flow.sent
-        replies = server.replies
-        if type_ == m.PARSE:
-            name, tail_at = m.read_cstring(body, 0)
-            if not name:
-                replies.expect(m.PARSE_COMPLETE, False, unit)
-                return None
-            tail = body[tail_at:]
-            stmt = self.statements.get(name)
-            if stmt is not None:
-                # Already exists: make the server raise its own 42P05 in its place.
-                out = self._ensure_prepared(server, stmt, unit)
-            else:
-                if len(self.statements) >= prepared.MAX_CLIENT_STATEMENTS:
-                    raise fatal(
-                        errors.PROGRAM_LIMIT_EXCEEDED,
-                        f"too many prepared statements (pgproxy keeps at most "
-                        f"{prepared.MAX_CLIENT_STATEMENTS} per client)",
-                    )
-                stmt = self.statements[name] = prepared.statement_for(tail)
-                if stmt.server_name in server.statements:
-                    out = m.close("S", stmt.server_name)  # re-parse: the server answers itself
-                    replies.expect(m.CLOSE_COMPLETE, True, unit)
-                else:
-                    out = self._evict(server, server.statements.add(stmt.server_name), unit)
-            replies.expect(m.PARSE_COMPLETE, False, unit)
-            return out + stmt.parse_message()
         if type_ == m.BIND:
-            _, name_at = m.read_cstring(body, 0)
+            portal, name_at = m.read_cstring(body, 0)
             name, rest_at = m.read_cstring(body, name_at)
-            stmt = self.statements.get(name) if name else None
+            info = self._sub_statements.get(name)
+            if info is not None:
+                self._sub_portals[portal] = info
+            elif self._sub_portals:
+                self._sub_portals.pop(portal, None)
+            if not name:
+                first = self._ensure_unnamed(server, unit)
+                return first + m.message(m.BIND, body) if first else None
+            stmt = self.statements.get(name)
             if stmt is None:
-                return None  # unnamed, or unknown: the server answers (26000) as it would
+                return None  # unknown: the server answers (26000) as it would
             return self._ensure_prepared(server, stmt, unit) + m.message(
                 m.BIND, body[:name_at] + stmt.server_name.encode() + b"\0" + body[rest_at:]
             )
         if type_ == m.DESCRIBE:
             kind, name = m.parse_describe_or_close(body)
-            stmt = self.statements.get(name) if kind == ord("S") and name else None
+            if kind != ord("S"):
+                return None
+            if not name:
+                first = self._ensure_unnamed(server, unit)
+                return first + m.message(m.DESCRIBE, body) if first else None
+            stmt = self.statements.get(name)
             if stmt is None:
                 return None
             return self._ensure_prepared(server, stmt, unit) + m.describe("S", stmt.server_name)
-        if type_ == m.CLOSE:
-            kind, name = m.parse_describe_or_close(body)
-            (self._sub_statements if kind == ord("S") else self._sub_portals).pop(name, None)
-            if kind == ord("S"):
-                # The server knows no statement by the client's name, so it answers
-                # CloseComplete itself; the shared server copy stays cached.
-                self.statements.pop(name, None)
-            replies.expect(m.CLOSE_COMPLETE, False, unit)
+        # Close
+        kind, name = m.parse_describe_or_close(body)
+        (self._sub_statements if kind == ord("S") else self._sub_portals).pop(name, None)
+        if kind == ord("S"):
+            # The server knows no statement by the client's name, so it answers
+            # CloseComplete itself; the shared server copy stays cached.
+            self.statements.pop(name, None)
+            if not name:
+                self._unnamed = None
+                server.unnamed = None
+        server.replies.expect(m.CLOSE_COMPLETE, False, unit)
         return None
+
+    def _inspect_query(
+        self, server: ServerConnection, body: bytes, matters: bool | None
+    ) -> bytes | None:
+        self._unnamed = None  # a simple Query destroys the unnamed statement
+        server.unnamed = None
+        if not (sql.might_matter(body) if matters is None else matters):
+            return None
+        server.watch_tags = True  # DEALLOCATE ALL / DISCARD ALL clear statements
+        text = m.parse_query(body)
+        if sql.may_notify(text):
+            self._note_notify(server)
+        effects = sql.session_effects(text) or ()
+        for effect in effects:
+            if isinstance(effect, sql.SessionState) and self._unsupported_state(effect):
+                return self._provoke_error(server, effect, m.query(_PROVOKE))
+        for effect in effects:
+            if isinstance(effect, sql.Listen | sql.Unlisten):
+                server.needs_unlisten = True  # a LISTEN there would outlive this client
+                self._add_pending(server, [effect])
+            elif isinstance(effect, sql.SetParameter | sql.ResetAll):
+                self._add_pending(server, [effect])
+            elif isinstance(effect, sql.Deallocate):
+                stmt = self.statements.get(effect.name)
+                if (
+                    stmt is not None
+                    and server.flow.status != m.FAILED_TRANSACTION  # else: 25P02, kept
+                    and sql.is_only(text, effect)
+                ):
+                    return self._deallocate(server, effect.name, stmt)
+            elif not isinstance(effect, sql.SessionState):
+                self._savepoint_op(effect)
+        return None
+
+    def _deallocate(self, server: ServerConnection, name: str, stmt: prepared.Statement) -> bytes:
+        """SQL ``DEALLOCATE name`` of a protocol-level statement: the server knows it by its
+        proxy-wide name, so it deallocates that (preparing it first if it lacks it)."""
+        del self.statements[name]
+        self._sub_statements.pop(name, None)
+        out = self._ensure_prepared(server, stmt, server.flow.sent)
+        server.statements.discard(stmt.server_name)
+        server.replies.expect_error(
+            stmt.server_name, _renamer(stmt.server_name, name), server.flow.sent
+        )
+        return out + m.query("DEALLOCATE " + session_params.quote_ident(stmt.server_name))
+
+    def _inspect_parse(self, server: ServerConnection, body: bytes) -> bytes | None:
+        name, tail_at = m.read_cstring(body, 0)
+        tail = body[tail_at:]
+        unit = server.flow.sent
+        replies = server.replies
+        effects: list[sql.Subscription | sql.SettingEffect] = []
+        notifies = False
+        text_end = body.find(b"\0", tail_at)
+        if text_end < 0:
+            raise m.ProtocolError("missing string terminator")
+        if sql.might_matter(body[tail_at:text_end]):
+            text, _ = m.read_cstring(body, tail_at)
+            for effect in sql.session_effects(text) or ():
+                if isinstance(effect, sql.SessionState):
+                    if self._unsupported_state(effect):
+                        server.unnamed = None  # the server drops it before parsing
+                        return self._provoke_error(server, effect, m.parse("", _PROVOKE, []))
+                elif isinstance(
+                    effect, sql.Listen | sql.Unlisten | sql.SetParameter | sql.ResetAll
+                ):
+                    effects.append(effect)
+            notifies = sql.may_notify(text)
+        if effects or notifies:
+            if any(isinstance(e, sql.Listen | sql.Unlisten) for e in effects):
+                server.needs_unlisten = True
+            self._sub_statements[name] = (effects, notifies)
+        elif self._sub_statements:
+            self._sub_statements.pop(name, None)
+        if not name:
+            self._unnamed = server.unnamed = tail
+            replies.expect(m.PARSE_COMPLETE, False, unit)
+            return None
+        stmt = self.statements.get(name)
+        if stmt is not None:
+            # Already exists: make the server raise its own 42P05, in the client's words.
+            out = self._ensure_prepared(server, stmt, unit)
+            replies.expect_error(stmt.server_name, _renamer(stmt.server_name, name), unit)
+        else:
+            if len(self.statements) >= prepared.MAX_CLIENT_STATEMENTS:
+                raise fatal(
+                    errors.PROGRAM_LIMIT_EXCEEDED,
+                    f"too many prepared statements (pgproxy keeps at most "
+                    f"{prepared.MAX_CLIENT_STATEMENTS} per client)",
+                )
+            stmt = self.statements[name] = prepared.statement_for(tail)
+            if stmt.server_name in server.statements:
+                out = m.close("S", stmt.server_name)  # re-parse: the server answers itself
+                replies.expect(m.CLOSE_COMPLETE, True, unit)
+            else:
+                out = self._evict(server, server.statements.add(stmt.server_name), unit)
+        replies.expect(m.PARSE_COMPLETE, False, unit)
+        return out + stmt.parse_message()
+
+    def _unsupported_state(self, effect: sql.SessionState) -> bool:
+        """Session state transaction pooling cannot carry: log it, or (True) refuse it."""
+        policy = self.proxy.config.proxy.unsupported_session_state
+        if policy == "error":
+            return True
+        if policy == "log" and effect.what not in self._state_logged:
+            self._state_logged.add(effect.what)
+            log.warning(
+                "%r: %s will not follow this client to other servers (transaction pooling)",
+                self,
+                effect.what,
+            )
+        return False
+
+    def _provoke_error(
+        self, server: ServerConnection, effect: sql.SessionState, message: bytes
+    ) -> bytes:
+        """Refuse a statement where it stands: the server fails a stand-in for it (so the
+        transaction aborts exactly as the statement's own error would), reworded as ours."""
+        error = PgError(
+            errors.FEATURE_NOT_SUPPORTED,
+            f"{effect.what} is not supported in transaction pooling mode",
+            hint="Use a transaction-scoped alternative (pg_advisory_xact_lock, ON COMMIT DROP) "
+            "or session pool_mode for this database.",
+        )
+        server.replies.expect_error(_PROVOKE, lambda _: error.fields(), server.flow.sent)
+        return message
+
+    def _ensure_unnamed(self, server: ServerConnection, unit: int) -> bytes:
+        """Before a Bind/Describe of the unnamed statement: make the server's one this
+        client's (it may hold another client's, or none, since the last Sync)."""
+        tail = self._unnamed
+        if server.unnamed is tail:  # identity: this very Parse of this client, or both None
+            return b""
+        if tail is None:
+            # The client has none: make sure the server fails as Postgres would (26000).
+            server.replies.expect(m.CLOSE_COMPLETE, True, unit)
+            server.unnamed = None
+            return m.close("S", "")
+        server.replies.expect(m.PARSE_COMPLETE, True, unit)
+        server.unnamed = tail
+        return m.message(m.PARSE, b"\0" + tail)
 
     def _ensure_prepared(
         self, server: ServerConnection, stmt: prepared.Statement, unit: int
@@ -857,7 +1051,7 @@ class ClientSession(WireProtocol, ServerLink):
 
     def _note_notify(self, server: ServerConnection) -> None:
         """A statement that may NOTIFY is being forwarded: attribute its notifications."""
-        self._may_have_notified = True
+        self._may_have_notified = self.may_stall = True
         pool = self.pool
         listener = self.proxy.existing_listener(pool) if pool is not None else None
         if listener is not None and listener.channels:
@@ -911,6 +1105,11 @@ class ClientSession(WireProtocol, ServerLink):
         Directly connected, a session gets its own notifications before that ReadyForQuery,
         and their PID is its own; the fence makes both true through the proxy.
         """
+        stall = self._wants_stall(status)
+        self.may_stall = self._may_have_notified or self._fence_done
+        return stall
+
+    def _wants_stall(self, status: int) -> bool:
         if self._fence_done:
             self._fence_done = False
             return False
@@ -931,7 +1130,7 @@ class ClientSession(WireProtocol, ServerLink):
             await fence
         except (PgError, ConnectionError) as exc:
             log.warning("%r: listener fence failed: %s", self, exc)
-        self._fence_done = True
+        self._fence_done = self.may_stall = True
         server.resume_stream()
 
     def command_complete(self, tag: bytes) -> None:
@@ -978,13 +1177,22 @@ class ClientSession(WireProtocol, ServerLink):
         """Committed session SETs of unreported parameters follow the client to other servers
         (reported ones already do, through ParameterStatus)."""
         server = self.server
-        reported = {k.lower() for k in self.reported}
+        reported = {k.lower(): k for k in self.reported}
+        changed = False
         for effect in self._sub_pending:
             if isinstance(effect, sql.ResetAll):
+                changed = True
                 self.unreported = dict(self._startup_unreported)
                 if server is not None:
                     server.proxy_set.clear()  # the server is back at its own defaults
-            elif isinstance(effect, sql.SetParameter) and effect.name not in reported:
+                for name in self._startup_reported:
+                    self._reset_reported(name)
+            elif isinstance(effect, sql.SetParameter) and effect.name in reported:
+                if effect.statement is None:
+                    changed = True
+                    self._reset_reported(reported[effect.name])
+            elif isinstance(effect, sql.SetParameter):
+                changed = True
                 name = effect.name
                 if effect.statement is not None:
                     self.unreported[name] = effect.statement
@@ -998,6 +1206,18 @@ class ClientSession(WireProtocol, ServerLink):
                         self.unreported.pop(name, None)
                     if server is not None:
                         server.proxy_set.pop(name, None)
+        if changed:
+            self._param_state = self._text_rules_ok = None
+            if server is not None:
+                server.param_state = None  # its proxy_set changed, and maybe not to agree
+
+    def _reset_reported(self, name: str) -> None:
+        """RESET of a reported parameter: the client's default is its startup value, which the
+        pooled server does not know; correct what the server reported."""
+        startup = self._startup_reported.get(name)
+        if startup is not None and self.reported.get(name) != startup:
+            self.reported[name] = startup
+            self._param_fixes[name] = startup
 
     async def _release_when_live(self, waits: list[asyncio.Future[None]]) -> None:
         results = await asyncio.gather(*(asyncio.shield(w) for w in waits), return_exceptions=True)
@@ -1022,31 +1242,30 @@ class ClientSession(WireProtocol, ServerLink):
         """
         if self.closed or self._doomed is not None:
             return False
-        settings = self.proxy.config.proxy
         if self._logged_in and self.server is None and not self._waiting and not self._skipping:
-            self._outbox.append(message)
-            self._outbox_bytes += len(message)
-            unread = self.transport.get_write_buffer_size() + self._outbox_bytes
-            if unread > settings.notify_buffer_size:
-                log.warning("%r: not reading notifications; disconnecting", self)
-                self._outbox.clear()
-                self.write(m.error_response(_overflow("it is not reading them").fields()))
-                self.reset()  # its buffer will never drain: do not wait for it
-                return False
+            self._outbox.append(message)  # the buffer limit is checked once, at the flush
             return True
         self._notify_queue.append(message)
         self._notify_queued += len(message)
-        if self._notify_queued > settings.notify_pending_limit:
+        if self._notify_queued > self.proxy.config.proxy.notify_pending_limit:
             log.warning("%r: too many notifications held during a transaction", self)
             self._notify_queue.clear()
             self.fail(_overflow("it stayed inside a transaction while they piled up"))
         return False
 
     def flush_notifications(self) -> None:
-        if self._outbox:
-            data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
-            self._outbox.clear()
-            self._outbox_bytes = 0
+        outbox = self._outbox
+        if outbox:
+            data = b"".join(outbox) if len(outbox) > 1 else outbox[0]
+            outbox.clear()
+            if self.closed:
+                return
+            limit = self.proxy.config.proxy.notify_buffer_size
+            if self.transport.get_write_buffer_size() + len(data) > limit:
+                log.warning("%r: not reading notifications; disconnecting", self)
+                self.write(m.error_response(_overflow("it is not reading them").fields()))
+                self.reset()  # its buffer will never drain: do not wait for it
+                return
             self.write(data)
 
     def listener_lost(self, error: PgError) -> None:
@@ -1093,7 +1312,7 @@ class ClientSession(WireProtocol, ServerLink):
     def cancel_waiting(self) -> bool:
         """A cancel for a client still queued for a server: drop its request (57014)."""
         request = self._request
-        if not self._waiting or request is None or request.done():
+        if not self._waiting or request is None or request.done:
             return False
         request.cancel()
         self._waiting = False

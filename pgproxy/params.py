@@ -11,6 +11,7 @@ messages reach a server, the differences are applied as one internal Query (PROT
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 from pgproxy.protocol import errors
@@ -18,6 +19,25 @@ from pgproxy.protocol.errors import PgError
 
 # Startup parameters that are not GUCs.
 NON_GUC_STARTUP_PARAMETERS = frozenset(("user", "database", "options", "replication"))
+
+
+class ParamState:
+    """An interned snapshot of one set of client parameters (see :func:`param_state`)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_STATES: weakref.WeakValueDictionary[object, ParamState] = weakref.WeakValueDictionary()
+
+
+def param_state(reported: Mapping[str, str], unreported: Mapping[str, str]) -> ParamState:
+    """The one snapshot object for these parameters: clients with equal parameters share it,
+    so "is this server already in the state this client wants" is an identity test."""
+    key = (frozenset(reported.items()), frozenset(unreported.items()))
+    state = _STATES.get(key)
+    if state is None:
+        state = _STATES[key] = ParamState()
+    return state
 
 
 def quote_ident(name: str) -> str:
@@ -33,7 +53,9 @@ def quote_literal(value: str) -> str:
 
 
 def set_statement(name: str, value: str) -> str:
-    return f"SET {quote_ident(name)} TO {quote_literal(value)}"
+    """SQL giving ``name`` the raw ``value`` for the session, read as a startup packet or
+    postgresql.conf reads it (``SET search_path TO 'a,b'`` would make one schema "a,b")."""
+    return f"SELECT pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
 
 
 def sync_sql(

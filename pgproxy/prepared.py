@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgproxy.protocol import messages as m
@@ -77,24 +78,42 @@ class ServerStatements:
         return len(self._names)
 
 
+ErrorRewrite = Callable[[dict[str, str]], dict[str, str]]
+
+
 class ReplyFilter:
-    """Which ParseComplete/CloseComplete replies go to the client, which the proxy swallows.
+    """Which ParseComplete/CloseComplete replies go to the client, which the proxy swallows,
+    and which server errors must be reworded before the client sees them.
 
     One entry per Parse or Close sent to the server, in order, tagged with the unit (count of
     ReadyForQuery-producing messages sent before it). After an ErrorResponse the server skips
     the rest of the unit, so that unit's remaining entries are dropped.
     """
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_rewrites")
 
     def __init__(self) -> None:
         self._entries: deque[tuple[int, bool, int]] = deque()  # (reply type, swallow, unit)
+        # (text the error message contains, how to reword it, unit)
+        self._rewrites: list[tuple[str, ErrorRewrite, int]] = []
 
     def expect(self, reply_type: int, swallow: bool, unit: int) -> None:
         self._entries.append((reply_type, swallow, unit))
 
+    def expect_error(self, needle: str, rewrite: ErrorRewrite, unit: int) -> None:
+        """An error of ``unit`` whose message contains ``needle`` is the proxy's doing."""
+        self._rewrites.append((needle, rewrite, unit))
+
+    def reword(self, fields: dict[str, str]) -> dict[str, str] | None:
+        """The client's version of an error from the server, or None to pass it on as it is."""
+        message = fields.get("M", "")
+        for needle, rewrite, _ in self._rewrites:
+            if needle in message:
+                return rewrite(fields)
+        return None
+
     def __bool__(self) -> bool:
-        return bool(self._entries)
+        return bool(self._entries) or bool(self._rewrites)
 
     def reply(self, reply_type: int) -> bool:
         """A ParseComplete/CloseComplete arrived: True if the proxy swallows it."""
@@ -107,6 +126,13 @@ class ReplyFilter:
     def error(self, unit: int) -> None:
         while self._entries and self._entries[0][2] <= unit:
             self._entries.popleft()
+        self._rewrites = [r for r in self._rewrites if r[2] > unit]
+
+    def unit_done(self, unit: int) -> None:
+        """Units up to ``unit`` are over: their error rewrites can no longer apply."""
+        if self._rewrites:
+            self._rewrites = [r for r in self._rewrites if r[2] > unit]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._rewrites.clear()

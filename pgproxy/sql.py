@@ -16,28 +16,63 @@ from dataclasses import dataclass
 import pglast
 from pglast import ast
 from pglast.enums.parsenodes import DiscardMode, TransactionStmtKind, VariableSetKind
+from pglast.enums.primnodes import OnCommitAction
 from pglast.stream import RawStream
+from pglast.visitors import Visitor
+
+from pgproxy.params import set_statement
 
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 
 
+_PRECHECKED: dict[bytes, bool] = {}  # drivers send the same texts over and over
+_PRECHECK_CACHE_ENTRIES = 4096
+_PRECHECK_CACHE_TEXT = 2048  # longer texts are rarely repeated verbatim
+
+
 def might_matter(query_body: bytes | str) -> bool:
-    """True if query text may LISTEN, UNLISTEN, NOTIFY, DISCARD, DEALLOCATE or use savepoints
-    (false positives are fine)."""
+    """True if query text may do something the proxy tracks: LISTEN, UNLISTEN, NOTIFY, DISCARD,
+    DEALLOCATE, savepoints, session SET/RESET/set_config(), or session state a pool cannot
+    carry (advisory locks, temporary tables, WITH HOLD cursors, SQL PREPARE). False positives
+    are fine: they cost one (cached) parse."""
     if isinstance(query_body, str):
-        query_body = query_body.encode("utf-8", "surrogateescape")
-    # bytes.lower() folds ASCII only, which is all these keywords need; measured an order of
-    # magnitude cheaper than a case-insensitive regex (bench/precheck.py).
-    low = query_body.lower()
+        return _precheck(query_body)
+    known = _PRECHECKED.get(query_body)
+    if known is not None:
+        return known  # hashing the bytes costs a fraction of the twelve scans
+    result = _precheck(query_body.decode("latin-1"))
+    if len(query_body) <= _PRECHECK_CACHE_TEXT:
+        if len(_PRECHECKED) >= _PRECHECK_CACHE_ENTRIES:
+            _PRECHECKED.clear()  # bounded; cheaper than an LRU and good enough
+        _PRECHECKED[query_body] = result
+    return result
+
+
+def _precheck(text: str) -> bool:
+    # Substring tests on str, not bytes: ``bytes in bytes`` first tries the needle as an
+    # integer and formats (then discards) a TypeError every time, which made this pre-check a
+    # quarter of the proxy's instructions per transaction (callgrind). latin-1 maps bytes 1:1,
+    # and the keywords are ASCII, so lower() folding other characters too changes nothing.
+    low = text.lower()
     return (
-        b"listen" in low
-        or b"notify" in low
-        or b"discard" in low
-        or b"deallocate" in low
-        or b"savepoint" in low  # LISTEN effects follow savepoints (PROTOCOL-NOTES 10)
-        or b"rollback" in low
-        or b"release" in low
+        "listen" in low
+        or "notify" in low
+        or "discard" in low
+        or "deallocate" in low
+        or "savepoint" in low  # LISTEN effects follow savepoints (PROTOCOL-NOTES 10)
+        or "rollback" in low
+        or "release" in low
+        or "advisory" in low
+        or "temp" in low
+        or "hold" in low
+        or "prepare" in low
+        or ("set" in low and ("set_config" in low or _SET_STATEMENT.search(low) is not None))
     )
+
+
+# SET/RESET at the start of a statement (after a ';', a comment or a newline). UPDATE ... SET
+# does not match, so the common write pays one C-level scan and no parse.
+_SET_STATEMENT = re.compile(r"(?:\A|[;\n/])\s*(?:re)?set\s")
 
 
 _LISTENING_CHANNELS = re.compile(
@@ -102,16 +137,22 @@ class ResetAll:
     pass
 
 
+@dataclass(frozen=True)
+class Deallocate:
+    """SQL ``DEALLOCATE name`` (not ALL)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """Session state a transaction-mode pool cannot carry from server to server."""
+
+    what: str
+
+
 SettingEffect = SetParameter | ResetAll
-Effect = Subscription | SavepointOp | SettingEffect
-
-_SET_START = re.compile(rb"\s*(?:set|reset)\s", re.IGNORECASE)
-
-
-def starts_with_set(query_body: bytes) -> bool:
-    """True if a Query starts with SET or RESET (checked at the first bytes only)."""
-    return _SET_START.match(query_body) is not None
-
+Effect = Subscription | SavepointOp | SettingEffect | Deallocate | SessionState
 
 # DISCARD ALL acts as UNLISTEN * on channels, but only the server can run the rest of it;
 # this instance (compared by identity) marks it.
@@ -127,9 +168,10 @@ _SAVEPOINT_OPS: dict[int, type[Savepoint] | type[Release] | type[RollbackTo]] = 
 
 @functools.lru_cache(maxsize=1024)
 def _classify(sql: str) -> tuple[Effect | None, ...] | None:
-    """Each statement's effect on the session's channels or savepoints (None for any other
-    statement); None if the text does not parse. Cached: drivers send the same few texts
-    (ROLLBACK, SAVEPOINT "_pg3_1", LISTEN "jobs") over and over, and effects are immutable."""
+    """The effects of ``sql``'s statements on the session the proxy tracks, in order (None for a
+    statement with none); None if the text does not parse. Cached: drivers send the same few
+    texts (ROLLBACK, SAVEPOINT "_pg3_1", LISTEN "jobs") over and over, and effects are
+    immutable."""
     try:
         parsed = pglast.parse_sql(sql)
     except pglast.parser.ParseError:
@@ -143,15 +185,84 @@ def _classify(sql: str) -> tuple[Effect | None, ...] | None:
             out.append(Unlisten(None if stmt.conditionname is None else str(stmt.conditionname)))
         elif isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
             out.append(_DISCARD_ALL)
+            out.append(ResetAll())  # DISCARD ALL includes RESET ALL
         elif isinstance(stmt, ast.TransactionStmt) and stmt.kind in _SAVEPOINT_OPS:
             out.append(_SAVEPOINT_OPS[stmt.kind](str(stmt.savepoint_name)))
         elif isinstance(stmt, ast.VariableSetStmt) and not stmt.is_local:
             out.append(_setting(stmt))
+        elif isinstance(stmt, ast.DeallocateStmt):
+            out.append(None if stmt.name is None else Deallocate(str(stmt.name)))
+        elif isinstance(stmt, ast.PrepareStmt):
+            out.append(SessionState("SQL PREPARE (a prepared statement that outlives it)"))
+        elif isinstance(stmt, ast.DeclareCursorStmt) and (stmt.options or 0) & _CURSOR_OPT_HOLD:
+            out.append(SessionState("a WITH HOLD cursor"))
         else:
-            out.append(None)
-        if isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
-            out.append(ResetAll())  # DISCARD ALL includes RESET ALL
+            found = _EffectsInside()
+            if stmt is not None:
+                found(stmt)
+            out += found.effects or [None]
     return tuple(out)
+
+
+_CURSOR_OPT_HOLD = 0x0020  # Postgres' parsenodes.h
+_SESSION_ADVISORY_LOCKS = frozenset(
+    (
+        "pg_advisory_lock",
+        "pg_advisory_lock_shared",
+        "pg_try_advisory_lock",
+        "pg_try_advisory_lock_shared",
+    )
+)
+
+
+class _EffectsInside(Visitor):
+    """Effects buried in an ordinary statement: set_config(), session advisory locks, temporary
+    relations (CREATE TEMP TABLE/VIEW/SEQUENCE, SELECT INTO TEMP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.effects: list[Effect] = []
+
+    def visit_FuncCall(self, ancestors: object, node: ast.FuncCall) -> None:
+        names = [str(part.sval) for part in node.funcname or ()]
+        if len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
+            return
+        name = names[-1]
+        if name in _SESSION_ADVISORY_LOCKS:
+            self.effects.append(SessionState(f"a session-level advisory lock ({name})"))
+        elif name == "set_config":
+            self.effects += _set_config(node)
+
+    def visit_RangeVar(self, ancestors: object, node: ast.RangeVar) -> None:
+        if node.relpersistence == "t" and not _dropped_on_commit(ancestors):
+            self.effects.append(SessionState("a temporary relation"))
+
+
+def _dropped_on_commit(ancestors: object) -> bool:
+    """True inside ``CREATE TEMP TABLE ... ON COMMIT DROP``, which lives one transaction."""
+    parent = getattr(ancestors, "node", None)
+    return isinstance(parent, ast.CreateStmt) and parent.oncommit == OnCommitAction.ONCOMMIT_DROP
+
+
+def _set_config(call: ast.FuncCall) -> list[Effect]:
+    """``set_config(name, value, is_local)``: a session SET when is_local is false."""
+    args = call.args or ()
+    consts = [a.val for a in args if isinstance(a, ast.A_Const) and not a.isnull]
+    if len(args) != 3 or len(consts) != 3:
+        return [SessionState("set_config() with arguments only known when it runs")]
+    name, value, is_local = consts
+    if not isinstance(name, ast.String) or not isinstance(value, ast.String):
+        return [SessionState("set_config() with arguments only known when it runs")]
+    local = is_local.boolval if isinstance(is_local, ast.Boolean) else None
+    if local is None and isinstance(is_local, ast.String):
+        local = {"true": True, "t": True, "on": True, "false": False, "f": False, "off": False}.get(
+            str(is_local.sval).lower()
+        )
+    if local is None:
+        return [SessionState("set_config() with arguments only known when it runs")]
+    if local:
+        return []
+    return [SetParameter(str(name.sval).lower(), set_statement(str(name.sval), str(value.sval)))]
 
 
 def _setting(stmt: ast.VariableSetStmt) -> SettingEffect | None:
@@ -179,6 +290,11 @@ def subscription_statements(sql: str) -> list[Subscription] | None:
             return None
         out.append(s)
     return out or None
+
+
+def is_only(sql: str, effect: Effect) -> bool:
+    """True if ``sql`` is exactly one statement, the one with ``effect``."""
+    return _classify(sql) == (effect,)
 
 
 def session_effects(sql: str) -> list[Effect] | None:

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import scramp  # type: ignore[import-untyped]
@@ -154,14 +154,31 @@ async def test_wrong_password_fails_with_28P01(method: str, kind: str) -> None:
     assert_pg_error(client_res, "28P01")
 
 
+@pytest.mark.parametrize("secret", [None, "", "   ", "SCRAM-SHA-256$garbage"])
 @pytest.mark.parametrize("method", ["md5", "scram-sha-256"])
-async def test_unknown_user_runs_the_exchange_then_fails_with_28P01(method: str) -> None:
-    server_res, client_res, server_chan = await login(method, None, PASSWORD)
+async def test_unknown_user_runs_the_exchange_then_fails_with_28P01(
+    method: str, secret: str | None
+) -> None:
+    """Under md5 too, an unknown user (or an empty or malformed secret) gets the doomed SCRAM
+    exchange a SCRAM-verifier user would get, as Postgres does with the default
+    password_encryption: an md5 challenge would tell a prober the user does not exist."""
+    server_res, client_res, server_chan = await login(method, secret, PASSWORD)
     assert_pg_error(server_res, "28P01")
     assert_pg_error(client_res, "28P01")
-    # The client got as far as with a wrong password: one challenge (md5) or two (SCRAM).
-    challenges = [t for t, _ in server_chan.sent if t == m.AUTHENTICATION]
-    assert len(challenges) == (1 if method == "md5" else 2)
+    # The client got as far as with a wrong password: SASL, then SASLContinue.
+    challenges = [m.parse_authentication(b) for t, b in server_chan.sent if t == m.AUTHENTICATION]
+    assert [code for code, _ in challenges] == [m.AUTH_SASL, m.AUTH_SASL_CONTINUE]
+
+
+async def test_md5_unknown_user_looks_like_a_scram_verifier_user() -> None:
+    """The first answer under md5 is the same for an unknown user and a verifier user."""
+
+    async def first_challenge(secret: str | None) -> tuple[int, bytes]:
+        _, _, chan = await login("md5", secret, WRONG)
+        return m.parse_authentication(chan.sent[0][1])
+
+    assert await first_challenge(None) == await first_challenge(SCRAM_SECRET)
+    assert (await first_challenge(MD5_SECRET))[0] == m.AUTH_MD5  # a real md5 hash: md5
 
 
 async def test_unknown_user_gets_a_stable_salt() -> None:
@@ -383,12 +400,23 @@ async def test_malformed_client_final_is_a_protocol_violation(final: bytes) -> N
     assert_pg_error(err, "08P01")
 
 
-async def test_wrong_proof_is_an_authentication_failure() -> None:
+async def test_a_nonce_that_is_not_ours_is_a_protocol_violation() -> None:
+    """As in Postgres: a client-final-message from another exchange (a replay) is refused
+    before its proof is even looked at."""
     proof = b",p=" + base64.b64encode(bytes(32))
     err = await drive_client(
         "scram-sha-256", client_first(), m.password_message(b"c=biws,r=x" + proof)
     )
-    assert_pg_error(err, "28P01")
+    assert assert_pg_error(err, "08P01").message == "invalid SCRAM response"
+
+
+def test_wrong_proof_is_an_authentication_failure() -> None:
+    server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+    nonce = server.handle_client_first(b"n,,n=,r=abc").split(b",")[0][2:]
+    assert (
+        server.handle_client_final(b"c=biws,r=" + nonce + b",p=" + base64.b64encode(bytes(32)))
+        is None
+    )
 
 
 def test_doomed_exchange_fails_even_with_the_right_password() -> None:
@@ -400,7 +428,7 @@ def test_doomed_exchange_fails_even_with_the_right_password() -> None:
 
 
 def test_valid_proof_with_a_wrong_nonce_fails() -> None:
-    """The proof is right for the message as sent, but the nonce is not the one agreed."""
+    """The proof is right for the message as sent (a replay), but the nonce is not ours."""
     server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
     server_first = server.handle_client_first(b"n,,n=,r=abc")
     without_proof = b"c=biws,r=abcWRONG"
@@ -409,7 +437,9 @@ def test_valid_proof_with_a_wrong_nonce_fails() -> None:
     signature = hmac.digest(hashlib.sha256(key).digest(), auth_message, "sha256")
     proof = bytes(a ^ b for a, b in zip(key, signature, strict=True))
     final = without_proof + b",p=" + base64.b64encode(proof)
-    assert server.handle_client_final(final) is None
+    with pytest.raises(PgError, match="invalid SCRAM response") as info:
+        server.handle_client_final(final)
+    assert info.value.sqlstate == "08P01"
     assert server.client_key is None
 
 
@@ -609,6 +639,8 @@ async def test_bad_server_first_is_rejected(server_first: bytes) -> None:
         b"r=N,s=c2FsdA==,i=1",  # the server added nothing to our nonce
         b"r=N\x01,s=c2FsdA==,i=1",
         b"r=Nx,s=c2FsdA==,i=1\0",
+        b"r=Nx,s=c2FsdA==,i=" + b"9" * 5000,  # int() of it would raise ValueError
+        b"r=Nx,s=c2FsdA==,i=2147483648",
     ],
 )
 def test_malformed_server_first_is_rejected(server_first: bytes) -> None:
@@ -617,3 +649,295 @@ def test_malformed_server_first_is_rejected(server_first: bytes) -> None:
     with pytest.raises(PgError) as info:
         client.handle_server_first(server_first)
     assert info.value.sqlstate == "08P01"
+
+
+def test_an_upstream_iteration_count_above_the_cap_is_refused_before_any_pbkdf2() -> None:
+    """A server announcing a huge count would pin a thread in PBKDF2 for minutes per login."""
+    client = scram.ScramClient(PASSWORD, nonce=b"N")
+    client.client_first()
+    with pytest.raises(PgError) as info:
+        client.handle_server_first(b"r=Nx,s=c2FsdA==,i=" + str(scram.MAX_ITERATIONS + 1).encode())
+    assert info.value.sqlstate == "08P01"
+    assert "above pgproxy's limit" in str(info.value.detail)
+    ok = scram.ScramClient(PASSWORD, nonce=b"N")
+    ok.client_first()
+    _salt, iterations = ok.read_server_first(b"r=Nx,s=c2FsdA==,i=4096")
+    assert iterations == 4096
+
+
+def test_a_stored_verifier_with_a_huge_iteration_count_is_malformed() -> None:
+    rest = SCRAM_SECRET.split("$", 2)[2]
+    assert scram.ScramVerifier.parse(f"SCRAM-SHA-256${'9' * 5000}:c2FsdA==${rest}") is None
+    assert scram.ScramVerifier.parse(f"SCRAM-SHA-256$2147483648:c2FsdA==${rest}") is None
+    assert scram.ScramVerifier.parse(f"SCRAM-SHA-256$2147483647:c2FsdA==${rest}") is not None
+    from pgproxy.config import ConfigError, parse_config
+
+    for count in ("9" * 5000, "2147483648"):
+        with pytest.raises(ConfigError, match="malformed SCRAM-SHA-256 verifier"):
+            parse_config({"users": {"u": {"password": f"SCRAM-SHA-256${count}:c2FsdA==${rest}"}}})
+
+
+# --- pass-through: logging in upstream with a verifier and a recovered ClientKey -----------------
+
+
+async def recovered_key(secret: str = SCRAM_SECRET) -> bytes:
+    server_res, _, _ = await login("scram-sha-256", secret, PASSWORD)
+    assert isinstance(server_res, ClientAuthResult) and server_res.scram_client_key is not None
+    return server_res.scram_client_key
+
+
+async def upstream_login(
+    server_secret: str, credential: object, method: str = "scram-sha-256"
+) -> object:
+    """The proxy (as a Postgres) holding ``server_secret``; the upstream side logs in with
+    ``credential`` (a pass-through object). Returns the upstream side's error or None."""
+    server_chan, client_chan = channel_pair()
+
+    async def serve() -> None:
+        try:
+            await authenticate_client(server_chan, method, USER, server_secret)
+        except PgError as e:
+            server_chan.write(m.error_response(e.fields()))
+            raise
+        server_chan.write(m.authentication_ok())
+
+    async def connect() -> None:
+        try:
+            await authenticate_upstream(client_chan, USER, credential)  # type: ignore[arg-type]
+        except BaseException:
+            client_chan.close()
+            raise
+
+    _, client_res = await timed(asyncio.gather(serve(), connect(), return_exceptions=True))
+    return client_res
+
+
+async def test_scram_pass_through_signs_with_the_recovered_key() -> None:
+    verifier = scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail()
+    keys = scram.ScramPassThrough(verifier, await recovered_key())
+    assert await upstream_login(SCRAM_SECRET, keys) is None
+    assert "keys=***" in repr(keys) and base64.b64encode(keys.client_key).decode() not in repr(keys)
+
+
+async def test_scram_pass_through_with_another_verifier_fails_clearly() -> None:
+    verifier = scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail()
+    keys = scram.ScramPassThrough(verifier, await recovered_key())
+    other = str(scram.ScramVerifier.from_password(PASSWORD, b"another-salt-16b"))
+    err = assert_pg_error(await upstream_login(other, keys), "28000")
+    assert err.message.startswith(f'SCRAM pass-through failed for user "{USER}"')
+
+
+async def test_md5_pass_through_answers_md5_from_the_hash() -> None:
+    from pgproxy.auth.credentials import Md5PassThrough
+
+    assert await upstream_login(MD5_SECRET, Md5PassThrough(MD5_SECRET), "md5") is None
+    wrong = "md5" + hashlib.md5(b"x").hexdigest()
+    assert_pg_error(await upstream_login(MD5_SECRET, Md5PassThrough(wrong), "md5"), "28P01")
+
+
+async def test_a_verifier_of_the_wrong_kind_is_refused_before_sending_anything() -> None:
+    from pgproxy.auth.credentials import Md5PassThrough
+
+    verifier = scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail()
+    keys = scram.ScramPassThrough(verifier, bytes(32))
+    for request, credential in [
+        (m.authentication_md5(b"salt"), keys),
+        (m.authentication_cleartext(), keys),
+        (m.authentication_sasl([scram.MECHANISM]), Md5PassThrough(MD5_SECRET)),
+    ]:
+        server_chan, client_chan = channel_pair()
+        server_chan.write(request)
+        with pytest.raises(PgError) as info:
+            await timed(authenticate_upstream(client_chan, USER, credential))
+        assert info.value.sqlstate == "08001"
+        assert client_chan.sent == []
+
+
+def test_pass_through_store_learns_only_usable_credentials() -> None:
+    from pgproxy.auth.credentials import Md5PassThrough, PassThroughStore
+
+    a, b, c, d = (("db", 5432, user) for user in "abcd")
+    store = PassThroughStore(size=2)
+    store.learn(a, PASSWORD, None)  # a plain password (from auth_query) is used as it is
+    store.learn(b, SCRAM_SECRET, None)  # a verifier without a ClientKey: nothing to use
+    assert store.get(a) == PASSWORD and store.get(b) is None
+    store.learn(b, SCRAM_SECRET, b"k" * 32)
+    store.learn(c, MD5_SECRET, None)
+    assert isinstance(store.get(b), scram.ScramPassThrough)
+    assert store.get(c) == Md5PassThrough(MD5_SECRET)
+    store.learn(d, MD5_SECRET, None)
+    assert store.get(b) is None and len(store) == 2  # bounded, least recently learnt goes
+    store.clear()
+    assert len(store) == 0
+
+
+def test_pass_through_store_keeps_clusters_apart() -> None:
+    """The same role on two clusters (or ports) has two entries: neither overwrites the other."""
+    from pgproxy.auth.credentials import Md5PassThrough, PassThroughStore
+
+    store = PassThroughStore()
+    store.learn(("one", 5432, USER), MD5_SECRET, None)
+    store.learn(("two", 5432, USER), PASSWORD, None)
+    store.learn(("one", 5433, USER), SCRAM_SECRET, b"k" * 32)
+    assert store.get(("one", 5432, USER)) == Md5PassThrough(MD5_SECRET)
+    assert store.get(("two", 5432, USER)) == PASSWORD
+    assert isinstance(store.get(("one", 5433, USER)), scram.ScramPassThrough)
+    assert store.get(("three", 5432, USER)) is None
+
+
+# --- SCRAM-SHA-256-PLUS --------------------------------------------------------------------------
+
+CBIND = hashlib.sha256(b"the proxy's certificate").digest()
+
+
+async def test_plus_is_offered_first_and_works_with_scramp() -> None:
+    server_chan, client_chan = channel_pair()
+    task = asyncio.create_task(
+        authenticate_client(server_chan, "scram-sha-256", USER, SCRAM_SECRET, channel_binding=CBIND)
+    )
+    _, body = await timed(client_chan.read_message(framing.AUTH_MESSAGE_LIMIT))
+    _, data = m.parse_authentication(body)
+    assert m.parse_sasl_mechanisms(data) == [scram.MECHANISM_PLUS, scram.MECHANISM]
+    client = scramp.ScramClient(
+        [scram.MECHANISM_PLUS], USER, PASSWORD, channel_binding=("tls-server-end-point", CBIND)
+    )
+    client_chan.write(
+        m.sasl_initial_response(scram.MECHANISM_PLUS, client.get_client_first().encode())
+    )
+    _, body = await timed(client_chan.read_message(framing.AUTH_MESSAGE_LIMIT))
+    client.set_server_first(m.parse_authentication(body)[1].decode())
+    client_chan.write(m.password_message(client.get_client_final().encode()))
+    _, body = await timed(client_chan.read_message(framing.AUTH_MESSAGE_LIMIT))
+    client.set_server_final(m.parse_authentication(body)[1].decode())
+    result = await timed(task)
+    assert result.scram_client_key == client_key_of(PASSWORD, SALT, 4096)
+
+
+def plus_server() -> scram.ScramServer:
+    return scram.ScramServer(
+        scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail(), channel_binding=CBIND
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "plus", "message"),
+    [
+        (b"y,,n=,r=abc", False, "SCRAM channel binding negotiation error"),  # downgrade
+        (b"n,,n=,r=abc", True, "SCRAM-PLUS, but the SCRAM message does not include"),
+        (b"p=tls-unique,,n=,r=abc", True, 'unsupported SCRAM channel-binding type "tls-unique"'),
+        (b"p=tls-server-end-point", True, "Comma expected"),
+        (b"p=tls-server-end-point,,", True, 'Expected attribute "n"'),
+    ],
+)
+def test_bad_channel_binding_negotiation_is_08P01(first: bytes, plus: bool, message: str) -> None:
+    with pytest.raises(PgError) as info:
+        plus_server().handle_client_first(first, plus=plus)
+    assert info.value.sqlstate == "08P01"
+    text = f"{info.value.message} {info.value.detail}".replace("SCRAM-SHA-256-PLUS", "SCRAM-PLUS")
+    assert message in text
+
+
+@pytest.mark.parametrize(
+    ("cbind", "message"),
+    [
+        (b"p=tls-server-end-point,," + bytes(32), "SCRAM channel binding check failed"),
+        (b"n,,", "unexpected SCRAM channel-binding attribute"),
+    ],
+)
+def test_wrong_channel_binding_data_is_refused(cbind: bytes, message: str) -> None:
+    server = plus_server()
+    server.handle_client_first(b"p=tls-server-end-point,,n=,r=abc", plus=True)
+    final = b"c=" + base64.b64encode(cbind) + b",r=abc,p=" + base64.b64encode(bytes(32))
+    with pytest.raises(PgError, match=message) as info:
+        server.handle_client_final(final)
+    assert info.value.sqlstate == "08P01"
+
+
+def test_y_flag_is_fine_when_plus_is_not_offered() -> None:
+    server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+    assert server.handle_client_first(b"y,,n=,r=abc").startswith(b"r=abc")
+
+
+# --- failures cost what successes cost -----------------------------------------------------------
+
+
+async def test_every_failure_does_the_same_verification_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unknown user, wrong password, a secret SCRAM cannot use (an md5 hash): each runs the
+    whole exchange, checks the proof with the same StoredKey hash as a right one, and none
+    runs PBKDF2 (the verifier is stored; the mock one needs none), so none answers sooner."""
+    hashes = 0
+    real_sha256 = hashlib.sha256
+
+    def counting_sha256(data: bytes = b"") -> Any:
+        nonlocal hashes
+        hashes += 1
+        return real_sha256(data)
+
+    await login("scram-sha-256", SCRAM_SECRET, WRONG)  # warm the client side's key cache
+    await login("scram-sha-256", SCRAM_SECRET, PASSWORD)
+
+    async def work(secret: str | None, password: str) -> tuple[int, int, int]:
+        nonlocal hashes
+        hashes = 0
+        before = scram.derivations
+        monkeypatch.setattr(scram.hashlib, "sha256", counting_sha256)
+        try:
+            _, _, chan = await login("scram-sha-256", secret, password)
+        finally:
+            monkeypatch.undo()
+        challenges = sum(1 for t, _ in chan.sent if t == m.AUTHENTICATION)
+        return hashes, scram.derivations - before, challenges
+
+    wrong = await work(SCRAM_SECRET, WRONG)
+    unknown = await work(None, WRONG)
+    md5_hash = await work(MD5_SECRET, WRONG)
+    right = await work(SCRAM_SECRET, PASSWORD)
+    assert wrong == unknown == md5_hash == (1, 0, 2)  # one proof check, no PBKDF2, 2 challenges
+    assert right == (1, 0, 4)  # the same, then SASLFinal and AuthenticationOk
+
+
+async def test_plain_password_pbkdf2_runs_once_off_the_event_loop() -> None:
+    import threading
+
+    threads: list[str] = []
+    real = scram._derive
+
+    def spy(password: str, salt: bytes, iterations: int) -> scram.ScramKeys:
+        threads.append(threading.current_thread().name)
+        return real(password, salt, iterations)
+
+    scram._derive = spy  # type: ignore[assignment]
+    try:
+        for _ in range(3):
+            _, client_res, _ = await login("scram-sha-256", "a fresh one", "a fresh one")
+            assert client_res is None
+    finally:
+        scram._derive = real  # type: ignore[assignment]
+    # Once for the proxy's own verifier of the plain password; the client side of the test
+    # then hits the same (password, salt) cache entry.
+    assert len(threads) == 1
+    assert threads[0] != threading.main_thread().name
+
+
+async def test_a_storm_of_cold_logins_derives_once() -> None:
+    """Logins that arrive while the first PBKDF2 of a key is running wait for it instead of
+    each starting their own (a restart under load used to derive once per login)."""
+    derived: list[int] = []
+    real = scram._derive
+
+    def spy(password: str, salt: bytes, iterations: int) -> scram.ScramKeys:
+        derived.append(1)
+        return real(password, salt, iterations)
+
+    scram._derive = spy  # type: ignore[assignment]
+    try:
+        salt = b"storm-salt-0001"
+        results = await asyncio.gather(
+            *(scram.salted_keys_off_loop("storm password", salt, 4096) for _ in range(50))
+        )
+    finally:
+        scram._derive = real  # type: ignore[assignment]
+    assert derived == [1]
+    assert all(r == results[0] for r in results)

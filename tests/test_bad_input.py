@@ -665,3 +665,85 @@ def test_too_many_clients_is_53300_and_the_others_keep_working(make_proxy: MakeP
             conn.close()
     wait_until(lambda: p.call(lambda proxy: proxy.client_count) == 0)
     assert_serving(p)
+
+
+# --- SCRAM exchanges cut short or replayed -------------------------------------------------------
+
+
+def _scram_proxy(make_proxy: MakeProxy, pg: PgCluster) -> ProxyThread:
+    return make_proxy(
+        proxy={"auth_type": "scram-sha-256"},
+        users=ALICE,
+        databases={"*": {"url": pg_server_url(pg), "user": "postgres"}},
+    )
+
+
+def _sasl_start(c: RawClient) -> None:
+    c.startup("alice")
+    msg = c.read_message()
+    assert msg is not None and msg[0] == "R"
+    assert m.parse_authentication(msg[1])[0] == m.AUTH_SASL
+
+
+def _client_first(c: RawClient, nonce: bytes = b"rawclientnonce") -> bytes:
+    """Send client-first-message; return the combined nonce from server-first-message."""
+    c.send(m.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=" + nonce))
+    msg = c.read_message()
+    assert msg is not None and msg[0] == "R", msg
+    code, data = m.parse_authentication(msg[1])
+    assert code == m.AUTH_SASL_CONTINUE
+    return data.split(b",")[0][2:]
+
+
+SASL_NAME = b"SCRAM-SHA-256\0"
+
+
+@pytest.mark.parametrize(
+    ("first", "final"),
+    [
+        # SASLInitialResponse whose inner length promises more than the message holds
+        pytest.param(m.message(m.PASSWORD, SASL_NAME + _I32.pack(100) + b"n,,n="), None,
+                     id="initial-response-inner-length"),
+        pytest.param(m.message(m.PASSWORD, SASL_NAME[:-1]), None, id="mechanism-unterminated"),
+        pytest.param(m.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r="), None,
+                     id="client-first-without-nonce"),
+        pytest.param(m.sasl_initial_response("SCRAM-SHA-256", b"n,"), None,
+                     id="client-first-cut-after-flag"),
+        pytest.param(None, b"c=biws,r=", id="client-final-cut-at-nonce"),
+        pytest.param(None, b"c=biws,r={nonce},p=", id="client-final-empty-proof"),
+        pytest.param(None, b"c=bi", id="client-final-cut-in-binding"),
+    ],
+)  # fmt: skip
+def test_truncated_scram_messages_are_08P01(
+    make_proxy: MakeProxy, pg: PgCluster, first: bytes | None, final: bytes | None
+) -> None:
+    p = _scram_proxy(make_proxy, pg)
+    with raw(p) as c:
+        _sasl_start(c)
+        if first is not None:
+            c.send(first)
+        else:
+            nonce = _client_first(c)
+            assert final is not None
+            c.send(m.password_message(final.replace(b"{nonce}", nonce)))
+        expect_fatal(c, "08P01")
+    assert_serving(p, user="alice", password="secret")
+
+
+def test_replayed_scram_nonce_is_08P01(make_proxy: MakeProxy, pg: PgCluster) -> None:
+    """A client-final-message carrying another exchange's nonce (a replay) is refused before
+    its proof is even checked, as Postgres does ("invalid SCRAM response")."""
+    import base64
+
+    p = _scram_proxy(make_proxy, pg)
+    with raw(p) as c:
+        _sasl_start(c)
+        old_nonce = _client_first(c, b"samenonce")
+    with raw(p) as c:
+        _sasl_start(c)
+        new_nonce = _client_first(c, b"samenonce")
+        assert new_nonce != old_nonce  # the server's half is fresh every time
+        proof = base64.b64encode(bytes(32))
+        c.send(m.password_message(b"c=biws,r=" + old_nonce + b",p=" + proof))
+        expect_fatal(c, "08P01", "invalid SCRAM response")
+    assert_serving(p, user="alice", password="secret")

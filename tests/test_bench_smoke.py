@@ -54,3 +54,48 @@ def test_quick_fanout_benchmark_delivers_exactly_once() -> None:
         proc.stdout
     ), proc.stdout
     assert "| pgproxy | 20 |" in proc.stdout, proc.stdout
+
+
+def run_bench(*argv: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+@pytest.mark.timeout(150)
+def test_quick_fanout_over_raw_clients_in_two_processes_delivers_exactly_once() -> None:
+    """``bench.fanout --procs 2 --client raw``: the path the 10,000-listener run takes."""
+    proc = run_bench("bench.fanout", "--quick", "--procs", "2", "--client", "raw")
+    assert "pgproxy n=20: exactly-once and in-order: OK at every one of 20 listeners" in (
+        proc.stdout
+    ), proc.stdout
+    assert "| pgproxy | 20 | 1 | 1 |" in proc.stdout, proc.stdout  # one listener backend
+
+
+@pytest.mark.timeout(150)
+def test_quick_seed_incident_falls_over_directly_and_not_through_pgproxy() -> None:
+    """``bench.seed_incident --quick``: 30 workers against max_connections 20."""
+    proc = run_bench("bench.seed_incident", "--quick")
+    assert "direct: the fleet FELL OVER" in proc.stdout, proc.stdout
+    assert (
+        "pgproxy: every job ran once and every worker got every notification exactly once, "
+        "using 1 listener + " in proc.stdout
+    ), proc.stdout
+    assert "| jobs run | 40 of 40, each once | 40 of 40, each once |" in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(150)
+def test_quick_memory_benchmark_logs_everyone_in_and_traces() -> None:
+    """``bench.memory --quick``: 50 idle and LISTENing SCRAM clients, a storm of 50 per
+    secret kind, and the tracemalloc breakdown."""
+    proc = run_bench("bench.memory", "--quick")
+    assert "memory: every client logged in (no login failed in any row)." in proc.stdout
+    for row in ("| 50 | idle |", "| 50 | listen |", "| SCRAM verifier | 50 |"):
+        assert row in proc.stdout, proc.stdout
+    assert "**total** (all lines)" in proc.stdout, proc.stdout

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
+from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import (
     MD5_PASSWORD,
     MD5_USER,
@@ -246,3 +247,54 @@ def test_wait_timeout_during_a_large_simple_query_does_not_hang(make_proxy: Make
             assert rows_of(c.query("select 'next'")) == [["next"]]
     finally:
         holder.close()
+
+
+def test_waiting_clients_are_served_in_arrival_order_and_expire_together(
+    make_proxy: MakeProxy, pg: PgCluster
+) -> None:
+    """A full pool hands each freed server to the oldest waiter, from inside the release; one
+    pool timer fails every waiter whose query_wait_timeout passed, and no one else."""
+    from tests.support.raw import RawClient, error_of, rows_of
+
+    pg.psql("drop sequence if exists wait_order; create sequence wait_order")
+    proxy = make_proxy(proxy={"default_pool_size": 1, "query_wait_timeout": 30})
+
+    def queued() -> int:
+        return proxy.call(lambda p: sum(len(pool.waiters) for pool in p.pools.values()))
+
+    holder = psycopg.connect(proxy.dsn())
+    waiters = [RawClient(proxy.port) for _ in range(3)]
+    try:
+        holder.execute("select 1")  # holds the only server inside a transaction
+        for n, c in enumerate(waiters, 1):
+            c.login()
+            c.send(m.query("select nextval('wait_order')"))
+            _wait_until(lambda n=n: queued() == n)
+        holder.commit()
+        got = [rows_of(c.read_until_ready()) for c in waiters]
+        assert got == [[["1"]], [["2"]], [["3"]]]
+        # Expiry: two waiters time out together; the pool serves the next query at once.
+        holder.execute("select 1")
+        proxy.call(
+            lambda p: [setattr(pool, "_expiry_at", float("inf")) for pool in p.pools.values()]
+        )
+        for c in waiters[:2]:
+            c.send(m.query("select 'late'"))
+        _wait_until(lambda: queued() == 2)
+        proxy.call(lambda p: [pool._expire_waiters() for pool in p.pools.values()])
+        assert queued() == 2  # deadlines (30 s) not reached: nobody failed early
+        proxy.call(
+            lambda p: [
+                setattr(w, "deadline", 0.0) for pool in p.pools.values() for w in pool.waiters
+            ]
+        )
+        proxy.call(lambda p: [pool._expire_waiters() for pool in p.pools.values()])
+        for c in waiters[:2]:
+            err = error_of(c.read_until_ready())
+            assert err is not None and err["C"] == "57014" and "query_wait_timeout" in err["M"]
+        holder.commit()
+        assert rows_of(waiters[2].query("select 'next'")) == [["next"]]
+    finally:
+        holder.close()
+        for c in waiters:
+            c.close()

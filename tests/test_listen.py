@@ -679,3 +679,51 @@ def test_psql_shows_asynchronous_notifications(proxy: ProxyThread) -> None:
     )
     assert found is not None, out.stdout
     assert int(found.group(1)) >= 1 << 22  # psql's own virtual PID, never a real backend's
+
+
+def test_a_silently_dead_listener_is_noticed_and_replaced(
+    make_proxy: MakeProxy, pg: PgCluster
+) -> None:
+    """A NAT that forgot the connection: no FIN, no RST, nothing arrives. The ping notices,
+    the listener reconnects and re-LISTENs, and notifications flow again (PROTOCOL-NOTES 35)."""
+    from tests.support.relay import FreezableRelay
+
+    def listener_pids() -> set[str]:
+        out = pg.psql(
+            "select pid from pg_stat_activity where application_name = 'pgproxy-listener'"
+        )
+        return set(out.split())
+
+    with FreezableRelay(pg.port) as relay:
+        proxy = make_proxy(
+            proxy={
+                "listener_ping_interval": 0.2,
+                "listener_ping_timeout": 0.5,
+                "listener_loss": "keep",
+            },
+            databases={"*": {"url": f"postgresql://127.0.0.1:{relay.port}"}},
+        )
+        with psycopg.connect(proxy.dsn(), autocommit=True) as client:
+            client.execute("LISTEN relay_jobs")
+            pg.psql("NOTIFY relay_jobs, 'before'")
+            assert _next(client).payload == "before"
+            before = listener_pids()
+            relay.freeze_all()
+            deadline = time.monotonic() + 15
+            while not (listener_pids() - before):  # Postgres' view: no event to wait on
+                assert time.monotonic() < deadline, "the listener was never replaced"
+                time.sleep(0.05)
+            live = proxy.call(
+                lambda p: [lst.channels["relay_jobs"].ready for lst in p.listeners.values()]
+            )
+            assert live
+            _wait_until_true(lambda: all(f.done() for f in live))
+            pg.psql("NOTIFY relay_jobs, 'after'")
+            assert _next(client).payload == "after"
+
+
+def _wait_until_true(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)

@@ -109,12 +109,12 @@ def test_sync_sql_ignores_reported_values_the_client_has_no_view_of() -> None:
 
 def test_sync_sql_sets_differing_reported_value() -> None:
     sql = params.sync_sql({"TimeZone": "Europe/Paris"}, {}, {"TimeZone": "UTC"}, {})
-    assert sql == """SET "TimeZone" TO 'Europe/Paris'"""
+    assert sql == "SELECT pg_catalog.set_config('TimeZone', 'Europe/Paris', false)"
 
 
 def test_sync_sql_sets_reported_value_the_server_lacks() -> None:
     sql = params.sync_sql({"application_name": "app"}, {}, {}, {})
-    assert sql == """SET "application_name" TO 'app'"""
+    assert sql == "SELECT pg_catalog.set_config('application_name', 'app', false)"
 
 
 def test_sync_sql_sets_differing_unreported_value() -> None:
@@ -124,7 +124,7 @@ def test_sync_sql_sets_differing_unreported_value() -> None:
         {},
         {"statement_timeout": params.set_statement("statement_timeout", "1s")},
     )
-    assert sql == """SET "statement_timeout" TO '5s'"""
+    assert sql == "SELECT pg_catalog.set_config('statement_timeout', '5s', false)"
 
 
 def test_sync_sql_sets_unreported_value_the_server_lacks() -> None:
@@ -149,12 +149,15 @@ def test_sync_sql_combines_sets_then_resets() -> None:
         },
     )
     assert sql == (
-        """SET "DateStyle" TO 'ISO, DMY'; SET search_path TO 'a'; RESET "lock_timeout\""""
+        "SELECT pg_catalog.set_config('DateStyle', 'ISO, DMY', false); "
+        """SET search_path TO 'a'; RESET "lock_timeout\""""
     )
 
 
-def test_sync_sql_quotes_names_and_values() -> None:
-    assert params.set_statement('my.od"d', "it's C:\\x") == """SET "my.od""d" TO E'it''s C:\\\\x'"""
+def test_set_statement_quotes_names_and_values() -> None:
+    assert params.set_statement('my.od"d', "it's C:\\x") == (
+        """SELECT pg_catalog.set_config('my.od"d', E'it''s C:\\\\x', false)"""
+    )
 
 
 SETTINGS = st.dictionaries(st.sampled_from(["a", "b", "c", "TimeZone"]), TRICKY, max_size=4)

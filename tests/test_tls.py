@@ -6,6 +6,7 @@ import gc
 import os
 import shutil
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,6 +163,39 @@ def test_upstream_verify_full(
     assert _upstream_uses_tls(proxy)
 
 
+def test_tls_on_both_sides_to_a_postgres_that_requires_it(
+    make_proxy: MakeProxy, tls_cluster: PgCluster, certs: dict[str, str]
+) -> None:
+    """psycopg verify-full -> pgproxy -> Postgres whose pg_hba allows TLS connections only."""
+    hba = tls_cluster.data_dir / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text("hostnossl all all 127.0.0.1/32 reject\n" + original)
+    tls_cluster.psql("select pg_reload_conf()")
+    try:
+        with pytest.raises(psycopg.OperationalError, match="no encryption"):
+            psycopg.connect(tls_cluster.dsn() + "?sslmode=disable")  # Postgres demands TLS
+        proxy = make_proxy(
+            proxy={
+                "client_tls_mode": "require",
+                "client_tls_cert_file": certs["cert"],
+                "client_tls_key_file": certs["key"],
+                "server_tls_mode": "verify-full",
+                "server_tls_ca_file": certs["ca"],
+            }
+        )
+        dsn = proxy.dsn(sslmode="verify-full", sslrootcert=certs["ca"])
+        with psycopg.connect(dsn) as conn:
+            assert conn.pgconn.ssl_in_use
+            row = conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+            assert row.fetchone() == (True,)
+        plain_upstream = make_proxy(proxy={"server_tls_mode": "disable"})
+        with pytest.raises(psycopg.OperationalError, match="no encryption"):
+            psycopg.connect(plain_upstream.dsn())
+    finally:
+        hba.write_text(original)
+        tls_cluster.psql("select pg_reload_conf()")
+
+
 def test_upstream_sslmode_from_the_url(
     make_proxy: MakeProxy, tls_cluster: PgCluster, certs: dict[str, str]
 ) -> None:
@@ -178,3 +212,136 @@ def test_upstream_with_a_wrong_ca_is_refused(
     )
     with pytest.raises(psycopg.OperationalError, match="TLS handshake with upstream"):
         psycopg.connect(proxy.dsn())
+
+
+# --- SCRAM-SHA-256-PLUS (tls-server-end-point channel binding) ----------------------------------
+
+
+def _scram_tls_proxy(make_proxy: MakeProxy, certs: dict[str, str], mode: str) -> ProxyThread:
+    return make_proxy(
+        proxy={
+            "client_tls_mode": mode,
+            "client_tls_cert_file": certs["cert"],
+            "client_tls_key_file": certs["key"],
+            "auth_type": "scram-sha-256",
+        },
+        users={"postgres": {"password": "pw"}},  # upstream: trust for postgres
+    )
+
+
+def test_channel_binding_required_by_the_client_works(
+    make_proxy: MakeProxy, certs: dict[str, str]
+) -> None:
+    proxy = _scram_tls_proxy(make_proxy, certs, "require")
+    dsn = proxy.dsn(password="pw", sslmode="verify-full", sslrootcert=certs["ca"])
+    with psycopg.connect(dsn + "&channel_binding=require", connect_timeout=5) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(
+            proxy.dsn(password="wrong", sslmode="require", channel_binding="require"),
+            connect_timeout=5,
+        )
+
+
+def test_plus_is_offered_only_over_tls(make_proxy: MakeProxy, certs: dict[str, str]) -> None:
+    proxy = _scram_tls_proxy(make_proxy, certs, "prefer")
+    with pytest.raises(psycopg.OperationalError, match="channel binding"):
+        psycopg.connect(
+            proxy.dsn(password="pw", sslmode="disable", channel_binding="require"),
+            connect_timeout=5,
+        )
+    with psycopg.connect(proxy.dsn(password="pw", sslmode="disable"), connect_timeout=5) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_certificate_hash_follows_rfc5929(certs: dict[str, str], tmp_path: Path) -> None:
+    import datetime
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    from pgproxy.auth import cbind
+
+    def self_signed(key: object, algorithm: hashes.HashAlgorithm | None) -> bytes:
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "t")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)  # type: ignore[attr-defined]
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, algorithm)  # type: ignore[arg-type]
+        )  # fmt: skip
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    for algorithm, expected in [
+        (hashes.SHA256(), "sha256"),
+        (hashes.SHA384(), "sha384"),
+        (hashes.SHA512(), "sha512"),
+    ]:
+        der = self_signed(ec_key, algorithm)
+        assert cbind.certificate_hash(der) == hashlib.new(expected, der).digest()
+    # SHA-1 (and MD5) are replaced by SHA-256. cryptography no longer signs with SHA-1, so an
+    # RSA/SHA-384 certificate's OID is turned into sha1WithRSAEncryption (same length).
+    der = self_signed(rsa.generate_private_key(65537, 2048), hashes.SHA384())
+    sha384_rsa, sha1_rsa = bytes.fromhex("2a864886f70d01010c"), bytes.fromhex("2a864886f70d010105")
+    assert cbind.certificate_hash(der) == hashlib.sha384(der).digest()
+    der = der.replace(sha384_rsa, sha1_rsa)
+    assert cbind.certificate_hash(der) == hashlib.sha256(der).digest()
+    # No hash in the signature algorithm: no channel binding (PLUS is then not offered).
+    assert cbind.certificate_hash(self_signed(ed25519.Ed25519PrivateKey.generate(), None)) is None
+    # The proxy's own test certificate, read from its PEM file.
+    pem = Path(certs["cert"]).read_text()
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    assert cbind.certificate_file_hash(certs["cert"]) == hashlib.sha256(der).digest()
+    assert cbind.certificate_file_hash(str(tmp_path / "missing.crt")) is None
+    assert cbind.certificate_hash(b"\x30\x03\x02\x01") is None  # truncated DER
+
+
+# --- bad input around TLS -------------------------------------------------------------------------
+
+
+def _read_fatal(sock: socket.socket | ssl.SSLSocket) -> dict[str, str]:
+    """Everything until the proxy closes: exactly one message, a FATAL ErrorResponse."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    assert data[:1] == b"E", data
+    length = int.from_bytes(data[1:5], "big")
+    assert len(data) == 1 + length, data  # nothing after the error
+    fields = m.parse_error_fields(data[5:])
+    assert fields["S"] == "FATAL"
+    return fields
+
+
+def test_plaintext_startup_where_tls_is_required_is_28000(
+    make_proxy: MakeProxy, certs: dict[str, str]
+) -> None:
+    proxy = _tls_proxy(make_proxy, certs, "require")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(m.startup_message({"user": "postgres", "database": "postgres"}))
+        fields = _read_fatal(sock)
+    assert fields["C"] == "28000"
+    assert 'pgproxy requires TLS for user "postgres"' in fields["M"]
+    with psycopg.connect(proxy.dsn(sslmode="require"), connect_timeout=5) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_second_ssl_request_inside_tls_is_08P01(
+    make_proxy: MakeProxy, certs: dict[str, str]
+) -> None:
+    proxy = _tls_proxy(make_proxy, certs, "require")
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as plain:
+        plain.sendall(m.ssl_request())
+        assert plain.recv(1) == b"S"
+        with ctx.wrap_socket(plain, server_hostname="localhost") as sock:
+            sock.sendall(m.ssl_request())
+            fields = _read_fatal(sock)
+    assert fields["C"] == "08P01"
+    assert "duplicate encryption request" in fields["M"]
+    with psycopg.connect(proxy.dsn(sslmode="require"), connect_timeout=5) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

@@ -8,12 +8,23 @@ follows Postgres' ``CheckPWChallengeAuth``:
 =============  ==============  ==============  ===================  =====================
 method         plain password  md5 hash        SCRAM verifier       unknown user
 =============  ==============  ==============  ===================  =====================
-md5            md5             md5             SCRAM (as Postgres)  md5, always fails
+md5            md5             md5             SCRAM (as Postgres)  SCRAM, always fails
 scram-sha-256  SCRAM           SCRAM, fails    SCRAM                SCRAM, always fails
 =============  ==============  ==============  ===================  =====================
 
+An unknown user, an empty secret and a malformed SCRAM verifier all get the doomed SCRAM
+exchange under md5 too, as Postgres with the default ``password_encryption`` does: answering
+them with an md5 challenge while a verifier user gets SASL would tell a prober which users
+exist. (A plain password under md5 gets md5, like an md5 hash.)
+
 Doomed exchanges run to the end before failing with the same 28P01 as a wrong password, so a
-client cannot tell an unknown user from a wrong password. Why it failed goes to the log only.
+client cannot tell an unknown user from a wrong password: a doomed SCRAM exchange verifies the
+proof against a mock verifier with the same HMAC work as a real one, and neither does PBKDF2
+(a stored verifier needs none; a plain password's verifier is derived once per process, in a
+worker thread). Why it failed goes to the log only.
+
+Over TLS with a known certificate hash, SCRAM-SHA-256-PLUS (``tls-server-end-point`` channel
+binding) is offered first, as Postgres does.
 """
 
 from __future__ import annotations
@@ -22,11 +33,13 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 
 from pgproxy.auth import scram
 from pgproxy.auth.channel import MessageChannel
+from pgproxy.auth.credentials import is_md5_hash
 from pgproxy.protocol import framing
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import INVALID_PASSWORD, PROTOCOL_VIOLATION, PgError, fatal
@@ -53,31 +66,30 @@ class ClientAuthResult:
 
 
 async def authenticate_client(
-    chan: MessageChannel, method: str, user: str, secret: str | None
+    chan: MessageChannel,
+    method: str,
+    user: str,
+    secret: str | None,
+    *,
+    channel_binding: bytes | None = None,
 ) -> ClientAuthResult:
     """Authenticate a client against ``secret`` (plain, ``md5...`` or a SCRAM verifier).
 
-    ``secret`` is None for a user that is not configured. Raises FATAL 28P01 on a wrong
-    password or unknown user, FATAL 08P01 (or 0A000) on a malformed exchange, and lets
-    ConnectionError through when the client goes away.
+    ``secret`` is None for a user that is not configured. ``channel_binding`` is this TLS
+    connection's ``tls-server-end-point`` data; given, SCRAM-SHA-256-PLUS is offered. Raises
+    FATAL 28P01 on a wrong password or unknown user, FATAL 08P01 (or 0A000) on a malformed
+    exchange, and lets ConnectionError through when the client goes away.
     """
     if method == TRUST:
         return ClientAuthResult(TRUST)
     if method not in (MD5, SCRAM_SHA_256):
         raise ValueError(f"unknown authentication method {method!r}")
+    if secret is not None and not secret.strip():
+        secret = None  # an empty password is no password: the same doomed exchange
     verifier = scram.ScramVerifier.parse(secret) if secret is not None else None
-    if method == MD5 and verifier is None and not _looks_like_scram(secret):
+    if method == MD5 and secret is not None and verifier is None and not _looks_like_scram(secret):
         return await _md5_exchange(chan, user, secret)
-    return await _scram_exchange(chan, user, secret, verifier)
-
-
-def _is_md5_hash(secret: str) -> bool:
-    """Postgres' test (``get_password_type``): "md5" and 32 lowercase hex digits."""
-    return (
-        len(secret) == 35
-        and secret.startswith("md5")
-        and all(c in "0123456789abcdef" for c in secret[3:])
-    )
+    return await _scram_exchange(chan, user, secret, verifier, channel_binding)
 
 
 def _looks_like_scram(secret: str | None) -> bool:
@@ -105,7 +117,7 @@ def _md5_hex(data: bytes) -> bytes:
     return hashlib.md5(data).hexdigest().encode("ascii")
 
 
-async def _md5_exchange(chan: MessageChannel, user: str, secret: str | None) -> ClientAuthResult:
+async def _md5_exchange(chan: MessageChannel, user: str, secret: str) -> ClientAuthResult:
     salt = secrets.token_bytes(4)
     chan.write(m.authentication_md5(salt))
     body = await _read_response(chan, "password")
@@ -114,55 +126,83 @@ async def _md5_exchange(chan: MessageChannel, user: str, secret: str | None) -> 
     except m.ProtocolError:
         raise fatal(PROTOCOL_VIOLATION, "invalid password packet size") from None
 
-    if secret is None:
-        inner, reason = secrets.token_hex(16).encode(), f'Role "{user}" does not exist.'
-    elif _is_md5_hash(secret):
+    if is_md5_hash(secret):
         inner, reason = secret[3:].encode("ascii"), f'Password does not match for user "{user}".'
     else:
         inner = _md5_hex((secret + user).encode("utf-8", "surrogateescape"))
         reason = f'Password does not match for user "{user}".'
     expected = b"md5" + _md5_hex(inner + salt)
-    if not hmac.compare_digest(response, expected) or secret is None:
+    if not hmac.compare_digest(response, expected):
         raise _failed(user, reason)
     return ClientAuthResult(MD5)
 
 
-@lru_cache(maxsize=1024)
-def _verifier_for_plain(user: str, password: str) -> scram.ScramVerifier:
-    """One verifier (random salt, 4096 iterations) per (user, password) per process.
+_PLAIN_CACHE_SIZE = 1024
+_plain_verifiers: OrderedDict[tuple[str, str], scram.ScramVerifier] = OrderedDict()
+_plain_lock = threading.Lock()  # several event loops may share the process (tests)
 
-    Caching keeps PBKDF2 off repeated logins; keying by user too means two users with the same
-    password still get different salts, so their exchanges do not reveal that.
+
+async def _verifier_for_plain(user: str, password: str) -> scram.ScramVerifier:
+    """One verifier (4096 iterations) per (user, password) per process.
+
+    The salt is HMAC(mock key, user) (:func:`scram.mock_salt`): every worker of a multi-process
+    pgproxy shares the key, so all announce the same salt for a user, as they do for an unknown
+    one (a salt that changed from worker to worker would set these users apart). Per-user salts
+    mean two users with the same password still get different ones. Caching keeps PBKDF2 off
+    repeated logins, and the first derivation runs in a worker thread.
     """
-    del user  # only part of the cache key
-    return scram.ScramVerifier.from_password(password)
+    key = (user, password)
+    with _plain_lock:
+        verifier = _plain_verifiers.get(key)
+    if verifier is None:
+        salt = scram.mock_salt(user)
+        keys = await scram.salted_keys_off_loop(password, salt, scram.DEFAULT_ITERATIONS)
+        verifier = scram.ScramVerifier(
+            scram.DEFAULT_ITERATIONS, salt, keys.stored_key, keys.server_key
+        )
+    with _plain_lock:
+        verifier = _plain_verifiers.setdefault(key, verifier)  # a concurrent login may have won
+        _plain_verifiers.move_to_end(key)
+        while len(_plain_verifiers) > _PLAIN_CACHE_SIZE:
+            _plain_verifiers.popitem(last=False)
+    return verifier
 
 
 async def _scram_exchange(
-    chan: MessageChannel, user: str, secret: str | None, verifier: scram.ScramVerifier | None
+    chan: MessageChannel,
+    user: str,
+    secret: str | None,
+    verifier: scram.ScramVerifier | None,
+    channel_binding: bytes | None,
 ) -> ClientAuthResult:
     reason = f'Password does not match for user "{user}".'
     doomed = False
     if verifier is None:
         if secret is None:
             reason, doomed = f'Role "{user}" does not exist.', True
-        elif _is_md5_hash(secret):
+        elif is_md5_hash(secret):
             reason, doomed = f'User "{user}" does not have a valid SCRAM secret.', True
         elif _looks_like_scram(secret):
             reason, doomed = f'User "{user}" has a malformed SCRAM verifier.', True
         else:
-            verifier = _verifier_for_plain(user, secret)
-    server = scram.ScramServer(verifier or scram.ScramVerifier.mock(user), doomed=doomed)
+            verifier = await _verifier_for_plain(user, secret)
+    server = scram.ScramServer(
+        verifier or scram.ScramVerifier.mock(user), doomed=doomed, channel_binding=channel_binding
+    )
 
-    chan.write(m.authentication_sasl([scram.MECHANISM]))
+    offered = [scram.MECHANISM]
+    if channel_binding is not None:
+        offered.insert(0, scram.MECHANISM_PLUS)
+    chan.write(m.authentication_sasl(offered))
     body = await _read_response(chan, "SASL")
     try:
         mechanism, data = m.parse_sasl_initial_response(body)
     except m.ProtocolError:
         raise fatal(PROTOCOL_VIOLATION, "malformed SASLInitialResponse message") from None
-    if mechanism != scram.MECHANISM:
+    if mechanism not in offered:
         raise fatal(PROTOCOL_VIOLATION, "client selected an invalid SASL authentication mechanism")
-    chan.write(m.authentication(m.AUTH_SASL_CONTINUE, server.handle_client_first(data)))
+    plus = mechanism == scram.MECHANISM_PLUS
+    chan.write(m.authentication(m.AUTH_SASL_CONTINUE, server.handle_client_first(data, plus=plus)))
 
     data = await _read_response(chan, "SASL")  # SASLResponse: the body is the SCRAM message
     final = server.handle_client_final(data)

@@ -17,25 +17,43 @@ use it as an independent implementation to check this one):
   (``scram_iterations``, PG 16) in stored verifiers and announces it to clients.
 * The proxy needs the ClientKey that a client's proof reveals, for SCRAM pass-through to the
   upstream later; a pass-through client then signs with that key instead of a password.
+* Channel binding (SCRAM-SHA-256-PLUS, ``tls-server-end-point``) needs the hash of the proxy's
+  own certificate, which the caller computes (``cbind.py``) and hands to :class:`ScramServer`.
+
+PBKDF2 (1.6 ms for 4096 iterations on the 2-core test machine) runs once per (password, salt,
+iterations) per process: :func:`salted_keys` keeps a bounded LRU, and
+:func:`salted_keys_off_loop` computes a miss in a worker thread so a login storm with fresh
+passwords does not stall the event loop.
 
 Messages are handled as bytes, never decoded: the AuthMessage must be exactly what was sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
+import os
 import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 
 from scramp.utils import ScramException, saslprep  # type: ignore[import-untyped]
 
-from pgproxy.protocol.errors import FEATURE_NOT_SUPPORTED, PROTOCOL_VIOLATION, PgError, fatal
+from pgproxy.protocol.errors import (
+    FEATURE_NOT_SUPPORTED,
+    INVALID_AUTHORIZATION_SPECIFICATION,
+    PROTOCOL_VIOLATION,
+    PgError,
+    fatal,
+)
 
 MECHANISM = "SCRAM-SHA-256"
+MECHANISM_PLUS = "SCRAM-SHA-256-PLUS"
+CBIND_TYPE = b"tls-server-end-point"  # the only channel binding type Postgres supports
 DEFAULT_ITERATIONS = 4096  # Postgres' default scram_iterations
 SALT_LENGTH = 16  # SCRAM_DEFAULT_SALT_LEN
 KEY_LENGTH = 32  # SHA-256 digest size
@@ -43,9 +61,47 @@ _RAW_NONCE_LENGTH = 18  # SCRAM_RAW_NONCE_LEN; base64 makes it 24 printable char
 _PREFIX = "SCRAM-SHA-256$"
 _MALFORMED = "malformed SCRAM message"
 
-# A per-process key for mock salts, so an unknown user always gets the same salt (a changing
-# salt would tell a prober the user does not exist), like Postgres' mock_auth_nonce.
-_MOCK_KEY = secrets.token_bytes(32)
+# Upstream iteration counts above this are refused before any PBKDF2 runs: a hostile or
+# misconfigured server announcing 2**31 - 1 would pin a worker thread for minutes per login.
+MAX_ITERATIONS = 10_000_000
+_MAX_ITERATION_DIGITS = 10  # enough for 2**31 - 1; checked before int() (no 4300-digit parse)
+
+# The key for mock salts (and plain-password verifier salts), so an unknown user always gets
+# the same salt (a changing salt would tell a prober the user does not exist), like Postgres'
+# mock_auth_nonce. With several workers the supervisor generates one key and hands it to every
+# worker in MOCK_KEY_ENV (hex), so all workers answer alike; a full restart picks a new key
+# (Postgres keeps its nonce in pg_control across restarts).
+MOCK_KEY_ENV = "PGPROXY_MOCK_AUTH_KEY"
+
+
+def parse_mock_key(text: str) -> bytes | None:
+    """The key in ``text`` (hex, at least 16 bytes), or None."""
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return key if len(key) >= 16 else None
+
+
+def new_mock_key() -> str:
+    """A fresh random key, as :data:`MOCK_KEY_ENV` carries it."""
+    return secrets.token_hex(32)
+
+
+_MOCK_KEY = parse_mock_key(os.environ.get(MOCK_KEY_ENV, "")) or secrets.token_bytes(32)
+
+
+def mock_salt(user: str) -> bytes:
+    """A salt derived from the process' mock key and ``user``: stable, unpredictable."""
+    return _hmac(_MOCK_KEY, user.encode("utf-8", "surrogateescape"))[:SALT_LENGTH]
+
+
+def _iteration_count(text: bytes | str, maximum: int) -> int | None:
+    """A decimal count in 1..maximum, or None (length checked before int())."""
+    if not (0 < len(text) <= _MAX_ITERATION_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if 1 <= value <= maximum else None
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:
@@ -89,11 +145,63 @@ class ScramKeys:
     server_key: bytes
 
 
-@lru_cache(maxsize=1024)
-def salted_keys(password: str, salt: bytes, iterations: int) -> ScramKeys:
-    """Run PBKDF2 (the expensive part) once per (password, salt, iterations) per process."""
+_KEY_CACHE_SIZE = 1024
+# (password, salt, iterations) -> keys, least recently used first. Worker threads only run the
+# pure _derive; the lock is for several event loops in one process (tests run proxies in threads).
+_key_cache: OrderedDict[tuple[str, bytes, int], ScramKeys] = OrderedDict()
+_key_lock = threading.Lock()
+derivations = 0  # PBKDF2 runs so far (for tests and the login-storm measurement)
+
+
+def _derive(password: str, salt: bytes, iterations: int) -> ScramKeys:
     salted = hashlib.pbkdf2_hmac("sha256", normalize_password(password), salt, iterations)
     return keys_from_client_key(_hmac(salted, b"Client Key"), _hmac(salted, b"Server Key"))
+
+
+def _cached(key: tuple[str, bytes, int]) -> ScramKeys | None:
+    with _key_lock:
+        keys = _key_cache.get(key)
+        if keys is not None:
+            _key_cache.move_to_end(key)
+        return keys
+
+
+def _remember(key: tuple[str, bytes, int], keys: ScramKeys) -> ScramKeys:
+    global derivations
+    with _key_lock:
+        derivations += 1
+        _key_cache[key] = keys
+        while len(_key_cache) > _KEY_CACHE_SIZE:
+            _key_cache.popitem(last=False)
+    return keys
+
+
+def salted_keys(password: str, salt: bytes, iterations: int) -> ScramKeys:
+    """Run PBKDF2 (the expensive part) once per (password, salt, iterations) per process."""
+    key = (password, salt, iterations)
+    return _cached(key) or _remember(key, _derive(password, salt, iterations))
+
+
+_KeysKey = tuple[str, bytes, int]
+# Derivations running in the thread pool, so that a storm of logins with the same cold key
+# waits for one PBKDF2 instead of each starting its own (bench/RESULTS.md: 1,112 of 2,000).
+_in_flight: dict[tuple[asyncio.AbstractEventLoop, _KeysKey], asyncio.Future[ScramKeys]] = {}
+
+
+async def salted_keys_off_loop(password: str, salt: bytes, iterations: int) -> ScramKeys:
+    """:func:`salted_keys`, with a cache miss computed once in the default thread pool."""
+    key = (password, salt, iterations)
+    keys = _cached(key)
+    if keys is not None:
+        return keys
+    loop = asyncio.get_running_loop()
+    flight = (loop, key)
+    pending = _in_flight.get(flight)
+    if pending is None:
+        pending = _in_flight[flight] = loop.run_in_executor(None, _derive, *key)
+        pending.add_done_callback(lambda _: _in_flight.pop(flight, None))
+    # Shielded: a login that gives up must not cancel the derivation others wait for.
+    return _remember(key, await asyncio.shield(pending))
 
 
 def keys_from_client_key(client_key: bytes, server_key: bytes) -> ScramKeys:
@@ -118,7 +226,8 @@ class ScramVerifier:
         head, _, keys = text[len(_PREFIX) :].partition("$")
         iterations, _, salt_b64 = head.partition(":")
         stored_b64, _, server_b64 = keys.partition(":")
-        if not (iterations.isascii() and iterations.isdigit()) or int(iterations) < 1:
+        count = _iteration_count(iterations, 2**31 - 1)  # Postgres' scram_iterations range
+        if count is None:
             return None
         salt = _b64decode(salt_b64)
         stored = _b64decode(stored_b64)
@@ -127,7 +236,7 @@ class ScramVerifier:
             return None
         if len(stored) != KEY_LENGTH or len(server) != KEY_LENGTH:
             return None
-        return cls(int(iterations), salt, stored, server)
+        return cls(count, salt, stored, server)
 
     @classmethod
     def from_password(
@@ -141,14 +250,27 @@ class ScramVerifier:
     @classmethod
     def mock(cls, user: str) -> ScramVerifier:
         """A verifier nobody can match, with a stable per-user salt: for doomed exchanges."""
-        salt = _hmac(_MOCK_KEY, user.encode("utf-8", "surrogateescape"))[:SALT_LENGTH]
-        return cls(DEFAULT_ITERATIONS, salt, secrets.token_bytes(32), secrets.token_bytes(32))
+        return cls(
+            DEFAULT_ITERATIONS, mock_salt(user), secrets.token_bytes(32), secrets.token_bytes(32)
+        )
 
     def __str__(self) -> str:
         salt, stored, server = (
             _b64(x).decode() for x in (self.salt, self.stored_key, self.server_key)
         )
         return f"{_PREFIX}{self.iterations}:{salt}${stored}:{server}"
+
+
+@dataclass(frozen=True, repr=False)
+class ScramPassThrough:
+    """What SCRAM pass-through logs in upstream with: a verifier and the ClientKey a client's
+    proof revealed for it. Equivalent to the password for that verifier: never logged."""
+
+    verifier: ScramVerifier
+    client_key: bytes
+
+    def __repr__(self) -> str:
+        return f"ScramPassThrough(iterations={self.verifier.iterations}, keys=***)"
 
 
 def _nonce() -> bytes:
@@ -187,16 +309,28 @@ class ScramServer:
     """The server side of one exchange (Postgres' ``auth-scram.c``), proxy acting as the server.
 
     Postgres' rules are kept where they are visible to clients: the user name in the message is
-    ignored, extensions after the nonce are skipped, a wrong nonce or proof is an authentication
-    failure (not a protocol violation), and there is no server-final message after a failure.
+    ignored, extensions after the nonce are skipped, a nonce that is not this exchange's (a
+    replay) is a protocol violation ("invalid SCRAM response"), a wrong proof is an
+    authentication failure, and there is no server-final message after a failure.
     """
 
     def __init__(
-        self, verifier: ScramVerifier, *, doomed: bool = False, nonce: bytes | None = None
+        self,
+        verifier: ScramVerifier,
+        *,
+        doomed: bool = False,
+        nonce: bytes | None = None,
+        channel_binding: bytes | None = None,
     ) -> None:
-        """``doomed`` runs the full exchange but always fails (unknown user, unusable secret)."""
+        """``doomed`` runs the full exchange but always fails (unknown user, unusable secret).
+
+        ``channel_binding`` is the ``tls-server-end-point`` data of this TLS connection (the
+        hash of the proxy's certificate), given when SCRAM-SHA-256-PLUS is offered.
+        """
         self._verifier = verifier
         self._doomed = doomed
+        self._channel_binding = channel_binding
+        self._cbind_data = b""  # what the client must send back in c= after the GS2 header
         self._server_nonce = _nonce() if nonce is None else nonce
         self._gs2_header = b""
         self._client_first_bare = b""
@@ -205,36 +339,67 @@ class ScramServer:
         self._stage = 0
         self.client_key: bytes | None = None  # set once a proof has been verified
 
-    def handle_client_first(self, data: bytes) -> bytes:
-        """Parse client-first-message, return server-first-message."""
+    def handle_client_first(self, data: bytes, *, plus: bool = False) -> bytes:
+        """Parse client-first-message, return server-first-message.
+
+        ``plus``: the client selected SCRAM-SHA-256-PLUS (only valid with ``channel_binding``).
+        """
         if self._stage != 0:
             raise RuntimeError("client-first-message already handled")
         self._stage = 1
         _check_text(data)
+        if plus and self._channel_binding is None:
+            raise RuntimeError("SCRAM-SHA-256-PLUS selected but no channel binding data")
         flag = data[:1]
+        end = 1  # where the channel-binding field ends
         if flag == b"p":
+            if not plus:
+                raise fatal(
+                    PROTOCOL_VIOLATION,
+                    _MALFORMED,
+                    detail="The client selected SCRAM-SHA-256 without channel binding, "
+                    "but the SCRAM message includes channel binding data.",
+                )
+            end = data.find(b",")
+            if data[1:2] != b"=" or end < 0:
+                raise fatal(PROTOCOL_VIOLATION, _MALFORMED, detail="Comma expected.")
+            cbname = data[2:end]
+            if cbname != CBIND_TYPE:
+                name = cbname.decode("ascii", "replace")
+                raise fatal(PROTOCOL_VIOLATION, f'unsupported SCRAM channel-binding type "{name}"')
+            assert self._channel_binding is not None
+            self._cbind_data = self._channel_binding
+        elif flag == b"y" and self._channel_binding is not None:
+            raise fatal(
+                PROTOCOL_VIOLATION,
+                "SCRAM channel binding negotiation error",
+                detail="The client supports SCRAM channel binding but thinks the server does "
+                "not.  However, this server does support channel binding.",
+            )
+        elif flag not in (b"n", b"y"):
+            raise fatal(PROTOCOL_VIOLATION, _MALFORMED, detail="Unexpected channel-binding flag.")
+        elif plus:
             raise fatal(
                 PROTOCOL_VIOLATION,
                 _MALFORMED,
-                detail="The client selected SCRAM-SHA-256 without channel binding, "
-                "but the SCRAM message includes channel binding data.",
+                detail="The client selected SCRAM-SHA-256-PLUS, "
+                "but the SCRAM message does not include channel binding data.",
             )
-        if flag not in (b"n", b"y"):  # 'y': client could bind, thinks we cannot; we have no TLS
-            raise fatal(PROTOCOL_VIOLATION, _MALFORMED, detail="Unexpected channel-binding flag.")
-        if data[1:2] != b",":
+        if data[end : end + 1] != b",":
             raise fatal(PROTOCOL_VIOLATION, _MALFORMED, detail="Comma expected.")
-        if data[2:3] == b"a":
+        authzid = data[end + 1 : end + 2]
+        if authzid == b"a":
             raise fatal(
                 FEATURE_NOT_SUPPORTED, "client uses authorization identity, but it is not supported"
             )
-        if data[2:3] != b",":
+        if authzid != b",":
             raise fatal(
                 PROTOCOL_VIOLATION,
                 _MALFORMED,
                 detail="Unexpected attribute in client-first-message.",
             )
-        self._gs2_header = data[:3]
-        self._client_first_bare = bare = data[3:]
+        self._gs2_header = data[: end + 2]
+        self._client_first_bare = bare = data[end + 2 :]
         parts = bare.split(b",")
         if parts[0].startswith(b"m="):
             raise fatal(FEATURE_NOT_SUPPORTED, "client requires an unsupported SCRAM extension")
@@ -262,8 +427,11 @@ class ScramServer:
         self._stage = 2
         _check_text(data)
         parts = data.split(b",")
-        binding = _b64decode(_expect(parts[0], b"c", "client-final-message"))
-        if binding != self._gs2_header:
+        binding = _b64decode(_expect(parts[0], b"c", "client-final-message")) or b""
+        expected = self._gs2_header + self._cbind_data
+        if not hmac.compare_digest(binding, expected):
+            if self._cbind_data and binding.startswith(self._gs2_header):
+                raise fatal(PROTOCOL_VIOLATION, "SCRAM channel binding check failed")
             raise fatal(
                 PROTOCOL_VIOLATION,
                 "unexpected SCRAM channel-binding attribute in client-final-message",
@@ -276,13 +444,17 @@ class ScramServer:
             raise fatal(
                 PROTOCOL_VIOLATION, _MALFORMED, detail="Malformed proof in client-final-message."
             )
+        if not hmac.compare_digest(nonce, self._nonce):  # Postgres checks it first, too
+            raise fatal(
+                PROTOCOL_VIOLATION, "invalid SCRAM response", detail="Nonce does not match."
+            )
         without_proof = data[: len(data) - len(parts[-1]) - 1]
         auth_message = self._client_first_bare + b"," + self._server_first + b"," + without_proof
 
         v = self._verifier
         client_key = _xor(proof, _hmac(v.stored_key, auth_message))
         ok = hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key)
-        if not ok or self._doomed or not hmac.compare_digest(nonce, self._nonce):
+        if not ok or self._doomed:
             return None
         self.client_key = client_key
         return b"v=" + _b64(_hmac(v.server_key, auth_message))
@@ -296,16 +468,31 @@ class ScramClient:
     """The client side of one exchange (libpq's ``fe-auth-scram.c``), proxy logging in upstream.
 
     Like libpq it sends an empty user name (the server uses the startup packet's) and never uses
-    channel binding (no TLS upstream yet). It refuses AuthenticationOk until the server has proved
-    that it knows the verifier, so a fake server cannot skip the final step.
+    channel binding. It refuses AuthenticationOk until the server has proved that it knows the
+    verifier, so a fake server cannot skip the final step.
+
+    With a :class:`ScramPassThrough` instead of a password, the proof is signed with the
+    recovered ClientKey; that only works if the server announces the verifier's own salt and
+    iteration count (the same verifier), else the exchange fails with a clear error.
     """
 
-    def __init__(self, password: str, *, username: str = "", nonce: bytes | None = None) -> None:
-        """``username``/``nonce`` exist for test vectors; leave them at their defaults."""
-        self._password = password
+    def __init__(
+        self,
+        secret: str | ScramPassThrough,
+        *,
+        username: str = "",
+        nonce: bytes | None = None,
+        user: str = "",
+    ) -> None:
+        """``username``/``nonce`` exist for test vectors; leave them at their defaults.
+        ``user`` only names the role in error messages."""
+        self._secret = secret
+        self._user = user
         name = username.replace("=", "=3D").replace(",", "=2C").encode("utf-8", "surrogateescape")
         self._client_nonce = _nonce() if nonce is None else nonce
         self._client_first_bare = b"n=" + name + b",r=" + self._client_nonce
+        self._server_first = b""
+        self._nonce = b""
         self._server_signature = b""
         self._stage = 0
         self.finished = False  # the server's signature has been verified
@@ -318,6 +505,19 @@ class ScramClient:
 
     def handle_server_first(self, data: bytes) -> bytes:
         """Check server-first-message, return client-final-message (runs PBKDF2, cached)."""
+        salt, iterations = self.read_server_first(data)
+        return self.client_final(self._keys(salt, iterations, None))
+
+    async def handle_server_first_off_loop(self, data: bytes) -> bytes:
+        """:meth:`handle_server_first` with an uncached PBKDF2 run in a worker thread."""
+        salt, iterations = self.read_server_first(data)
+        keys = None
+        if isinstance(self._secret, str):
+            keys = await salted_keys_off_loop(self._secret, salt, iterations)
+        return self.client_final(self._keys(salt, iterations, keys))
+
+    def read_server_first(self, data: bytes) -> tuple[bytes, int]:
+        """Validate server-first-message; return the (salt, iterations) it announces."""
         if self._stage != 1:
             raise fatal(PROTOCOL_VIOLATION, "unexpected SCRAM challenge from server")
         self._stage = 2
@@ -334,14 +534,39 @@ class ScramClient:
             raise _server_error("Non-printable characters in SCRAM nonce.")
         if not salt:
             raise _server_error("Malformed SCRAM salt.")
-        if not (iterations.isascii() and iterations.isdigit()) or not 1 <= int(iterations) < 2**31:
+        count = _iteration_count(iterations, 2**31 - 1)
+        if count is None:
             raise _server_error("Malformed SCRAM iteration count.")
+        if count > MAX_ITERATIONS:
+            raise _server_error(
+                f"SCRAM iteration count {count} is above pgproxy's limit of {MAX_ITERATIONS}."
+            )
         if not all(_is_attr(p) for p in parts[3:]):
             raise _server_error("Garbage found at the end of server-first-message.")
+        self._server_first = data
+        self._nonce = nonce
+        return salt, count
 
-        keys = salted_keys(self._password, salt, int(iterations))
-        without_proof = b"c=" + _b64(b"n,,") + b",r=" + nonce
-        auth_message = self._client_first_bare + b"," + data + b"," + without_proof
+    def _keys(self, salt: bytes, iterations: int, derived: ScramKeys | None) -> ScramKeys:
+        secret = self._secret
+        if isinstance(secret, str):
+            return derived or salted_keys(secret, salt, iterations)
+        v = secret.verifier
+        if salt != v.salt or iterations != v.iterations:
+            raise fatal(
+                INVALID_AUTHORIZATION_SPECIFICATION,
+                f'SCRAM pass-through failed for user "{self._user}": the upstream server\'s '
+                "SCRAM verifier is not the one pgproxy knows",
+                detail="The upstream announced a different salt or iteration count.",
+                hint="Copy the role's current verifier from pg_authid into pgproxy's "
+                "configuration, or give pgproxy the upstream password.",
+            )
+        return keys_from_client_key(secret.client_key, v.server_key)
+
+    def client_final(self, keys: ScramKeys) -> bytes:
+        """client-final-message for the server-first-message already read, signed with keys."""
+        without_proof = b"c=" + _b64(b"n,,") + b",r=" + self._nonce
+        auth_message = self._client_first_bare + b"," + self._server_first + b"," + without_proof
         proof = _xor(keys.client_key, _hmac(keys.stored_key, auth_message))
         self._server_signature = _hmac(keys.server_key, auth_message)
         return without_proof + b",p=" + _b64(proof)

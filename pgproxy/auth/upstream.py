@@ -2,7 +2,10 @@
 
 Theory of operation: after the startup packet is sent, :func:`authenticate_upstream` answers the
 server's Authentication requests until AuthenticationOk. Cleartext, md5 and SCRAM-SHA-256 are
-supported (no channel binding: there is no TLS upstream yet). Every failure is a FATAL
+supported (no channel binding towards the upstream). Besides a password, the proxy can log in
+with pass-through credentials (``credentials.py``): an md5 hash answers md5, a SCRAM verifier
+plus a client's recovered ClientKey answers SCRAM. An uncached PBKDF2 for a password runs in a
+worker thread, never on the event loop. Every failure is a FATAL
 :class:`PgError`: the server's own ErrorResponse keeps its SQLSTATE (28P01, 3D000, ...); anything
 the proxy cannot follow is 08P01. The password never appears in a message or a log line.
 """
@@ -13,6 +16,7 @@ import hashlib
 
 from pgproxy.auth import scram
 from pgproxy.auth.channel import MessageChannel
+from pgproxy.auth.credentials import Md5PassThrough, UpstreamSecret
 from pgproxy.protocol import framing
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import (
@@ -32,7 +36,9 @@ _UNSUPPORTED = {
 }
 
 
-async def authenticate_upstream(chan: MessageChannel, user: str, password: str | None) -> None:
+async def authenticate_upstream(
+    chan: MessageChannel, user: str, password: UpstreamSecret | None
+) -> None:
     """Log in as ``user``; return once the server sent AuthenticationOk.
 
     Only one method request is accepted per connection, and after SCRAM has started only its
@@ -54,7 +60,7 @@ async def authenticate_upstream(chan: MessageChannel, user: str, password: str |
             if client is None:
                 raise fatal(PROTOCOL_VIOLATION, "upstream sent a SASL message out of sequence")
             if code == m.AUTH_SASL_CONTINUE:
-                chan.write(m.password_message(client.handle_server_first(data)))
+                chan.write(m.password_message(await client.handle_server_first_off_loop(data)))
             else:
                 client.handle_server_final(data)
             continue
@@ -62,17 +68,21 @@ async def authenticate_upstream(chan: MessageChannel, user: str, password: str |
             raise fatal(PROTOCOL_VIOLATION, f"upstream sent a second authentication request {code}")
         requested = True
         if code == m.AUTH_CLEARTEXT:
-            secret = _need_password(user, password)
+            secret = _need_password(user, password, "password")
             chan.write(m.password_message(_encode(secret) + b"\0"))
         elif code == m.AUTH_MD5:
-            secret = _need_password(user, password)
             if len(data) != 4:
                 raise fatal(
                     PROTOCOL_VIOLATION, "upstream sent an md5 request without a 4-byte salt"
                 )
-            chan.write(m.password_message(md5_response(user, secret, data) + b"\0"))
+            if isinstance(password, Md5PassThrough):
+                response = md5_response_from_hash(password.hash, data)
+            else:
+                response = md5_response(user, _need_password(user, password, "md5"), data)
+            chan.write(m.password_message(response + b"\0"))
         elif code == m.AUTH_SASL:
-            secret = _need_password(user, password)
+            if not isinstance(password, str | scram.ScramPassThrough):
+                password = _need_password(user, password, "SCRAM-SHA-256")  # raises
             try:
                 mechanisms = m.parse_sasl_mechanisms(data)
             except m.ProtocolError:
@@ -85,7 +95,7 @@ async def authenticate_upstream(chan: MessageChannel, user: str, password: str |
                     "none of the upstream's SASL authentication mechanisms are supported: "
                     + ", ".join(mechanisms),
                 )
-            client = scram.ScramClient(secret)
+            client = scram.ScramClient(password, user=user)
             chan.write(m.sasl_initial_response(scram.MECHANISM, client.client_first()))
         else:
             name = _UNSUPPORTED.get(code, "unknown")
@@ -114,13 +124,20 @@ async def _read_request(chan: MessageChannel) -> tuple[int, bytes]:
             raise fatal(PROTOCOL_VIOLATION, f"invalid message from upstream: {e}") from None
 
 
-def _need_password(user: str, password: str | None) -> str:
+def _need_password(user: str, password: UpstreamSecret | None, method: str) -> str:
+    if isinstance(password, str):
+        return password
     if password is None:
         raise fatal(
             SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             f'upstream requires a password for user "{user}"',
         )
-    return password
+    raise fatal(
+        SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+        f'upstream asks for {method} authentication for user "{user}", but pgproxy only '
+        "holds a verifier of another kind for that user",
+        hint="give pgproxy the upstream password (database url or password key)",
+    )
 
 
 def _encode(text: str) -> bytes:
@@ -131,3 +148,8 @@ def md5_response(user: str, password: str, salt: bytes) -> bytes:
     """``"md5" + md5(md5(password + user).hex + salt).hex``, what PasswordMessage carries."""
     inner = hashlib.md5(_encode(password + user)).hexdigest().encode("ascii")
     return b"md5" + hashlib.md5(inner + salt).hexdigest().encode("ascii")
+
+
+def md5_response_from_hash(stored: str, salt: bytes) -> bytes:
+    """The same response from the stored ``md5...`` hash, without the password."""
+    return b"md5" + hashlib.md5(stored[3:].encode("ascii") + salt).hexdigest().encode("ascii")

@@ -11,11 +11,12 @@ Rules that keep it honest:
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.backend import ServerConnection, UpstreamTls
 from pgproxy.config import DatabaseConfig, PoolMode
 from pgproxy.protocol import errors
@@ -58,27 +59,30 @@ class Pool:
         password: str | None,
         settings: PoolSettings,
         startup: Mapping[str, str] | None = None,
+        pass_through: Callable[[], UpstreamSecret | None] | None = None,
     ) -> None:
         self.name = name
         self.database = database
         self.upstream_db = upstream_db
         self.upstream_user = upstream_user
         self.password = password
+        # Without a password: credentials learnt from the user's logins (SCRAM pass-through).
+        self.pass_through = pass_through
         self.settings = settings
+        self.mode: PoolMode = settings.mode  # read on every message: an attribute, not a property
         self.startup = dict(startup or {})  # extra startup parameters for every server
         self.idle: list[ServerConnection] = []
         self.active: set[ServerConnection] = set()
-        self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
+        self.waiters: deque[ServerRequest] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._expiry: asyncio.TimerHandle | None = None  # fails waiters past their deadline
+        self._expiry_at = math.inf
         self.total = 0
         self.server_params: dict[str, str] | None = None
         self.params_lock = asyncio.Lock()  # one login learns server_params; the rest wait
         # (name, value) pairs a server accepted -> the value it reported (None if unreported).
         self.validated: dict[tuple[str, str], str | None] = {}
         self.closing = False
-
-    @property
-    def mode(self) -> PoolMode:
-        return self.settings.mode
 
     def __repr__(self) -> str:
         return f"<pool {self.name} total={self.total} idle={len(self.idle)}>"
@@ -94,49 +98,72 @@ class Pool:
                 return server
         return None
 
-    def request(self, timeout: float) -> asyncio.Future[ServerConnection]:
-        """A future that gets a server for exclusive use, or a PgError (connect failure, wait
-        timeout). The hot path attaches a callback to it: no task, no ``wait_for``."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[ServerConnection] = loop.create_future()
-        server = self.take_idle()
+    def request(self, deliver: Deliver, timeout: float) -> ServerRequest:
+        """Ask for a server for exclusive use; ``deliver(server, None)`` or ``deliver(None,
+        error)`` (connect failure, wait timeout) is called exactly once unless the request is
+        cancelled. A server freed by ``release`` is delivered synchronously, from inside the
+        release: no Future, no task, no loop round trip on the hot path. Other outcomes are
+        delivered from a fresh loop callback, never from inside this call."""
+        loop = self._loop
+        req = ServerRequest(deliver, loop.time() + timeout if timeout > 0 else math.inf)
+        server = self.take_idle() if self.idle else None
         if server is not None:
-            fut.set_result(server)
+            loop.call_soon(req.set_result, server)
         elif self.closing:
-            fut.set_exception(
-                PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
-            )
+            error = PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
+            loop.call_soon(req.set_exception, error)
         elif self.total < self.settings.size:
-            _chain(self._connect_for_use(), fut)
+            _chain(self._connect_for_use(), req)
         else:
-            self.waiters.append(fut)
-            deadline = loop.call_later(timeout, self._expire, fut) if timeout > 0 else None
-            fut.add_done_callback(lambda f: self._waiter_done(f, deadline))
-        return fut
+            self.waiters.append(req)
+            if req.deadline < self._expiry_at:
+                self._schedule_expiry(req.deadline)
+        return req
 
     async def acquire(self, timeout: float) -> ServerConnection:
-        return await self.request(timeout)
+        fut: asyncio.Future[ServerConnection] = self._loop.create_future()
 
-    def _expire(self, fut: asyncio.Future[ServerConnection]) -> None:
-        if not fut.done():
-            fut.set_exception(
+        def deliver(server: ServerConnection | None, error: BaseException | None) -> None:
+            if fut.done():  # the awaiting task was cancelled
+                if server is not None:
+                    self.release(server)
+            elif server is not None:
+                fut.set_result(server)
+            else:
+                fut.set_exception(error or RuntimeError("no server"))
+
+        req = self.request(deliver, timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            req.cancel()
+            raise
+
+    def _schedule_expiry(self, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = when
+        self._expiry = self._loop.call_at(when, self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        """One timer per pool, not one per wait: fail every waiter past its deadline, then
+        sleep until the next deadline."""
+        self._expiry, self._expiry_at = None, math.inf
+        now = self._loop.time()
+        expired = [w for w in self.waiters if not w.done and w.deadline <= now]
+        self.waiters = deque(w for w in self.waiters if not w.done and w.deadline > now)
+        if self.waiters:
+            next_deadline = min(w.deadline for w in self.waiters)
+            if next_deadline < math.inf:
+                self._schedule_expiry(next_deadline)
+        for waiter in expired:
+            waiter.set_exception(
                 PgError(
                     errors.QUERY_CANCELED,
                     "query_wait_timeout: no server connection became free in time",
                     hint=f"the pool {self.name} has {self.settings.size} connections, all in use",
                 )
             )
-
-    def _waiter_done(
-        self, fut: asyncio.Future[ServerConnection], deadline: asyncio.TimerHandle | None
-    ) -> None:
-        # release() hands servers only to futures not yet done, so a timed-out or cancelled
-        # waiter can simply be forgotten.
-        if deadline is not None:
-            deadline.cancel()
-        if fut.cancelled() or fut.exception() is not None:
-            with contextlib.suppress(ValueError):
-                self.waiters.remove(fut)
 
     def _connect_for_use(self) -> asyncio.Future[ServerConnection]:
         """Reserve a slot now (so ``total`` never overshoots ``size``) and connect."""
@@ -162,7 +189,7 @@ class Pool:
                     self.database.host,
                     self.database.port,
                     params,
-                    self.password,
+                    self.credentials(),
                     self.settings.tls,
                 ),
                 self.settings.connect_timeout or None,
@@ -178,14 +205,18 @@ class Pool:
         log.debug("%r: opened %r", self, server)
         return server
 
+    def credentials(self) -> UpstreamSecret | None:
+        if self.password is None and self.pass_through is not None:
+            return self.pass_through()
+        return self.password
+
     def _wake_waiter_to_connect(self) -> None:
         """A slot freed up without a server to hand over: let the oldest waiter connect."""
         while self.waiters and self.total < self.settings.size:
-            fut = self.waiters.popleft()
-            if fut.done():
+            req = self.waiters.popleft()
+            if req.done:
                 continue
-            task = self._connect_for_use()
-            _chain(task, fut)
+            _chain(self._connect_for_use(), req)
             return
 
     def release(self, server: ServerConnection) -> None:
@@ -195,10 +226,11 @@ class Pool:
             self.discard(server)
             return
         # Still counted as active here, so that closing it gives its slot back.
+        lifetime = self.settings.lifetime
         if (
             not server.flow.idle
             or server.cancels_in_flight
-            or (self.settings.lifetime and server.age() > self.settings.lifetime)
+            or (lifetime and server.idle_since - server.created_at > lifetime)  # unlink: now
         ):
             self.close_server(server)
             return
@@ -207,9 +239,9 @@ class Pool:
             server.needs_unlisten = False
             server.send_internal("UNLISTEN *")
         while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(server)  # stays active: handed straight to the waiter
+            req = self.waiters.popleft()
+            if not req.done:
+                req.set_result(server)  # stays active: handed straight to the waiter
                 return
         if self.closing:
             self.close_server(server)
@@ -252,7 +284,10 @@ class Pool:
                 self.close_server(server)
 
     async def warm_up(self) -> None:
-        """Open servers until ``min_size`` exist (best effort)."""
+        """Open servers until ``min_size`` exist (best effort; a pass-through pool waits until
+        a client has logged in and so provided the credentials)."""
+        if self.pass_through is not None and self.credentials() is None:
+            return
         while self.total < self.settings.min_size and not self.closing:
             self.total += 1
             try:
@@ -281,12 +316,13 @@ class Pool:
 
     async def close(self) -> None:
         self.retire()
-        for fut in self.waiters:
-            if not fut.done():
-                fut.set_exception(
-                    PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
-                )
-        self.waiters.clear()
+        waiters, self.waiters = self.waiters, deque()
+        for req in waiters:
+            req.set_exception(
+                PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
+            )
+        if self._expiry is not None:
+            self._expiry.cancel()
         for server in list(self.active):
             self.close_server(server)
 
@@ -299,22 +335,54 @@ class Pool:
         }
 
 
-def _chain(task: asyncio.Future[ServerConnection], fut: asyncio.Future[ServerConnection]) -> None:
+Deliver = Callable[["ServerConnection | None", "BaseException | None"], None]
+
+
+class ServerRequest:
+    """One wait for a server (see ``Pool.request``)."""
+
+    __slots__ = ("_deliver", "deadline", "done")
+
+    def __init__(self, deliver: Deliver, deadline: float) -> None:
+        self._deliver = deliver
+        self.deadline = deadline
+        self.done = False
+
+    def cancel(self) -> None:
+        """Give up: nothing will be delivered (the pool skips it when its turn comes)."""
+        self.done = True
+
+    def set_result(self, server: ServerConnection) -> None:
+        if self.done:  # cancelled meanwhile: the server goes back
+            server.pool.release(server)
+            return
+        self.done = True
+        try:
+            self._deliver(server, None)
+        except Exception:  # never let one client's bug break the releasing server's stream
+            log.exception("delivering %r failed", server)
+
+    def set_exception(self, error: BaseException) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self._deliver(None, error)
+        except Exception:
+            log.exception("delivering an error to a pool waiter failed")
+
+
+def _chain(task: asyncio.Future[ServerConnection], req: ServerRequest) -> None:
     """Deliver a connect task's outcome to a waiter; if the waiter gave up, release the server."""
 
     def done(t: asyncio.Future[ServerConnection]) -> None:
         if t.cancelled():
-            if not fut.done():
-                fut.cancel()
+            req.cancel()
             return
         exc = t.exception()
-        if fut.done():
-            if exc is None:
-                t.result().pool.release(t.result())
-            return
         if exc is not None:
-            fut.set_exception(exc)
+            req.set_exception(exc)
         else:
-            fut.set_result(t.result())
+            req.set_result(t.result())
 
     task.add_done_callback(done)

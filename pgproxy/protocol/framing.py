@@ -28,6 +28,8 @@ FRONTEND_TYPES = frozenset(
 )  # fmt: skip
 
 _I32 = struct.Struct("!i")
+# For hot loops: ``LENGTH_AT(buf, pos)[0]`` is ``read_length`` without a Python call.
+LENGTH_AT = _I32.unpack_from
 
 
 def frontend_limit(type_: int) -> int:
@@ -38,6 +40,11 @@ def frontend_limit(type_: int) -> int:
 def read_length(buf: bytes | bytearray, pos: int) -> int:
     """The int32 length at ``pos`` (the byte after the type)."""
     return int(_I32.unpack_from(buf, pos)[0])
+
+
+# Type -> largest body+length a client may send; hot loops test ``FRONTEND_LIMITS.get(type_)``
+# and call ``check_frontend_header`` only to report what is wrong.
+FRONTEND_LIMITS = {t: frontend_limit(t) for t in FRONTEND_TYPES}
 
 
 def check_frontend_header(type_: int, length: int) -> None:

@@ -19,6 +19,7 @@ Theory of operation (DESIGN.md, "LISTEN / UNLISTEN / NOTIFY in transaction mode"
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
@@ -32,6 +33,12 @@ from pgproxy.wire import log
 
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 5.0
+# TCP keepalive for the listener socket: the kernel probes an idle connection, and
+# TCP_USER_TIMEOUT bounds how long sent data may stay unacknowledged (PROTOCOL-NOTES 35).
+_KEEPALIVE_IDLE = 30
+_KEEPALIVE_INTERVAL = 10
+_KEEPALIVE_COUNT = 3
+_USER_TIMEOUT_MS = 60_000
 
 
 class Subscriber(Protocol):
@@ -54,8 +61,14 @@ class _Channel:
 
 
 class Listener:
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, ping_interval: float = 30.0, ping_timeout: float = 10.0) -> None:
         self.pool = pool  # a dedicated pool of one: the listener connection
+        # A listener only reads, so a silently dead connection (NAT timeout, failover) would
+        # never be noticed: every ping_interval an empty query must come back within
+        # ping_timeout, or the connection is dropped and re-made (0 disables the ping).
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self._pinger: asyncio.Task[None] | None = None
         self.conn: ServerConnection | None = None
         self.channels: dict[str, _Channel] = {}
         self.subscriptions: dict[Subscriber, set[str]] = {}
@@ -213,8 +226,29 @@ class Listener:
         conn.notifications_done = self._flush
         conn.lost_callback = self._on_lost
         self.conn = conn
+        _enable_keepalive(conn)
+        if self.ping_interval > 0:
+            self._pinger = asyncio.get_running_loop().create_task(self._ping(conn))
         log.info("%r: connected (%r)", self, conn)
         return conn
+
+    async def _ping(self, conn: ServerConnection) -> None:
+        while not conn.closed and not self.closing:
+            await asyncio.sleep(self.ping_interval)
+            if conn.closed or self.closing:
+                return
+            try:
+                async with asyncio.timeout(self.ping_timeout or None):
+                    await conn.run_internal("")
+            except TimeoutError:
+                why = f"no answer to a ping within {self.ping_timeout:g}s"
+                log.warning("%r: %s; dropping the connection", self, why)
+                conn.abort_with(
+                    PgError(errors.CONNECTION_FAILURE, f"listener connection lost: {why}")
+                )
+                return
+            except (PgError, ConnectionError):
+                return  # the connection's loss is reported through _on_lost
 
     def map_pid(self, server_pid: int, virtual_pid: int) -> None:
         """Show ``server_pid``'s notifications as ``virtual_pid`` until the fence ends."""
@@ -314,6 +348,8 @@ class Listener:
         self.closing = True
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
+        if self._pinger is not None:
+            self._pinger.cancel()
         await self.pool.close()
 
     def stats(self) -> dict[str, int]:
@@ -323,6 +359,26 @@ class Listener:
             "notifications": self.notifications,
             "connected": int(self.conn is not None and not self.conn.closed),
         }
+
+
+def _enable_keepalive(conn: ServerConnection) -> None:
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), _KEEPALIVE_IDLE),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), _KEEPALIVE_INTERVAL),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), _KEEPALIVE_COUNT),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), _USER_TIMEOUT_MS),
+    ]
+    for level, name, value in options:
+        if name is None:
+            continue  # not on this platform
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError as exc:
+            log.debug("listener socket option %s not set: %s", name, exc)
 
 
 def _listen_all(names: Iterable[str]) -> str:

@@ -1,0 +1,431 @@
+"""``workers = N``: proxy processes sharing one listen address, and their supervisor.
+
+One Python process can use one core only, and needs about twice PgBouncer's CPU per transaction
+(the profile is mostly send syscalls), so with ``workers = N`` the ``pgproxy`` command becomes
+a *supervisor* that starts N *workers*. Each worker is ``python -m pgproxy`` again, with the
+same arguments and environment plus the internal ``--worker`` flag, and runs the ordinary
+``Proxy``: it binds the listen address with ``SO_REUSEPORT`` (the kernel spreads new
+connections over the workers) and has its own pools and its own listener connection per
+database. Nothing is shared between workers but three things:
+
+* **Sizes.** Each worker gets a share of every configured size (``per_worker``): pool sizes
+  are divided by N rounded down (at least 1), ``min_pool_size`` rounded down,
+  ``max_client_conn`` rounded up, so the totals stay what the file says (unless a pool size is
+  smaller than N).
+* **Cancels.** A CancelRequest lands on whichever worker the kernel picks. A client's virtual
+  backend PID encodes the index of the worker that owns it (``pgproxy.app.vpid_owner``); a
+  worker that receives a cancel for another worker's client forwards the raw request over a
+  unix socket in a private (0700) directory the supervisor made (``CancelPeers``). Only the
+  owner knows the secret, and it compares it in constant time, as for a local cancel; the
+  forwarding worker learns nothing and answers nothing (Postgres answers nothing either).
+* **The mock-auth key** (``scram.MOCK_KEY_ENV``), made once by the supervisor and passed in
+  every worker's environment, so an unknown user's fake salt is the same on every worker.
+
+Supervisor rules: workers never read the configuration file itself but a *snapshot* of it in
+the private directory, which the supervisor replaces only with a version it has validated:
+SIGHUP re-reads the file, and if it is valid swaps the snapshot and passes SIGHUP on to every
+worker (each re-reads the snapshot); a worker restarted later runs the same configuration as
+its siblings, never a half-edited file. SIGTERM/SIGINT stop every worker with SIGTERM (SIGKILL
+after ``_STOP_TIMEOUT``) and exit 0; a worker that exits on its own is logged and restarted
+with exponential backoff. Each worker holds one end of a socketpair whose other end only the
+supervisor has: the worker reports "ready" on it, and EOF on it means the supervisor is gone
+(even by SIGKILL), so the worker shuts down instead of living on as an orphan. Workers ignore
+SIGINT: a terminal's Ctrl-C reaches the whole process group, and the supervisor stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pgproxy.auth import scram
+from pgproxy.cli import WORKER_FLAG
+from pgproxy.config import Config, ConfigError
+from pgproxy.protocol import messages as m
+
+__all__ = ["CancelPeers", "WorkerRole", "per_worker", "supervise"]
+
+log = logging.getLogger("pgproxy")
+
+_READY = b"R"
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 10.0
+_STABLE = 10.0  # a worker that ran this long restarts without backoff
+_STOP_TIMEOUT = 30.0
+_PEER_TIMEOUT = 5.0
+_CANCEL_MAX = 4 + 4 + 4 + 256  # length, code, pid, key of up to 256 bytes (protocol 3.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRole:
+    """What a worker process is told on its command line: ``INDEX,COUNT,FD,DIR``."""
+
+    index: int
+    count: int
+    channel_fd: int  # this worker's end of the socketpair shared with the supervisor
+    peer_dir: Path  # private directory holding every worker's cancel socket
+
+    def arg(self) -> str:
+        return f"{self.index},{self.count},{self.channel_fd},{self.peer_dir}"
+
+    @classmethod
+    def parse(cls, text: str) -> WorkerRole:
+        try:
+            index, count, fd, directory = text.split(",", 3)
+            role = cls(int(index), int(count), int(fd), Path(directory))
+        except ValueError:
+            raise ValueError(f"bad {WORKER_FLAG} value {text!r}") from None
+        if not 0 <= role.index < role.count:
+            raise ValueError(f"bad {WORKER_FLAG} value {text!r}")
+        return role
+
+
+def per_worker(config: Config, count: int) -> Config:
+    """The configuration one of ``count`` workers runs: its share of every size."""
+    if count == 1:
+        return config
+
+    def share(size: int) -> int:
+        return max(1, size // count)
+
+    def share_opt(size: int | None) -> int | None:
+        return None if size is None else share(size)
+
+    def share_min(size: int | None) -> int | None:
+        # Rounded down like the pool sizes, so min_pool_size <= pool size still holds.
+        return None if size is None else size // count
+
+    proxy = config.proxy
+    return dataclasses.replace(
+        config,
+        proxy=dataclasses.replace(
+            proxy,
+            max_client_conn=-(-proxy.max_client_conn // count),
+            default_pool_size=share(proxy.default_pool_size),
+            min_pool_size=proxy.min_pool_size // count,
+        ),
+        databases={
+            name: dataclasses.replace(
+                db, pool_size=share_opt(db.pool_size), min_pool_size=share_min(db.min_pool_size)
+            )
+            for name, db in config.databases.items()
+        },
+        users={
+            name: dataclasses.replace(user, pool_size=share_opt(user.pool_size))
+            for name, user in config.users.items()
+        },
+    )
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class CancelPeers:
+    """A worker's end of the cancel channel: its own unix socket, and forwarding to others'."""
+
+    def __init__(self, role: WorkerRole) -> None:
+        self.role = role
+        self.index = role.index
+        self.count = role.count
+        self._server: asyncio.AbstractServer | None = None
+
+    def _path(self, index: int) -> str:
+        return str(self.role.peer_dir / f"worker-{index}.sock")
+
+    async def start(self, deliver: Callable[[m.CancelRequest], None]) -> None:
+        """Accept forwarded CancelRequests and hand each to ``deliver`` (the owner's check)."""
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                async with asyncio.timeout(_PEER_TIMEOUT):
+                    (length,) = struct.unpack("!I", await reader.readexactly(4))
+                    if not 16 <= length <= _CANCEL_MAX:
+                        raise m.ProtocolError("bad length")
+                    packet = m.parse_startup_packet(await reader.readexactly(length - 4))
+                if isinstance(packet, m.CancelRequest):
+                    deliver(packet)
+            except (OSError, EOFError, TimeoutError, m.ProtocolError) as exc:
+                log.warning("bad forwarded cancel request: %s", exc)
+            finally:
+                writer.close()
+
+        path = self._path(self.index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by this worker's predecessor
+        self._server = await asyncio.start_unix_server(serve, path)
+
+    async def forward(self, owner: int, request: m.CancelRequest) -> None:
+        """Pass ``request`` to worker ``owner``, which checks the secret and acts on it."""
+        try:
+            async with asyncio.timeout(_PEER_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(self._path(owner))
+                try:
+                    writer.write(m.cancel_request(request.pid, request.secret))
+                    await writer.drain()
+                    await reader.read()  # the owner closes once it has acted
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel request for worker %d not forwarded: %s", owner, exc)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+def serve_supervisor(role: WorkerRole, on_lost: Callable[[], None]) -> None:
+    """Tell the supervisor this worker is ready, and call ``on_lost`` when it is gone."""
+    channel = socket.socket(fileno=role.channel_fd)
+    channel.setblocking(False)
+    with contextlib.suppress(OSError):
+        channel.send(_READY)
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = channel.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(channel.fileno())
+            channel.close()
+            log.error("the supervisor is gone; worker %d shutting down", role.index)
+            # Nobody else will remove the directory (and the configuration snapshot in it).
+            shutil.rmtree(role.peer_dir, ignore_errors=True)
+            on_lost()
+
+    loop.add_reader(channel.fileno(), readable)
+
+
+# --------------------------------------------------------------------------- supervisor
+
+
+def _reserve(host: str, port: int) -> tuple[list[socket.socket], int]:
+    """Bind (without listening) the listen address with SO_REUSEPORT, as the workers will.
+
+    Fails now, with a clear error, if the address is taken (also by another pgproxy's
+    workers: the first bind is made without SO_REUSEPORT); resolves port 0 to one port all
+    workers share; and keeps the port from being taken by anyone else between worker restarts.
+    A bound socket that does not listen receives no connections.
+    """
+    sockets: list[socket.socket] = []
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            where = (*address[:1], port, *address[2:])
+            if port:  # taken by a listener, with or without SO_REUSEPORT: EADDRINUSE
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    probe.bind(where)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(where)
+            port = sock.getsockname()[1]
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets, port
+
+
+class _Supervisor:
+    def __init__(
+        self, config: Config, argv: Sequence[str], load: Callable[[Path | None], Config]
+    ) -> None:
+        self.config = config
+        self.count = config.proxy.workers
+        self.argv = list(argv)
+        self.load = load
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.ready: set[int] = set()
+        self.reload_pending: set[int] = set()
+        self.stopping = asyncio.Event()
+        self.peer_dir = Path()
+        # One mock-auth key for every worker, restarted ones included, so all announce the
+        # same salts (an unknown user's salt must not vary by worker: user enumeration).
+        # Kept as given when the operator set a valid one; a full restart makes a new one.
+        key = os.environ.get(scram.MOCK_KEY_ENV, "")
+        if scram.parse_mock_key(key) is None:
+            key = scram.new_mock_key()
+        self.env = {**os.environ, scram.MOCK_KEY_ENV: key}
+
+    async def run(self) -> int:
+        settings = self.config.proxy
+        host, port = settings.listen_host, settings.listen_port
+        try:
+            reserved, port = _reserve(host, port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", host, port, exc)
+            return 1
+        if settings.listen_port == 0:
+            self.argv += ["--listen", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        self.peer_dir = Path(tempfile.mkdtemp(prefix="pgproxy-"))  # mode 0700
+        if self.config.source is not None:
+            try:
+                self._snapshot()
+            except ConfigError as exc:
+                log.error("config error: %s", exc)
+                shutil.rmtree(self.peer_dir, ignore_errors=True)
+                for sock in reserved:
+                    sock.close()
+                return 2
+            self.argv += ["--config", str(self._snapshot_path)]
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        log.info("pgproxy supervisor (pid %d) starting %d workers on %s:%d", os.getpid(),
+                 self.count, host, port)  # fmt: skip
+        try:
+            keepers = [loop.create_task(self._keep(i)) for i in range(self.count)]
+            await self.stopping.wait()
+            log.info("shutting down %d workers", self.count)
+            self._signal_all(signal.SIGTERM)
+            _, late = await asyncio.wait(keepers, timeout=_STOP_TIMEOUT)
+            if late:
+                log.error("%d worker(s) did not stop in %.0f s; killing", len(late), _STOP_TIMEOUT)
+                self._signal_all(signal.SIGKILL)
+                await asyncio.wait(keepers)
+            return 0
+        finally:
+            for sock in reserved:
+                sock.close()
+            shutil.rmtree(self.peer_dir, ignore_errors=True)
+
+    def _signal_all(self, sig: int) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+
+    @property
+    def _snapshot_path(self) -> Path:
+        return self.peer_dir / "pgproxy.toml"
+
+    def _snapshot(self) -> Config:
+        """Copy the configuration file into the private directory if it is valid."""
+        source = self.config.source
+        assert source is not None
+        fresh = self.peer_dir / "pgproxy.toml.new"
+        try:
+            fresh.write_bytes(source.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+        try:
+            config = self.load(fresh)
+        except ConfigError as exc:
+            # Messages name the copy; the user edits the original.
+            raise ConfigError(str(exc).replace(str(fresh), str(source))) from None
+        os.replace(fresh, self._snapshot_path)
+        return config
+
+    def reload(self) -> None:
+        try:
+            config = self._snapshot() if self.config.source is not None else self.load(None)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        if config.proxy.workers != self.count:
+            log.warning("workers = %d takes effect when pgproxy restarts (running %d)",
+                        config.proxy.workers, self.count)  # fmt: skip
+        for index, proc in self.procs.items():
+            if index in self.ready:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
+            else:  # no SIGHUP handler yet: SIGHUP would kill it; tell it once it is ready
+                self.reload_pending.add(index)
+        log.info("configuration reloaded from %s; passed on to %d workers",
+                 self.config.source or "built-in defaults", len(self.procs))  # fmt: skip
+
+    async def _keep(self, index: int) -> None:
+        """Run worker ``index`` until the supervisor stops, restarting it when it dies."""
+        backoff = _BACKOFF_MIN
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            role = WorkerRole(index, self.count, theirs.fileno(), self.peer_dir)
+            cmd = [sys.executable, "-m", "pgproxy", *self.argv, WORKER_FLAG, role.arg()]
+            started = time.monotonic()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd, pass_fds=(theirs.fileno(),), env=self.env
+                )
+            except OSError as exc:
+                log.error("cannot start worker %d: %s", index, exc)
+                status = "not started"
+            else:
+                self.procs[index] = proc
+                if self.stopping.is_set():
+                    proc.send_signal(signal.SIGTERM)
+                theirs.close()
+                watcher = loop.create_task(self._watch_ready(index, proc, ours))
+                code = await proc.wait()
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher  # off the event loop before its socket is closed
+                del self.procs[index]
+                self.ready.discard(index)
+                self.reload_pending.discard(index)
+                status = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
+                status = f"(pid {proc.pid}) {status}"
+            finally:
+                theirs.close()
+                ours.close()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - started >= _STABLE:
+                backoff = _BACKOFF_MIN
+            log.error("worker %d %s; restarting in %.1f s", index, status, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _watch_ready(
+        self, index: int, proc: asyncio.subprocess.Process, channel: socket.socket
+    ) -> None:
+        data = await asyncio.get_running_loop().sock_recv(channel, 1)
+        if data != _READY:
+            return
+        log.info("worker %d (pid %d) ready", index, proc.pid)
+        self.ready.add(index)
+        if index in self.reload_pending:
+            self.reload_pending.discard(index)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGHUP)
+        # Keep reading so the channel's buffer never matters; EOF comes when the worker exits.
+        while await asyncio.get_running_loop().sock_recv(channel, 64):
+            pass
+
+
+def supervise(config: Config, argv: Sequence[str], load: Callable[[Path | None], Config]) -> int:
+    """Run ``config.proxy.workers`` workers (``argv`` = this command's arguments) until
+    SIGTERM/SIGINT; ``load(path)`` loads the configuration as this command would, but from
+    ``path`` instead of its file (None: as it is)."""
+    logging.basicConfig(
+        level=config.proxy.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[supervisor]: %(message)s",
+    )
+    return asyncio.run(_Supervisor(config, argv, load).run())
