@@ -124,6 +124,7 @@ def run(transactions: int, clients: int, servers: int, protocol: str) -> float:
         done = 0
         started = time.perf_counter()
         while done < transactions:
+            before = done
             # Every client asks; those without a server wait in the pool's queue, then get one
             # from inside a release, exactly as under pgbench with more clients than servers.
             for client in sessions:
@@ -136,6 +137,11 @@ def run(transactions: int, clients: int, servers: int, protocol: str) -> float:
                     server.stream_received(reply)
                     done += 1
                 busy = [s for s in sessions if s.server is not None and s.server.flow.pending]
+            if done - before != len(sessions):
+                raise RuntimeError(f"{done - before} of {len(sessions)} transactions completed")
+        replies = sum(s.transport.writes for s in sessions)  # type: ignore[attr-defined]
+        if replies != done + (len(sessions) if protocol == "prepared" else 0):
+            raise RuntimeError(f"{done} transactions but {replies} replies reached clients")
         elapsed = time.perf_counter() - started
         await proxy.stop()
         return elapsed / done

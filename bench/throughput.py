@@ -65,6 +65,7 @@ class Sample:
     p50: float
     p99: float
     cores: float = math.nan
+    error: str = ""  # why pgbench failed against this target (then the figures are NaN)
 
 
 def group_cpu(pgid: int) -> float:
@@ -120,9 +121,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if mode not in MODES:
             p.error(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
     for proto in args.protocol:
-        # -M prepared keeps named statements per session: breaks in transaction pooling.
-        if proto not in ("simple", "extended"):
-            p.error(f"unknown protocol {proto!r} (choose from simple, extended)")
+        # -M prepared keeps named statements per session: PgBouncer 1.18 fails it in
+        # transaction mode, which the report shows as such instead of stopping the run.
+        if proto not in ("simple", "extended", "prepared"):
+            p.error(f"unknown protocol {proto!r} (choose from simple, extended, prepared)")
     return args
 
 
@@ -236,11 +238,16 @@ def run_case(
     for old in logdir.glob("tx.*"):
         old.unlink()
     cpu_before, started = group_cpu(pooler) if pooler else 0.0, time.monotonic()
-    out = pgbench(
-        bindir, port, *MODES[mode], "-n", "-M", proto, "-c", str(clients), "-j", str(jobs),
-        "-T", str(args.seconds), "-l", "--log-prefix", str(logdir / "tx"),
-        timeout=args.seconds + 60,
-    )  # fmt: skip
+    try:
+        out = pgbench(
+            bindir, port, *MODES[mode], "-n", "-M", proto, "-c", str(clients), "-j", str(jobs),
+            "-T", str(args.seconds), "-l", "--log-prefix", str(logdir / "tx"),
+            timeout=args.seconds + 60,
+        )  # fmt: skip
+    except RuntimeError as exc:  # e.g. PgBouncer and -M prepared: report it, keep going
+        why = next((ln for ln in str(exc).splitlines() if "ERROR" in ln or "error" in ln), "")
+        nan = math.nan
+        return Sample(nan, nan, nan, nan, error=why.strip() or str(exc).splitlines()[0])
     cores = (group_cpu(pooler) - cpu_before) / (time.monotonic() - started) if pooler else math.nan
     tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)[1])
     lat_avg = float(re.search(r"latency average = ([\d.]+) ms", out)[1])
@@ -276,11 +283,18 @@ def report(
     other targets, then the latency each pooler adds per round trip at the fewest clients."""
 
     def med(case, target, field):
-        return statistics.median(getattr(s, field) for s in results[case, target])
+        ok = [getattr(s, field) for s in results[case, target] if not s.error]
+        return statistics.median(ok) if ok else math.nan
 
     def spread(case, target):
-        tps = [s.tps for s in results[case, target]]
+        tps = [s.tps for s in results[case, target] if not s.error]
+        if not tps:
+            return "-"
         return f"{(max(tps) - min(tps)) / statistics.median(tps) * 100:.0f}%"
+
+    def failure(case, target):
+        errors = [s.error for s in results[case, target] if s.error]
+        return errors[0] if errors else ""
 
     cases = list(dict.fromkeys(case for case, _ in results))
     lines = [
@@ -297,6 +311,14 @@ def report(
     for case in cases:
         for target in args.targets:
             tps = med(case, target, "tps")
+            if math.isnan(tps):
+                why = failure(case, target).replace("|", "/")
+                lines.append(
+                    f"| {case[0]} | {case[1]} | {case[2]} | {target} | **fails**: {why} "
+                    + "| - " * 8
+                    + "|"
+                )
+                continue
             cores = med(case, target, "cores")
             cpu = "- | -" if math.isnan(cores) else f"{cores:.2f} | {cores / tps * 1e6:.0f}"
             lines.append(

@@ -99,3 +99,13 @@ def test_quick_memory_benchmark_logs_everyone_in_and_traces() -> None:
     for row in ("| 50 | idle |", "| 50 | listen |", "| SCRAM verifier | 50 |"):
         assert row in proc.stdout, proc.stdout
     assert "**total** (all lines)" in proc.stdout, proc.stdout
+
+
+def test_quick_hotpath_benchmark_runs_every_transaction() -> None:
+    """bench.hotpath drives real sessions over in-memory transports; it raises if a
+    transaction is lost or a reply does not reach its client."""
+    from bench import hotpath
+
+    for protocol in ("simple", "extended", "prepared"):
+        per_tx = hotpath.run(transactions=300, clients=5, servers=2, protocol=protocol)
+        assert per_tx > 0
