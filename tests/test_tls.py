@@ -47,13 +47,21 @@ def certs(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
                                        ("ca", "ca.crt"), ("other_ca", "other-ca.crt")]}  # fmt: skip
 
 
-def _tls_proxy(make_proxy: MakeProxy, certs: dict[str, str], mode: str) -> ProxyThread:
+def _tls_proxy(
+    make_proxy: MakeProxy,
+    certs: dict[str, str],
+    mode: str,
+    auth_type: str = "trust",
+    password: str | None = None,
+) -> ProxyThread:
     return make_proxy(
         proxy={
             "client_tls_mode": mode,
             "client_tls_cert_file": certs["cert"],
             "client_tls_key_file": certs["key"],
-        }
+            "auth_type": auth_type,
+        },
+        users=None if password is None else {"postgres": {"password": password}},
     )
 
 
@@ -218,15 +226,8 @@ def test_upstream_with_a_wrong_ca_is_refused(
 
 
 def _scram_tls_proxy(make_proxy: MakeProxy, certs: dict[str, str], mode: str) -> ProxyThread:
-    return make_proxy(
-        proxy={
-            "client_tls_mode": mode,
-            "client_tls_cert_file": certs["cert"],
-            "client_tls_key_file": certs["key"],
-            "auth_type": "scram-sha-256",
-        },
-        users={"postgres": {"password": "pw"}},  # upstream: trust for postgres
-    )
+    # upstream: trust for postgres
+    return _tls_proxy(make_proxy, certs, mode, auth_type="scram-sha-256", password="pw")
 
 
 def test_channel_binding_required_by_the_client_works(
