@@ -60,6 +60,10 @@ _INSPECT_FILTERING = _INSPECT | _FILTERED
 _INSPECT_BOTH = _INSPECT_WATCHING | _FILTERED
 
 
+# See ServerConnection.unnamed: matches no client's Parse body (compared by identity).
+UNNAMED_UNKNOWN = b"unknown unnamed statement"
+
+
 class ServerLink:
     """What a server needs from the client it is linked to (implemented by ClientSession)."""
 
@@ -154,10 +158,13 @@ class ServerConnection(WireProtocol):
         self.statements = ServerStatements(pool.settings.max_prepared_statements)
         self.replies = ReplyFilter()
         # The Parse body (after the name) of the unnamed statement this server holds, the very
-        # object the client that sent it keeps (compared by identity); None if it holds none.
-        # A simple Query destroys it, internal work included. Another client's Bind of ""
-        # must never run it.
+        # object the client that sent it keeps (compared by identity); None if it holds none,
+        # UNNAMED_UNKNOWN if an error may have made the server skip what set it. A simple
+        # Query destroys it, internal work included. Another client's Bind of "" must never
+        # run it. ``unnamed_unit``: the unit of the message that set it (-1: settled), since
+        # until that unit is over an earlier error in it may yet skip that message.
         self.unnamed: bytes | None = None
+        self.unnamed_unit = -1
         # The client parameter state (params.ParamState) this server's parameters were last
         # made to agree with; anything that may change them forgets it.
         self.param_state: ParamState | None = None
@@ -264,7 +271,7 @@ class ServerConnection(WireProtocol):
         """
         fut: asyncio.Future[InternalResult] = asyncio.get_running_loop().create_future()
         self._internal.append(_Internal(fut))
-        self.unnamed = None
+        self.unnamed, self.unnamed_unit = None, -1
         self.param_state = None
         self.write(m.query(sql))
         return fut
@@ -272,7 +279,7 @@ class ServerConnection(WireProtocol):
     def send_internal(self, sql: str) -> None:
         """Like run_internal, for work nobody waits on (a failure is logged)."""
         self._internal.append(_Internal(None))
-        self.unnamed = None
+        self.unnamed, self.unnamed_unit = None, -1
         self.param_state = None
         self.write(m.query(sql))
 
@@ -298,7 +305,7 @@ class ServerConnection(WireProtocol):
                 return
             data = bytes(self._partial)
             self._partial.clear()
-        client = self.client
+        client = owner = self.client
         out: list[bytes] = []
         run_start = 0
         pos = 0
@@ -360,7 +367,7 @@ class ServerConnection(WireProtocol):
                 run_start = end
                 self._idle_message(type_, body)
                 if self.closed:
-                    return
+                    break  # what the client was owed (its ReadyForQuery) still goes out
             else:
                 keep, injected, done = self._linked_message(client, type_, body)
                 if not keep or injected:
@@ -381,10 +388,8 @@ class ServerConnection(WireProtocol):
             plain = client is not None and not self._internal
         if client is not None and run_start < n:
             out.append(data[run_start:n] if run_start or n < len(data) else data)
-        if out:
-            link = self.client
-            if link is not None:
-                link.server_output(b"".join(out) if len(out) > 1 else out[0])
+        if out and owner is not None:  # the client linked when this read began
+            owner.server_output(b"".join(out) if len(out) > 1 else out[0])
         if self.notifications_done is not None:
             self.notifications_done()
         if release:
@@ -429,9 +434,11 @@ class ServerConnection(WireProtocol):
                 # Held back: the client decides what to tell its user once the socket closes.
                 self._fatal = PgError.from_fields(fields)
                 return False, b"", False
+            if self.unnamed_unit == self.flow.done:
+                self.unnamed = UNNAMED_UNKNOWN  # what set it may have been skipped
             reworded = b""
             if self.replies:
-                fixed = self.replies.reword(fields)
+                fixed = self.replies.reword(fields, self.flow.done)
                 if fixed is not None:  # an error the proxy provoked, in the client's words
                     reworded = m.error_response(fixed)
                 self.replies.error(self.flow.done)  # the rest of this unit is skipped
@@ -537,6 +544,7 @@ class ServerConnection(WireProtocol):
 
     def link(self, client: ServerLink) -> None:
         self.client = client
+        self.unnamed_unit = -1  # the last client's units are all over: settled
         self.flow.reset()
         if self.replies:
             self.replies.clear()

@@ -96,6 +96,7 @@ class ClientSession(WireProtocol, ServerLink):
         # ParameterStatus to send before the next ReadyForQuery: a RESET made the server
         # report its own default where this client's is the startup value.
         self._param_fixes: dict[str, str] = {}
+        self._resets: set[str] = set()  # reported parameters RESET by a committed unit
         # This client's parameters as an interned snapshot (None: changed, to be recomputed).
         # A server remembers the snapshot it was last synchronised to, so a client getting a
         # server in the state it wants (the common case) costs one identity comparison.
@@ -707,6 +708,13 @@ class ClientSession(WireProtocol, ServerLink):
         server = self.server
         if self._sub_pending or self._sub_held:
             self._settle_pending(status)
+        if self._resets:
+            for name in self._resets:
+                self._reset_reported(name)
+            self._resets.clear()
+            self._param_state = self._text_rules_ok = None
+            if server is not None:
+                server.param_state = None
         fixes = b""
         if self._param_fixes:
             fixes = b"".join(m.parameter_status(k, v) for k, v in self._param_fixes.items())
@@ -888,7 +896,7 @@ class ClientSession(WireProtocol, ServerLink):
             self.statements.pop(name, None)
             if not name:
                 self._unnamed = None
-                server.unnamed = None
+                server.unnamed, server.unnamed_unit = None, unit
         server.replies.expect(m.CLOSE_COMPLETE, False, unit)
         return None
 
@@ -896,7 +904,7 @@ class ClientSession(WireProtocol, ServerLink):
         self, server: ServerConnection, body: bytes, matters: bool | None
     ) -> bytes | None:
         self._unnamed = None  # a simple Query destroys the unnamed statement
-        server.unnamed = None
+        server.unnamed, server.unnamed_unit = None, server.flow.sent
         if not (sql.might_matter(body) if matters is None else matters):
             return None
         server.watch_tags = True  # DEALLOCATE ALL / DISCARD ALL clear statements
@@ -906,7 +914,11 @@ class ClientSession(WireProtocol, ServerLink):
         effects = sql.session_effects(text) or ()
         for effect in effects:
             if isinstance(effect, sql.SessionState) and self._unsupported_state(effect):
-                return self._provoke_error(server, effect, m.query(_PROVOKE))
+                if sql.statement_count(text) == 1:
+                    return self._provoke_error(server, effect, m.query(_PROVOKE))
+                # In a multi-statement Query the stand-in would replace the statements before
+                # it too (changing what they do to the transaction): only log it there.
+                self._log_unsupported_state(effect)
         for effect in effects:
             if isinstance(effect, sql.Listen | sql.Unlisten):
                 server.needs_unlisten = True  # a LISTEN there would outlive this client
@@ -927,14 +939,18 @@ class ClientSession(WireProtocol, ServerLink):
 
     def _deallocate(self, server: ServerConnection, name: str, stmt: prepared.Statement) -> bytes:
         """SQL ``DEALLOCATE name`` of a protocol-level statement: the server knows it by its
-        proxy-wide name, so it deallocates that (preparing it first if it lacks it)."""
+        proxy-wide name, so it deallocates that. A server that lacks it first gets an empty
+        statement under that name: a Parse of the real text could fail (a dropped table) and
+        make the server skip the Query, leaving the client without its ReadyForQuery."""
         del self.statements[name]
         self._sub_statements.pop(name, None)
-        out = self._ensure_prepared(server, stmt, server.flow.sent)
+        unit = server.flow.sent
+        out = b""
+        if stmt.server_name not in server.statements:
+            server.replies.expect(m.PARSE_COMPLETE, True, unit)
+            out = m.parse(stmt.server_name, "", [])
         server.statements.discard(stmt.server_name)
-        server.replies.expect_error(
-            stmt.server_name, _renamer(stmt.server_name, name), server.flow.sent
-        )
+        server.replies.expect_error(stmt.server_name, _renamer(stmt.server_name, name), unit)
         return out + m.query("DEALLOCATE " + session_params.quote_ident(stmt.server_name))
 
     def _inspect_parse(self, server: ServerConnection, body: bytes) -> bytes | None:
@@ -952,7 +968,8 @@ class ClientSession(WireProtocol, ServerLink):
             for effect in sql.session_effects(text) or ():
                 if isinstance(effect, sql.SessionState):
                     if self._unsupported_state(effect):
-                        server.unnamed = None  # the server drops it before parsing
+                        # the server drops it before parsing
+                        server.unnamed, server.unnamed_unit = None, unit
                         return self._provoke_error(server, effect, m.parse("", _PROVOKE, []))
                 elif isinstance(
                     effect, sql.Listen | sql.Unlisten | sql.SetParameter | sql.ResetAll
@@ -967,6 +984,7 @@ class ClientSession(WireProtocol, ServerLink):
             self._sub_statements.pop(name, None)
         if not name:
             self._unnamed = server.unnamed = tail
+            server.unnamed_unit = unit
             replies.expect(m.PARSE_COMPLETE, False, unit)
             return None
         stmt = self.statements.get(name)
@@ -995,14 +1013,18 @@ class ClientSession(WireProtocol, ServerLink):
         policy = self.proxy.config.proxy.unsupported_session_state
         if policy == "error":
             return True
-        if policy == "log" and effect.what not in self._state_logged:
+        if policy == "log":
+            self._log_unsupported_state(effect)
+        return False
+
+    def _log_unsupported_state(self, effect: sql.SessionState) -> None:
+        if effect.what not in self._state_logged:
             self._state_logged.add(effect.what)
             log.warning(
                 "%r: %s will not follow this client to other servers (transaction pooling)",
                 self,
                 effect.what,
             )
-        return False
 
     def _provoke_error(
         self, server: ServerConnection, effect: sql.SessionState, message: bytes
@@ -1022,8 +1044,12 @@ class ClientSession(WireProtocol, ServerLink):
         """Before a Bind/Describe of the unnamed statement: make the server's one this
         client's (it may hold another client's, or none, since the last Sync)."""
         tail = self._unnamed
-        if server.unnamed is tail:  # identity: this very Parse of this client, or both None
+        # Trusted only if set in this unit (skipped together with this message, if at all)
+        # or in a unit that is over (an error there would have marked it unknown).
+        settled = server.unnamed_unit == unit or server.unnamed_unit < server.flow.done
+        if settled and server.unnamed is tail:  # identity: this client's very Parse, or None
             return b""
+        server.unnamed_unit = unit
         if tail is None:
             # The client has none: make sure the server fails as Postgres would (26000).
             server.replies.expect(m.CLOSE_COMPLETE, True, unit)
@@ -1185,12 +1211,15 @@ class ClientSession(WireProtocol, ServerLink):
                 self.unreported = dict(self._startup_unreported)
                 if server is not None:
                     server.proxy_set.clear()  # the server is back at its own defaults
-                for name in self._startup_reported:
-                    self._reset_reported(name)
+                self._resets.update(self._startup_reported)
             elif isinstance(effect, sql.SetParameter) and effect.name in reported:
+                # The server reports the value itself; only the last RESET or SET of a name
+                # counts, and a RESET is corrected in on_ready, after the server's own
+                # ParameterStatus (sent just before its ReadyForQuery).
                 if effect.statement is None:
-                    changed = True
-                    self._reset_reported(reported[effect.name])
+                    self._resets.add(reported[effect.name])
+                else:
+                    self._resets.discard(reported[effect.name])
             elif isinstance(effect, sql.SetParameter):
                 changed = True
                 name = effect.name

@@ -94,8 +94,8 @@ class ReplyFilter:
 
     def __init__(self) -> None:
         self._entries: deque[tuple[int, bool, int]] = deque()  # (reply type, swallow, unit)
-        # (text the error message contains, how to reword it, unit)
-        self._rewrites: list[tuple[str, ErrorRewrite, int]] = []
+        # (text the error message contains, how to reword it, unit), units non-decreasing
+        self._rewrites: deque[tuple[str, ErrorRewrite, int]] = deque()
 
     def expect(self, reply_type: int, swallow: bool, unit: int) -> None:
         self._entries.append((reply_type, swallow, unit))
@@ -104,11 +104,14 @@ class ReplyFilter:
         """An error of ``unit`` whose message contains ``needle`` is the proxy's doing."""
         self._rewrites.append((needle, rewrite, unit))
 
-    def reword(self, fields: dict[str, str]) -> dict[str, str] | None:
-        """The client's version of an error from the server, or None to pass it on as it is."""
+    def reword(self, fields: dict[str, str], unit: int) -> dict[str, str] | None:
+        """The client's version of an error of ``unit`` from the server, or None to pass it
+        on as it is."""
         message = fields.get("M", "")
-        for needle, rewrite, _ in self._rewrites:
-            if needle in message:
+        for needle, rewrite, at in self._rewrites:
+            if at > unit:
+                break
+            if at == unit and needle in message:
                 return rewrite(fields)
         return None
 
@@ -126,12 +129,13 @@ class ReplyFilter:
     def error(self, unit: int) -> None:
         while self._entries and self._entries[0][2] <= unit:
             self._entries.popleft()
-        self._rewrites = [r for r in self._rewrites if r[2] > unit]
+        self.unit_done(unit)
 
     def unit_done(self, unit: int) -> None:
         """Units up to ``unit`` are over: their error rewrites can no longer apply."""
-        if self._rewrites:
-            self._rewrites = [r for r in self._rewrites if r[2] > unit]
+        rewrites = self._rewrites
+        while rewrites and rewrites[0][2] <= unit:
+            rewrites.popleft()
 
     def clear(self) -> None:
         self._entries.clear()

@@ -292,6 +292,15 @@ def subscription_statements(sql: str) -> list[Subscription] | None:
     return out or None
 
 
+@functools.lru_cache(maxsize=256)
+def statement_count(sql: str) -> int:
+    """How many statements ``sql`` holds (0 if it does not parse)."""
+    try:
+        return len(pglast.parse_sql(sql))
+    except pglast.parser.ParseError:
+        return 0
+
+
 def is_only(sql: str, effect: Effect) -> bool:
     """True if ``sql`` is exactly one statement, the one with ``effect``."""
     return _classify(sql) == (effect,)

@@ -241,3 +241,96 @@ def test_untracked_session_state_can_be_refused(make_proxy: MakeProxy) -> None:
             conn.execute("create temp table t_ok (a int) on commit drop")
             conn.execute("select pg_advisory_xact_lock(7)")
         assert conn.execute("select 'still fine'").fetchone() == ("still fine",)
+
+
+# --- regressions found in review -----------------------------------------------------------------
+
+
+def test_an_error_earlier_in_the_unit_never_exposes_another_clients_unnamed_statement(
+    make_proxy: MakeProxy,
+) -> None:
+    """The Close "" the proxy puts before a Bind "" is skipped by the server after an earlier
+    error in the unit; the proxy must not then believe the server holds nothing."""
+    proxy = make_proxy(proxy={"default_pool_size": 1})
+    with RawClient(proxy.port) as a, RawClient(proxy.port) as b:
+        a.login()
+        b.login()
+        b.send(m.parse("", "select 'B-secret'") + SYNC)
+        b.read_until_ready()
+        a.send(m.bind("", "nosuch") + m.bind("", "") + m.execute() + SYNC)
+        err = error_of(a.read_until_ready())
+        assert err is not None and err["C"] == "26000"
+        reply = _run_unnamed(a)
+        assert rows_of(reply) == []
+        err = error_of(reply)
+        assert err is not None and err["C"] == "26000"
+        # The same after a Parse "" the server skipped: never B's statement.
+        b.send(m.parse("", "select 'B-again'") + SYNC)
+        b.read_until_ready()
+        a.send(m.bind("", "nosuch") + m.parse("", "select 'A-own'") + SYNC)
+        a.read_until_ready()
+        assert rows_of(_run_unnamed(a)) != [["B-again"]]
+
+
+def test_deallocate_when_the_statement_no_longer_parses(make_proxy: MakeProxy) -> None:
+    """The server lacks the statement and its text would now fail to parse (its table was
+    dropped): DEALLOCATE still answers, as it does directly."""
+    proxy = make_proxy(proxy={"default_pool_size": 2})
+    with RawClient(proxy.port) as a, RawClient(proxy.port) as b:
+        a.login()
+        b.login()
+        a.query("create table if not exists dealloc_t (x int)")
+        a.send(m.parse("s1", "select * from dealloc_t") + SYNC)
+        a.read_until_ready()
+        assert error_of(b.query("begin")) is None  # b now holds the server that has s1
+        try:
+            assert error_of(a.query("drop table dealloc_t")) is None  # the other server
+            reply = a.query("DEALLOCATE s1")
+            assert error_of(reply) is None and ("C", b"DEALLOCATE\0") in reply
+        finally:
+            b.query("rollback")
+
+
+def test_reset_then_set_in_one_query_keeps_the_set(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy()
+    with psycopg.connect(proxy.dsn(options="-c TimeZone=Europe/Paris"), autocommit=True) as c:
+        c.execute("RESET ALL; SET TimeZone = 'UTC'", prepare=False)
+        assert c.info.parameter_status("TimeZone") == "UTC"
+        assert c.execute("show TimeZone").fetchone() == ("UTC",)
+
+
+def test_reset_and_commit_in_one_query(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy()
+    with psycopg.connect(proxy.dsn(application_name="myapp"), autocommit=True) as c:
+        c.execute("SET application_name = 'x'")
+        c.execute("BEGIN; RESET application_name; COMMIT", prepare=False)
+        assert c.info.parameter_status("application_name") == "myapp"
+        assert c.execute("show application_name").fetchone() == ("myapp",)
+
+
+def test_a_refused_statement_in_a_multi_statement_query_is_only_logged(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replacing the whole Query would also drop the statements before the refused one."""
+    proxy = make_proxy(proxy={"unsupported_session_state": "error"})
+    with caplog.at_level(logging.WARNING), RawClient(proxy.port) as c:
+        c.login()
+        reply = c.query("BEGIN; SELECT pg_advisory_xact_lock(1), pg_advisory_lock(2)")
+        assert error_of(reply) is None and reply[-1] == ("Z", b"T")
+        c.query("SELECT pg_advisory_unlock(2); ROLLBACK")
+    assert any("advisory lock" in r.getMessage() for r in caplog.records)
+
+
+def test_provoked_error_rewrites_stay_per_unit() -> None:
+    """A rewrite applies only to its own unit's error and is gone once the unit is over."""
+    from pgproxy.prepared import ReplyFilter
+
+    replies = ReplyFilter()
+    for unit in range(1000):
+        replies.expect_error("needle", lambda f: {**f, "M": "ours"}, unit)
+    assert replies.reword({"M": "needle here"}, 5) == {"M": "ours"}
+    replies.unit_done(998)
+    assert replies.reword({"M": "needle here"}, 5) is None  # unit 5 is over
+    assert replies.reword({"M": "needle here"}, 999) == {"M": "ours"}
+    replies.error(999)
+    assert not replies

@@ -331,7 +331,7 @@ class Pool:
             "total": self.total,
             "idle": len(self.idle),
             "active": len(self.active),
-            "waiting": len(self.waiters),
+            "waiting": sum(1 for w in self.waiters if not w.done),
         }
 
 
@@ -344,30 +344,34 @@ class ServerRequest:
     __slots__ = ("_deliver", "deadline", "done")
 
     def __init__(self, deliver: Deliver, deadline: float) -> None:
-        self._deliver = deliver
+        self._deliver: Deliver | None = deliver
         self.deadline = deadline
         self.done = False
 
     def cancel(self) -> None:
-        """Give up: nothing will be delivered (the pool skips it when its turn comes)."""
+        """Give up: nothing will be delivered (the pool skips it when its turn comes). The
+        callback is dropped now, so a gone client is not kept alive by the queue."""
         self.done = True
+        self._deliver = None
 
     def set_result(self, server: ServerConnection) -> None:
-        if self.done:  # cancelled meanwhile: the server goes back
+        deliver = self._deliver
+        if self.done or deliver is None:  # cancelled meanwhile: the server goes back
             server.pool.release(server)
             return
-        self.done = True
+        self.done, self._deliver = True, None
         try:
-            self._deliver(server, None)
+            deliver(server, None)
         except Exception:  # never let one client's bug break the releasing server's stream
             log.exception("delivering %r failed", server)
 
     def set_exception(self, error: BaseException) -> None:
-        if self.done:
+        deliver = self._deliver
+        if self.done or deliver is None:
             return
-        self.done = True
+        self.done, self._deliver = True, None
         try:
-            self._deliver(None, error)
+            deliver(None, error)
         except Exception:
             log.exception("delivering an error to a pool waiter failed")
 
