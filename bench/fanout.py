@@ -906,8 +906,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # everything was already stopped by main()'s finally
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    from bench._cli import run
+
+    run(main)
