@@ -860,8 +860,11 @@ class ClientSession(WireProtocol, ServerLink):
             return None
         unit = server.flow.sent
         if type_ == m.BIND:
-            portal, name_at = m.read_cstring(body, 0)
-            name, rest_at = m.read_cstring(body, name_at)
+            if body.startswith(b"\0\0"):  # unnamed portal and statement: nothing to decode
+                portal, name, name_at, rest_at = "", "", 1, 2
+            else:
+                portal, name_at = m.read_cstring(body, 0)
+                name, rest_at = m.read_cstring(body, name_at)
             info = self._sub_statements.get(name)
             if info is not None:
                 self._sub_portals[portal] = info
@@ -954,7 +957,7 @@ class ClientSession(WireProtocol, ServerLink):
         return out + m.query("DEALLOCATE " + session_params.quote_ident(stmt.server_name))
 
     def _inspect_parse(self, server: ServerConnection, body: bytes) -> bytes | None:
-        name, tail_at = m.read_cstring(body, 0)
+        name, tail_at = ("", 1) if body[:1] == b"\0" else m.read_cstring(body, 0)
         tail = body[tail_at:]
         unit = server.flow.sent
         replies = server.replies
