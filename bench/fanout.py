@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import resource
 import shutil
@@ -38,7 +37,14 @@ from urllib.parse import urlsplit
 import psycopg
 import uvloop
 
-from bench.throughput import clean_env, free_port, percentile, start_server, stop_server
+from bench.throughput import (
+    clean_env,
+    free_port,
+    machine_line,
+    percentile,
+    start_server,
+    stop_server,
+)
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 
@@ -694,21 +700,8 @@ def burst_rate(ph: Phase, n: int) -> float:
     return n * ph.count / span
 
 
-def machine_line(bindir: Path) -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        found = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-        cpu = found[1] if found else cpu
-    postgres = subprocess.run([bindir / "postgres", "--version"], capture_output=True, text=True)
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}, uvloop {metadata.version('uvloop')}, "
-        f"psycopg {metadata.version('psycopg')}, {postgres.stdout.strip()}; "
-        f"pgproxy {commit or '?'}"
-    )
+def psycopg_version() -> str:
+    return f"psycopg {metadata.version('psycopg')}"
 
 
 def fmt(value: float, spec: str = ".1f") -> str:
@@ -895,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             rows = runner.run(run_all(args, cluster, tmp))
-        text = report(rows, args, machine_line(cluster.bindir), nofile)
+        text = report(rows, args, machine_line(cluster.bindir, psycopg_version()), nofile)
         print(text)
         if args.out:
             args.out.write_text(text)

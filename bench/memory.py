@@ -41,8 +41,8 @@ from pathlib import Path
 
 import uvloop
 
-from bench.fanout import cpu_s, machine_line, raise_nofile, rss_kb
-from bench.throughput import free_port, percentile, start_server, stop_server
+from bench.fanout import cpu_s, psycopg_version, raise_nofile, rss_kb
+from bench.throughput import free_port, machine_line, percentile, start_server, stop_server
 from pgproxy.auth import scram
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
@@ -572,7 +572,16 @@ def main(argv: list[str] | None = None) -> int:
         exch = exchange_us()
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             mem, storms, trace = runner.run(run_all(args, cluster, tmp))
-        text = report(mem, storms, trace, pbkdf2, exch, args, machine_line(cluster.bindir), nofile)
+        text = report(
+            mem,
+            storms,
+            trace,
+            pbkdf2,
+            exch,
+            args,
+            machine_line(cluster.bindir, psycopg_version()),
+            nofile,
+        )
         print(text)
         if args.out:
             args.out.write_text(text)

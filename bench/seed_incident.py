@@ -43,8 +43,8 @@ import asyncpg
 import psycopg
 import uvloop
 
-from bench.fanout import machine_line, raise_nofile
-from bench.throughput import clean_env, free_port, start_server, stop_server
+from bench.fanout import psycopg_version, raise_nofile
+from bench.throughput import clean_env, free_port, machine_line, start_server, stop_server
 from pgproxy.testing.cluster import PgCluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         runner_phases: list[Phase]
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner_phases = runner.run(run_all(args, cluster, tmp))
-        text = summary(runner_phases, args, machine_line(cluster.bindir))
+        text = summary(runner_phases, args, machine_line(cluster.bindir, psycopg_version()))
         print(text)
         if args.out:
             args.out.write_text(text)

@@ -260,11 +260,12 @@ def run_case(
     return Sample(tps, lat_avg, percentile(latencies, 0.5), percentile(latencies, 0.99), cores)
 
 
-def machine_line(bindir: Path) -> str:
+def machine_line(bindir: Path, *tools: str) -> str:
+    """The machine and software versions for a report; ``tools``: more versions to name."""
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())[1]
-    bouncer = subprocess.run([PGBOUNCER, "--version"], capture_output=True, text=True).stdout
+        found = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        cpu = found[1] if found else cpu
     postgres = subprocess.run([bindir / "postgres", "--version"], capture_output=True, text=True)
     commit = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
@@ -272,8 +273,14 @@ def machine_line(bindir: Path) -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
         f"Python {platform.python_version()}, uvloop {metadata.version('uvloop')}, "
-        f"{bouncer.splitlines()[0]}, {postgres.stdout.strip()}; pgproxy {commit or '?'}"
+        + "".join(f"{tool}, " for tool in tools)
+        + f"{postgres.stdout.strip()}; pgproxy {commit or '?'}"
     )
+
+
+def pgbouncer_version() -> str:
+    out = subprocess.run([PGBOUNCER, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0]
 
 
 def report(
@@ -400,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"pooler {sample.cores:.2f} cores",
                         file=sys.stderr,
                     )
-        text = report(results, args, machine_line(bindir))
+        text = report(results, args, machine_line(bindir, pgbouncer_version()))
         print(text)
         if args.out:
             args.out.write_text(text)
