@@ -58,6 +58,8 @@ _INSPECT_WATCHING = _INSPECT | {m.COMMAND_COMPLETE}
 _FILTERED = frozenset((m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
 _INSPECT_FILTERING = _INSPECT | _FILTERED
 _INSPECT_BOTH = _INSPECT_WATCHING | _FILTERED
+# A read that ends with a whole ReadyForQuery (the common reply: T/D/.../C/Z in one chunk).
+_RFQ_ENDINGS = tuple(m.ready_for_query(s) for s in (m.IDLE, m.IN_TRANSACTION, m.FAILED_TRANSACTION))
 
 
 # See ServerConnection.unnamed: matches no client's Parse body (compared by identity).
@@ -296,6 +298,21 @@ class ServerConnection(WireProtocol):
             self._protocol_failure(f"malformed message from server: {exc}")
 
     def _stream(self, data: bytes) -> None:
+        client = self.client
+        if (
+            client is not None
+            and not client.may_stall
+            and not self._stalled
+            and not self._partial
+            and not self._passthrough
+            and not self._internal
+            and not self.watch_tags
+            and not self.replies.entries
+            and not self.replies.rewrites
+            and data.endswith(_RFQ_ENDINGS)
+            and self._whole_reply(client, data)
+        ):
+            return
         if self._stalled:
             self._partial += data
             return
@@ -311,7 +328,8 @@ class ServerConnection(WireProtocol):
         pos = 0
         n = len(data)
         release = False
-        if self.replies:
+        replies = self.replies
+        if replies.entries or replies.rewrites:
             inspect = _INSPECT_BOTH if self.watch_tags else _INSPECT_FILTERING
         else:
             inspect = _INSPECT_WATCHING if self.watch_tags else _INSPECT
@@ -394,6 +412,34 @@ class ServerConnection(WireProtocol):
             self.notifications_done()
         if release:
             self.pool.release(self)
+
+    def _whole_reply(self, client: ServerLink, data: bytes) -> bool:
+        """The common case of ``_stream``, in one pass: ``data`` is whole messages ending with
+        the ReadyForQuery of the unit the client is waiting on, and none before it needs
+        looking at. Returns False, having changed nothing, for anything else."""
+        last = len(data) - 6  # where the ReadyForQuery starts
+        pos = 0
+        inspect = _INSPECT
+        while pos < last:
+            if data[pos] in inspect:
+                return False
+            length = LENGTH_AT(data, pos + 1)[0]
+            if length < 4:
+                return False  # the general walk reports it
+            pos += 1 + length
+        flow = self.flow
+        if pos != last or len(flow.pending) != 1:
+            return False
+        status = data[-1]
+        flow.pending.popleft()
+        flow.done += 1
+        flow.status = status
+        injected = client.on_ready(status)
+        client.server_output(data[:last] + injected + data[last:] if injected else data)
+        # ServerFlow.idle, knowing that nothing is pending any more
+        if status == m.IDLE and not flow.unsynced and not flow.copy_in and client.server_released():
+            self.pool.release(self)
+        return True
 
     def resume_stream(self) -> None:
         """Continue after a stall: the held ReadyForQuery and what followed it."""
@@ -546,8 +592,9 @@ class ServerConnection(WireProtocol):
         self.client = client
         self.unnamed_unit = -1  # the last client's units are all over: settled
         self.flow.reset()
-        if self.replies:
-            self.replies.clear()
+        replies = self.replies
+        if replies.entries or replies.rewrites:
+            replies.clear()
 
     def unlink(self) -> None:
         self.client = None

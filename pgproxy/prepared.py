@@ -90,25 +90,27 @@ class ReplyFilter:
     the rest of the unit, so that unit's remaining entries are dropped.
     """
 
-    __slots__ = ("_entries", "_rewrites")
+    __slots__ = ("entries", "rewrites")
 
     def __init__(self) -> None:
-        self._entries: deque[tuple[int, bool, int]] = deque()  # (reply type, swallow, unit)
+        # Public so hot loops can test ``replies.entries or replies.rewrites`` (C-level deque
+        # truth tests) instead of a Python-level ``__bool__`` call per message.
+        self.entries: deque[tuple[int, bool, int]] = deque()  # (reply type, swallow, unit)
         # (text the error message contains, how to reword it, unit), units non-decreasing
-        self._rewrites: deque[tuple[str, ErrorRewrite, int]] = deque()
+        self.rewrites: deque[tuple[str, ErrorRewrite, int]] = deque()
 
     def expect(self, reply_type: int, swallow: bool, unit: int) -> None:
-        self._entries.append((reply_type, swallow, unit))
+        self.entries.append((reply_type, swallow, unit))
 
     def expect_error(self, needle: str, rewrite: ErrorRewrite, unit: int) -> None:
         """An error of ``unit`` whose message contains ``needle`` is the proxy's doing."""
-        self._rewrites.append((needle, rewrite, unit))
+        self.rewrites.append((needle, rewrite, unit))
 
     def reword(self, fields: dict[str, str], unit: int) -> dict[str, str] | None:
         """The client's version of an error of ``unit`` from the server, or None to pass it
         on as it is."""
         message = fields.get("M", "")
-        for needle, rewrite, at in self._rewrites:
+        for needle, rewrite, at in self.rewrites:
             if at > unit:
                 break
             if at == unit and needle in message:
@@ -116,27 +118,27 @@ class ReplyFilter:
         return None
 
     def __bool__(self) -> bool:
-        return bool(self._entries) or bool(self._rewrites)
+        return bool(self.entries) or bool(self.rewrites)
 
     def reply(self, reply_type: int) -> bool:
         """A ParseComplete/CloseComplete arrived: True if the proxy swallows it."""
-        while self._entries:
-            expected, swallow, _ = self._entries.popleft()
+        while self.entries:
+            expected, swallow, _ = self.entries.popleft()
             if expected == reply_type:
                 return swallow
         return False  # nothing expected: not ours to drop
 
     def error(self, unit: int) -> None:
-        while self._entries and self._entries[0][2] <= unit:
-            self._entries.popleft()
+        while self.entries and self.entries[0][2] <= unit:
+            self.entries.popleft()
         self.unit_done(unit)
 
     def unit_done(self, unit: int) -> None:
         """Units up to ``unit`` are over: their error rewrites can no longer apply."""
-        rewrites = self._rewrites
+        rewrites = self.rewrites
         while rewrites and rewrites[0][2] <= unit:
             rewrites.popleft()
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._rewrites.clear()
+        self.entries.clear()
+        self.rewrites.clear()

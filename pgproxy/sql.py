@@ -26,6 +26,9 @@ _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 
 
 _PRECHECKED: dict[bytes, bool] = {}  # drivers send the same texts over and over
+# Texts that differ only in their digits get the same verdict (no keyword contains a digit),
+# so queries with inlined numbers (pgbench, ORMs inlining ids) share one cache entry.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _PRECHECK_CACHE_ENTRIES = 4096
 _PRECHECK_CACHE_TEXT = 2048  # longer texts are rarely repeated verbatim
 
@@ -37,14 +40,16 @@ def might_matter(query_body: bytes | str) -> bool:
     are fine: they cost one (cached) parse."""
     if isinstance(query_body, str):
         return _precheck(query_body)
-    known = _PRECHECKED.get(query_body)
+    if len(query_body) > _PRECHECK_CACHE_TEXT:
+        return _precheck(query_body.decode("latin-1"))
+    key = query_body.translate(_DIGITS_AS_ZERO)
+    known = _PRECHECKED.get(key)
     if known is not None:
-        return known  # hashing the bytes costs a fraction of the twelve scans
-    result = _precheck(query_body.decode("latin-1"))
-    if len(query_body) <= _PRECHECK_CACHE_TEXT:
-        if len(_PRECHECKED) >= _PRECHECK_CACHE_ENTRIES:
-            _PRECHECKED.clear()  # bounded; cheaper than an LRU and good enough
-        _PRECHECKED[query_body] = result
+        return known  # a translate and a hash cost a fraction of the twelve scans
+    result = _precheck(key.decode("latin-1"))
+    if len(_PRECHECKED) >= _PRECHECK_CACHE_ENTRIES:
+        _PRECHECKED.clear()  # bounded; cheaper than an LRU and good enough
+    _PRECHECKED[key] = result
     return result
 
 
