@@ -69,6 +69,8 @@ UNNAMED_UNKNOWN = b"unknown unnamed statement"
 class ServerLink:
     """What a server needs from the client it is linked to (implemented by ClientSession)."""
 
+    __slots__ = ()
+
     # False while ``wants_stall`` would certainly say no: saves a call per ReadyForQuery.
     may_stall = False
 
@@ -129,6 +131,36 @@ class _Internal:
 
 
 class ServerConnection(WireProtocol):
+    __slots__ = (
+        "_fatal",
+        "_internal",
+        "_need",
+        "_partial",
+        "_passthrough",
+        "_stalled",
+        "cancels_in_flight",
+        "client",
+        "created_at",
+        "flow",
+        "idle_since",
+        "lost_callback",
+        "needs_unlisten",
+        "notification_sink",
+        "notifications_done",
+        "param_state",
+        "params",
+        "pid",
+        "pool",
+        "proxy_set",
+        "ready",
+        "replies",
+        "secret",
+        "statements",
+        "unnamed",
+        "unnamed_unit",
+        "watch_tags",
+    )
+
     def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool

@@ -76,6 +76,56 @@ def _renamer(server_name: str, client_name: str) -> prepared.ErrorRewrite:
 
 
 class ClientSession(WireProtocol, ServerLink):
+    __slots__ = (
+        "_doomed",
+        "_drop",
+        "_fence_done",
+        "_idle_tx_timer",
+        "_inbuf",
+        "_inbuf_matters",
+        "_listener",
+        "_logged_in",
+        "_may_have_notified",
+        "_need",
+        "_notify_queue",
+        "_notify_queued",
+        "_outbox",
+        "_param_fixes",
+        "_param_state",
+        "_passthrough",
+        "_pid_mapped",
+        "_request",
+        "_resets",
+        "_savepoints",
+        "_skipping",
+        "_startup_reported",
+        "_startup_unreported",
+        "_state_logged",
+        "_sub_error",
+        "_sub_held",
+        "_sub_pending",
+        "_sub_portals",
+        "_sub_rollback",
+        "_sub_statements",
+        "_task",
+        "_text_rules_ok",
+        "_unnamed",
+        "_waiting",
+        "connected_at",
+        "database",
+        "may_stall",
+        "peer",
+        "pool",
+        "proxy",
+        "reported",
+        "secret",
+        "server",
+        "statements",
+        "unreported",
+        "user",
+        "vpid",
+    )
+
     def __init__(self, proxy: Proxy) -> None:
         super().__init__()
         self.proxy = proxy
@@ -140,6 +190,7 @@ class ClientSession(WireProtocol, ServerLink):
         self._sub_portals = {}
         self._may_have_notified = False  # the transaction in flight may have sent NOTIFY
         self._fence_done = False
+        self.may_stall = False  # see ServerLink
         self._pid_mapped: tuple[Listener, int] | None = None  # see _note_notify
 
     def __repr__(self) -> str:

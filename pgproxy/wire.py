@@ -33,6 +33,20 @@ _HANDSHAKE_BUFFER_LIMIT = 256 * 1024
 class WireProtocol(asyncio.Protocol):
     """Buffering, handshake reads, closing and write flow control."""
 
+    # Slots, here and in the subclasses: the hot path reads these attributes on every message,
+    # and CPython 3.11 only specialises attribute access well for slots or small dicts.
+    __slots__ = (
+        "_handshaking",
+        "_held",
+        "_hs_buf",
+        "_waiter",
+        "closed",
+        "read_paused",
+        "tls",
+        "transport",
+        "write_paused",
+    )
+
     transport: asyncio.Transport
 
     def __init__(self) -> None:
