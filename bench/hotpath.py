@@ -130,13 +130,13 @@ def run(transactions: int, clients: int, servers: int, protocol: str) -> float:
             # Every client asks; those without a server wait in the pool's queue, then get one
             # from inside a release, exactly as under pgbench with more clients than servers.
             for n, client in enumerate(sessions, done):
-                client.stream_received(requests[n % len(requests)])
+                client.data_received(requests[n % len(requests)])
             busy = [s for s in sessions if s.server is not None]
             while busy:
                 for client in busy:
                     server = client.server
                     assert server is not None
-                    server.stream_received(reply)
+                    server.data_received(reply)
                     done += 1
                 busy = [s for s in sessions if s.server is not None and s.server.flow.pending]
             if done - before != len(sessions):

@@ -323,13 +323,9 @@ class ServerConnection(WireProtocol):
 
     # --- streaming ---------------------------------------------------------------------------
 
-    def stream_received(self, data: bytes) -> None:
-        try:
-            self._stream(data)
-        except m.ProtocolError as exc:  # a malformed message from the server
-            self._protocol_failure(f"malformed message from server: {exc}")
-
-    def _stream(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
+        # The common reply goes straight to _whole_reply (two Python calls per read, not four);
+        # a linked server is past its handshake.
         client = self.client
         if (
             client is not None
@@ -339,12 +335,19 @@ class ServerConnection(WireProtocol):
             and not self._passthrough
             and not self._internal
             and not self.watch_tags
-            and not self.replies.entries
-            and not self.replies.rewrites
             and data.endswith(_RFQ_ENDINGS)
             and self._whole_reply(client, data)
         ):
             return
+        WireProtocol.data_received(self, data)
+
+    def stream_received(self, data: bytes) -> None:
+        try:
+            self._stream(data)
+        except m.ProtocolError as exc:  # a malformed message from the server
+            self._protocol_failure(f"malformed message from server: {exc}")
+
+    def _stream(self, data: bytes) -> None:
         if self._stalled:
             self._partial += data
             return
@@ -448,13 +451,22 @@ class ServerConnection(WireProtocol):
     def _whole_reply(self, client: ServerLink, data: bytes) -> bool:
         """The common case of ``_stream``, in one pass: ``data`` is whole messages ending with
         the ReadyForQuery of the unit the client is waiting on, and none before it needs
-        looking at. Returns False, having changed nothing, for anything else."""
+        looking at but ParseComplete/CloseComplete. Returns False, having changed nothing,
+        for anything else."""
         last = len(data) - 6  # where the ReadyForQuery starts
         pos = 0
-        inspect = _INSPECT
+        replies = self.replies
+        inspect = _INSPECT_FILTERING if replies.entries else _INSPECT
+        filtered: list[int] | None = None  # where the ParseComplete/CloseComplete replies are
         while pos < last:
-            if data[pos] in inspect:
-                return False
+            type_ = data[pos]
+            if type_ in inspect:
+                if type_ not in _FILTERED:
+                    return False
+                if filtered is None:
+                    filtered = [pos]
+                else:
+                    filtered.append(pos)
             length = LENGTH_AT(data, pos + 1)[0]
             if length < 4:
                 return False  # the general walk reports it
@@ -462,16 +474,34 @@ class ServerConnection(WireProtocol):
         flow = self.flow
         if pos != last or len(flow.pending) != 1:
             return False
+        if filtered is not None:
+            data = self._drop_swallowed(data, filtered)
+            last = len(data) - 6
         status = data[-1]
         flow.pending.popleft()
         flow.done += 1
         flow.status = status
+        if replies.rewrites:
+            replies.unit_done(flow.done - 1)
         injected = client.on_ready(status)
         client.server_output(data[:last] + injected + data[last:] if injected else data)
         # ServerFlow.idle, knowing that nothing is pending any more
         if status == m.IDLE and not flow.unsynced and not flow.copy_in and client.server_released():
             self.pool.release(self)
         return True
+
+    def _drop_swallowed(self, data: bytes, filtered: list[int]) -> bytes:
+        """``data`` without the replies (at ``filtered``) to Parse/Close the proxy injected."""
+        out = []
+        run_start = 0
+        for at in filtered:
+            if self.replies.reply(data[at]):
+                out.append(data[run_start:at])
+                run_start = at + 1 + LENGTH_AT(data, at + 1)[0]
+        if not run_start:
+            return data
+        out.append(data[run_start:])
+        return b"".join(out)
 
     def resume_stream(self) -> None:
         """Continue after a stall: the held ReadyForQuery and what followed it."""

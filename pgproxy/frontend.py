@@ -497,6 +497,12 @@ class ClientSession(WireProtocol, ServerLink):
 
     # --- streaming: client -> server ---------------------------------------------------------
 
+    def data_received(self, data: bytes) -> None:
+        if self._handshaking or self._idle_tx_timer is not None or self._inbuf or self._waiting:
+            WireProtocol.data_received(self, data)  # via stream_received
+        else:
+            self._process(data)  # the common case, one Python call less
+
     def stream_received(self, data: bytes) -> None:
         if self._idle_tx_timer is not None:
             self._cancel_idle_tx_timer()
