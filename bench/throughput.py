@@ -42,6 +42,8 @@ from pgproxy.testing.cluster import PgCluster
 REPO = Path(__file__).resolve().parent.parent
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"  # sbin is not always on PATH
 TARGETS = ("direct", "pgbouncer", "pgproxy")  # plus "pgproxy-<N>w" for --pgproxy-workers N
+# --pgproxy-compiled: the optional mypyc build, as scripts/build-compiled leaves it.
+COMPILED_TREE = REPO / "build" / "compiled"
 MODES = {"select-only": ["-S"], "tpcb": []}
 # Client/server round trips per pgbench transaction: -S is one SELECT; the TPC-B-like
 # script is BEGIN, 3 UPDATEs, SELECT, INSERT, END.  Used for "added latency per round trip".
@@ -101,6 +103,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure pgproxy with workers = N (target pgproxy-<N>w)",
     )
     p.add_argument(
+        "--pgproxy-compiled",
+        action="store_true",
+        help="also measure the mypyc build in build/compiled (target pgproxy-compiled; "
+        "run scripts/build-compiled first)",
+    )
+    p.add_argument(
         "--targets",
         type=csv,
         help="subset of targets to run (direct and pgbouncer are always run: ratios need them)",
@@ -109,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = p.parse_args(argv)
     every = [*TARGETS, *(f"pgproxy-{n}w" for n in args.pgproxy_workers if n > 1)]
+    if args.pgproxy_compiled:
+        every.append("pgproxy-compiled")
     wanted = args.targets or every
     for target in wanted:
         if target not in every:
@@ -139,12 +149,15 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
-def start_server(name: str, cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    name: str, cmd: list[str], port: int, log: Path, cwd: Path = REPO
+) -> subprocess.Popen[bytes]:
     """Start a pooler in its own session (Ctrl-C reaches only us, and we stop it in order)
-    and wait until it accepts TCP connections."""
+    and wait until it accepts TCP connections. ``python -m pgproxy`` runs the pgproxy in
+    ``cwd``."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+            cmd, cwd=cwd, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     deadline = time.monotonic() + 30
@@ -191,12 +204,19 @@ def start_pgbouncer(
 
 
 def start_pgproxy(
-    tmp: Path, pg_port: int, pool_size: int, max_conn: int, workers: int = 1
+    tmp: Path, pg_port: int, pool_size: int, max_conn: int, workers: int = 1, compiled: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
     """pgproxy; with ``workers`` > 1 the pool size and max_client_conn are totals, split
-    between the workers by pgproxy itself."""
+    between the workers by pgproxy itself. ``compiled``: the build in COMPILED_TREE."""
     port = free_port()
     name = "pgproxy" if workers == 1 else f"pgproxy-{workers}w"
+    cwd = REPO
+    if compiled:
+        name, cwd = "pgproxy-compiled", COMPILED_TREE
+        check = [sys.executable, "-c", "import pgproxy; print(pgproxy.compiled())"]
+        answer = subprocess.run(check, cwd=cwd if cwd.is_dir() else REPO, capture_output=True)
+        if answer.stdout.strip() != b"True":
+            raise RuntimeError(f"no compiled pgproxy in {cwd}: run scripts/build-compiled first")
     config = tmp / f"{name}.toml"
     config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{port}"\npool_mode = "transaction"\n'
@@ -205,7 +225,7 @@ def start_pgproxy(
         f'\n[databases."*"]\nurl = "postgresql://127.0.0.1:{pg_port}"\n'
     )
     cmd = [sys.executable, "-m", "pgproxy", "--config", str(config)]
-    return start_server(name, cmd, port, tmp / f"{name}.log"), port
+    return start_server(name, cmd, port, tmp / f"{name}.log", cwd), port
 
 
 def pgbench(bindir: Path, port: int, *args: str, timeout: float = 600) -> str:
@@ -383,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         groups = {"pgbouncer": bouncer.pid}  # start_server gives each pooler its own group
         for target in args.targets:
             if target.startswith("pgproxy"):
-                workers = 1 if target == "pgproxy" else int(target[len("pgproxy-") : -1])
+                compiled = target == "pgproxy-compiled"
+                workers = 1 if target in ("pgproxy", "pgproxy-compiled") else int(target[8:-1])
                 proxy, ports[target] = start_pgproxy(
-                    tmp, cluster.port, args.pool_size, max_conn, workers
+                    tmp, cluster.port, args.pool_size, max_conn, workers, compiled
                 )
                 servers.append(proxy)
                 groups[target] = proxy.pid

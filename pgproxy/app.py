@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pgproxy import tls
+from pgproxy import compiled, tls
 from pgproxy.auth import cbind
 from pgproxy.auth.credentials import PassThroughStore, UpstreamSecret, is_verifier
 from pgproxy.auth.query import AuthQuery
@@ -73,8 +73,8 @@ class Proxy:
             backlog=4096,
         )
         self._janitor = loop.create_task(self._janitor_loop())
-        log.info("pgproxy listening on %s:%d (%s mode)", settings.listen_host, self.port,
-                 settings.pool_mode)  # fmt: skip
+        log.info("pgproxy listening on %s:%d (%s mode, %s)", settings.listen_host, self.port,
+                 settings.pool_mode, "compiled" if compiled() else "pure Python")  # fmt: skip
 
     @property
     def port(self) -> int:

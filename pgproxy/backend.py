@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mypy_extensions import trait  # a marker for the optional mypyc build (setup.py)
+
 from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.auth.upstream import authenticate_upstream
 from pgproxy.params import ParamState
@@ -66,6 +68,7 @@ _RFQ_ENDINGS = tuple(m.ready_for_query(s) for s in (m.IDLE, m.IN_TRANSACTION, m.
 UNNAMED_UNKNOWN = b"unknown unnamed statement"
 
 
+@trait
 class ServerLink:
     """What a server needs from the client it is linked to (implemented by ClientSession)."""
 

@@ -437,6 +437,15 @@ class ClientSession(WireProtocol, ServerLink):
                     detail="The certificate's common name does not match the user name.",
                 )
 
+    async def _learn_server_params(self, pool: Pool, timeout: float) -> ServerConnection | None:
+        """A server whose handshake teaches ``pool`` its server_params (one login at a time),
+        or None if another login did it meanwhile. A function of its own, not a second check
+        in the caller, whose ``is None`` mypyc would trust across the wait (a TypeError)."""
+        async with pool.params_lock:
+            if pool.server_params is None:
+                return await pool.acquire(timeout)
+        return None
+
     async def _prepare_parameters(
         self, pool: Pool, startup_gucs: dict[str, str]
     ) -> ServerConnection | None:
@@ -448,9 +457,7 @@ class ClientSession(WireProtocol, ServerLink):
         server: ServerConnection | None = None
         timeout = self.proxy.config.proxy.query_wait_timeout
         if pool.server_params is None:
-            async with pool.params_lock:
-                if pool.server_params is None:
-                    server = await pool.acquire(timeout)
+            server = await self._learn_server_params(pool, timeout)
         assert pool.server_params is not None
         canonical = {k.lower(): k for k in pool.server_params}
         wanted = {canonical.get(k, k): v for k, v in startup_gucs.items()}
@@ -781,8 +788,8 @@ class ClientSession(WireProtocol, ServerLink):
 
     # --- ServerLink: events from the linked server ------------------------------------------
 
-    # The server's replies go straight out (one Python call less per read than a wrapper).
-    server_output = WireProtocol.write
+    def server_output(self, data: bytes) -> None:
+        self.write(data)
 
     def server_parameter(self, name: str, value: str) -> None:
         if name not in READ_ONLY_PARAMETERS:

@@ -39,6 +39,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr  # a marker for the optional mypyc build (setup.py)
+
 from pgproxy.backend import ServerLink
 from pgproxy.config import WILDCARD
 from pgproxy.protocol import errors
@@ -65,6 +67,7 @@ RouteKey = tuple[str, int, str, str]
 PoolFactory = Callable[["DatabaseConfig", str, str], "Pool"]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # compiled, and tests subclass it
 class AuthQuery:
     """Lookups for one proxy: pools per auth route, a TTL cache, single-flight."""
 
