@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from mypy_extensions import trait  # a marker for the optional mypyc build (setup.py)
 
@@ -44,7 +44,7 @@ from pgproxy.wire import WireProtocol, log
 if TYPE_CHECKING:
     from pgproxy.pool.pool import Pool
 
-_INSPECT = frozenset(
+_INSPECT: Final = frozenset(
     (
         m.READY_FOR_QUERY,
         m.ERROR_RESPONSE,
@@ -55,13 +55,15 @@ _INSPECT = frozenset(
     )
 )
 # While a client has LISTEN effects waiting for their transaction's outcome.
-_INSPECT_WATCHING = _INSPECT | {m.COMMAND_COMPLETE}
+_INSPECT_WATCHING: Final = _INSPECT | {m.COMMAND_COMPLETE}
 # While some ParseComplete/CloseComplete replies may belong to the proxy (prepared.py).
-_FILTERED = frozenset((m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
-_INSPECT_FILTERING = _INSPECT | _FILTERED
-_INSPECT_BOTH = _INSPECT_WATCHING | _FILTERED
+_FILTERED: Final = frozenset((m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
+_INSPECT_FILTERING: Final = _INSPECT | _FILTERED
+_INSPECT_BOTH: Final = _INSPECT_WATCHING | _FILTERED
 # A read that ends with a whole ReadyForQuery (the common reply: T/D/.../C/Z in one chunk).
-_RFQ_ENDINGS = tuple(m.ready_for_query(s) for s in (m.IDLE, m.IN_TRANSACTION, m.FAILED_TRANSACTION))
+_RFQ_ENDINGS: Final = tuple(
+    m.ready_for_query(s) for s in (m.IDLE, m.IN_TRANSACTION, m.FAILED_TRANSACTION)
+)
 
 
 # See ServerConnection.unnamed: matches no client's Parse body (compared by identity).

@@ -26,7 +26,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pgproxy import params as session_params
 from pgproxy import prepared, sql, tls
@@ -49,19 +49,19 @@ if TYPE_CHECKING:
     from pgproxy.app import Proxy
     from pgproxy.pubsub.listener import Listener
 
-_INBUF_PAUSE = 256 * 1024  # stop reading a client that sends this much while it waits
-_UTF8_NAMES = frozenset(("UTF8", "UTF-8", "UNICODE"))
+_INBUF_PAUSE: Final = 256 * 1024  # stop reading a client that sends this much while it waits
+_UTF8_NAMES: Final = frozenset(("UTF8", "UTF-8", "UNICODE"))
 # Messages the proxy needs whole in transaction mode: their text decides what happens
 # (LISTEN, dirty servers) or their statement names are rewritten (prepared.py).
-_NEED_WHOLE = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
+_NEED_WHOLE: Final = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
 _SESSION_NEED_WHOLE: frozenset[int] = frozenset()  # session mode inspects nothing
 # A Query larger than this is streamed uninspected (never a LISTEN fast path; its server is
 # cleaned as if it had LISTENed), so no client makes the proxy buffer much before a server is
 # even in sight.
-_WHOLE_QUERY_LIMIT = 1024 * 1024
+_WHOLE_QUERY_LIMIT: Final = 1024 * 1024
 # Text no server can parse: sent in place of a refused statement, so the server raises the
 # error (a syntax error the proxy rewords) exactly where the statement's own would be.
-_PROVOKE = "pgproxy_refused_statement"
+_PROVOKE: Final = "pgproxy_refused_statement"
 
 
 def _renamer(server_name: str, client_name: str) -> prepared.ErrorRewrite:

@@ -23,10 +23,11 @@ import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from pgproxy.protocol import messages as m
 
-MAX_CLIENT_STATEMENTS = 10_000  # per client: memory stays bounded whatever a client sends
+MAX_CLIENT_STATEMENTS: Final = 10_000  # per client: memory stays bounded whatever a client sends
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,17 @@ import logging
 import socket
 import ssl
 import struct
-from typing import cast
+from typing import Final, cast
 
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.framing import read_length
 
 log = logging.getLogger("pgproxy")
 
-_I32 = struct.Struct("!i")
-_LINGER_RESET = struct.pack("ii", 1, 0)
+_I32: Final = struct.Struct("!i")
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # Bytes a peer may send ahead during its handshake before we stop reading it.
-_HANDSHAKE_BUFFER_LIMIT = 256 * 1024
+_HANDSHAKE_BUFFER_LIMIT: Final = 256 * 1024
 
 
 class WireProtocol(asyncio.Protocol):

@@ -15,6 +15,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.backend import ServerConnection, UpstreamTls
@@ -24,7 +25,7 @@ from pgproxy.protocol.errors import PgError
 from pgproxy.wire import log
 
 # Reported parameters a client cannot SET; never synchronised between sessions.
-READ_ONLY_PARAMETERS = frozenset(
+READ_ONLY_PARAMETERS: Final = frozenset(
     (
         "in_hot_standby",
         "integer_datetimes",

@@ -24,11 +24,12 @@ count stays too high, so the server remains with its client instead of going bac
 from __future__ import annotations
 
 from collections import deque
+from typing import Final
 
 from pgproxy.protocol import messages as m
 
-_RFQ_PRODUCERS = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
-_EXTENDED = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
+_RFQ_PRODUCERS: Final = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
+_EXTENDED: Final = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
 
 
 class FlowError(Exception):

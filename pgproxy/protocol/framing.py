@@ -8,28 +8,29 @@ legal traffic such as large bytea Binds and COPY rows.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from pgproxy.protocol import messages as m
 
-HEADER_SIZE = 5
-LARGE_MESSAGE_LIMIT = 0x3FFFFFFF  # PQ_LARGE_MESSAGE_LIMIT (1 GB - 1)
-SMALL_MESSAGE_LIMIT = 10000  # PQ_SMALL_MESSAGE_LIMIT
-AUTH_MESSAGE_LIMIT = 65535  # PG_MAX_AUTH_TOKEN_LENGTH
+HEADER_SIZE: Final = 5
+LARGE_MESSAGE_LIMIT: Final = 0x3FFFFFFF  # PQ_LARGE_MESSAGE_LIMIT (1 GB - 1)
+SMALL_MESSAGE_LIMIT: Final = 10000  # PQ_SMALL_MESSAGE_LIMIT
+AUTH_MESSAGE_LIMIT: Final = 65535  # PG_MAX_AUTH_TOKEN_LENGTH
 
 # Client messages Postgres allows to be large; every other type is capped at 10,000 bytes.
-_LARGE_FRONTEND_TYPES = frozenset(
+_LARGE_FRONTEND_TYPES: Final = frozenset(
     (m.QUERY, m.PARSE, m.BIND, m.COPY_DATA, m.FUNCTION_CALL, m.COPY_FAIL)
 )
-FRONTEND_TYPES = frozenset(
+FRONTEND_TYPES: Final = frozenset(
     (
         m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
         m.TERMINATE, m.FUNCTION_CALL, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL,
     )
 )  # fmt: skip
 
-_I32 = struct.Struct("!i")
+_I32: Final = struct.Struct("!i")
 # For hot loops: ``LENGTH_AT(buf, pos)[0]`` is ``read_length`` without a Python call.
-LENGTH_AT = _I32.unpack_from
+LENGTH_AT: Final = _I32.unpack_from
 
 
 def frontend_limit(type_: int) -> int:
@@ -44,7 +45,7 @@ def read_length(buf: bytes | bytearray, pos: int) -> int:
 
 # Type -> largest body+length a client may send; hot loops test ``FRONTEND_LIMITS.get(type_)``
 # and call ``check_frontend_header`` only to report what is wrong.
-FRONTEND_LIMITS = {t: frontend_limit(t) for t in FRONTEND_TYPES}
+FRONTEND_LIMITS: Final = {t: frontend_limit(t) for t in FRONTEND_TYPES}
 
 
 def check_frontend_header(type_: int, length: int) -> None:

@@ -14,70 +14,71 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 # --- message type bytes (as ints: ``buf[i]`` yields an int) -----------------------------------
 
 # Frontend (client -> server)
-QUERY = ord("Q")
-PARSE = ord("P")
-BIND = ord("B")
-DESCRIBE = ord("D")
-EXECUTE = ord("E")
-CLOSE = ord("C")
-SYNC = ord("S")
-FLUSH = ord("H")
-TERMINATE = ord("X")
-FUNCTION_CALL = ord("F")
-COPY_DATA = ord("d")
-COPY_DONE = ord("c")
-COPY_FAIL = ord("f")
-PASSWORD = ord("p")  # PasswordMessage, SASLInitialResponse, SASLResponse
+QUERY: Final = ord("Q")
+PARSE: Final = ord("P")
+BIND: Final = ord("B")
+DESCRIBE: Final = ord("D")
+EXECUTE: Final = ord("E")
+CLOSE: Final = ord("C")
+SYNC: Final = ord("S")
+FLUSH: Final = ord("H")
+TERMINATE: Final = ord("X")
+FUNCTION_CALL: Final = ord("F")
+COPY_DATA: Final = ord("d")
+COPY_DONE: Final = ord("c")
+COPY_FAIL: Final = ord("f")
+PASSWORD: Final = ord("p")  # PasswordMessage, SASLInitialResponse, SASLResponse
 
 # Backend (server -> client)
-AUTHENTICATION = ord("R")
-PARAMETER_STATUS = ord("S")
-BACKEND_KEY_DATA = ord("K")
-READY_FOR_QUERY = ord("Z")
-COMMAND_COMPLETE = ord("C")
-ERROR_RESPONSE = ord("E")
-NOTICE_RESPONSE = ord("N")
-NOTIFICATION_RESPONSE = ord("A")
-ROW_DESCRIPTION = ord("T")
-DATA_ROW = ord("D")
-EMPTY_QUERY_RESPONSE = ord("I")
-PARSE_COMPLETE = ord("1")
-BIND_COMPLETE = ord("2")
-CLOSE_COMPLETE = ord("3")
-NO_DATA = ord("n")
-PARAMETER_DESCRIPTION = ord("t")
-PORTAL_SUSPENDED = ord("s")
-COPY_IN_RESPONSE = ord("G")
-COPY_OUT_RESPONSE = ord("H")
-COPY_BOTH_RESPONSE = ord("W")
-FUNCTION_CALL_RESPONSE = ord("V")
-NEGOTIATE_PROTOCOL_VERSION = ord("v")
+AUTHENTICATION: Final = ord("R")
+PARAMETER_STATUS: Final = ord("S")
+BACKEND_KEY_DATA: Final = ord("K")
+READY_FOR_QUERY: Final = ord("Z")
+COMMAND_COMPLETE: Final = ord("C")
+ERROR_RESPONSE: Final = ord("E")
+NOTICE_RESPONSE: Final = ord("N")
+NOTIFICATION_RESPONSE: Final = ord("A")
+ROW_DESCRIPTION: Final = ord("T")
+DATA_ROW: Final = ord("D")
+EMPTY_QUERY_RESPONSE: Final = ord("I")
+PARSE_COMPLETE: Final = ord("1")
+BIND_COMPLETE: Final = ord("2")
+CLOSE_COMPLETE: Final = ord("3")
+NO_DATA: Final = ord("n")
+PARAMETER_DESCRIPTION: Final = ord("t")
+PORTAL_SUSPENDED: Final = ord("s")
+COPY_IN_RESPONSE: Final = ord("G")
+COPY_OUT_RESPONSE: Final = ord("H")
+COPY_BOTH_RESPONSE: Final = ord("W")
+FUNCTION_CALL_RESPONSE: Final = ord("V")
+NEGOTIATE_PROTOCOL_VERSION: Final = ord("v")
 
 # Authentication request codes
-AUTH_OK = 0
-AUTH_CLEARTEXT = 3
-AUTH_MD5 = 5
-AUTH_SASL = 10
-AUTH_SASL_CONTINUE = 11
-AUTH_SASL_FINAL = 12
+AUTH_OK: Final = 0
+AUTH_CLEARTEXT: Final = 3
+AUTH_MD5: Final = 5
+AUTH_SASL: Final = 10
+AUTH_SASL_CONTINUE: Final = 11
+AUTH_SASL_FINAL: Final = 12
 
 # Special startup-packet codes (in place of the protocol version)
-PROTOCOL_3_0 = 3 << 16
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+PROTOCOL_3_0: Final = 3 << 16
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
 
 # Transaction status in ReadyForQuery
-IDLE = ord("I")
-IN_TRANSACTION = ord("T")
-FAILED_TRANSACTION = ord("E")
+IDLE: Final = ord("I")
+IN_TRANSACTION: Final = ord("T")
+FAILED_TRANSACTION: Final = ord("E")
 
-_I32 = struct.Struct("!i")
-_I16 = struct.Struct("!h")
+_I32: Final = struct.Struct("!i")
+_I16: Final = struct.Struct("!h")
 _HEADER = struct.Struct("!ci")
 _2I32 = struct.Struct("!ii")
 
