@@ -25,12 +25,14 @@ COMPILED = [
     "pgproxy/protocol/framing.py",
     "pgproxy/protocol/messages.py",
     "pgproxy/prepared.py",
+    "pgproxy/precheck.py",
     # Not hot, but its _Lookup implements ServerLink, a trait once compiled, and interpreted
     # classes cannot inherit from compiled traits.
     "pgproxy/auth/query.py",
     # Not pgproxy/params.py: mypyc's classes take no weak references (ParamState needs them).
     # Not pgproxy/sql.py: pglast's Visitor finds visit_* methods with inspect.ismethod, which
-    # is False for compiled methods, so _EffectsInside would silently see nothing.
+    # is False for compiled methods, so _EffectsInside would silently see nothing (its hot
+    # part, the pre-check, is precheck.py).
 ]
 
 

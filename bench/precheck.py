@@ -9,8 +9,8 @@ import timeit
 
 import pglast
 
+from pgproxy.precheck import _precheck, might_matter
 from pgproxy.protocol import messages as m
-from pgproxy.sql import _precheck, might_matter
 
 QUERIES = {
     "pgbench select": "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",

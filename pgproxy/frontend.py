@@ -29,7 +29,7 @@ from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from pgproxy import params as session_params
-from pgproxy import prepared, sql, tls
+from pgproxy import precheck, prepared, sql, tls
 from pgproxy.auth import hba
 from pgproxy.auth.frontend import TRUST, authenticate_client
 from pgproxy.backend import ServerConnection, ServerLink
@@ -538,8 +538,8 @@ class ClientSession(WireProtocol, ServerLink):
     def _process(self, data: bytes, matters_first: bool | None = None) -> None:
         """Walk the client's messages; forward runs of them to the linked server.
 
-        ``matters_first``: ``sql.might_matter`` of the first message, a Query whose pre-check
-        ran before it had to wait for a server."""
+        ``matters_first``: ``precheck.might_matter`` of the first message, a Query whose
+        pre-check ran before it had to wait for a server."""
         server = self.server
         n = len(data)
         if (
@@ -556,7 +556,7 @@ class ClientSession(WireProtocol, ServerLink):
             # the loop below does with it, minus the loop. What the pre-check flags takes the
             # loop.
             if matters_first is None:
-                matters_first = sql.might_matter(data[5:])
+                matters_first = precheck.might_matter(data[5:])
             if not matters_first:
                 if server is None:
                     server = self._try_link()
@@ -636,7 +636,7 @@ class ClientSession(WireProtocol, ServerLink):
                             self._stash(data, pos, end - pos)
                             return
                         body = data[pos + 5 : end]
-                        matters = sql.might_matter(body)  # computed once per Query
+                        matters = precheck.might_matter(body)  # computed once per Query
                         if matters and self._answer_listening_channels(body):
                             pos = run_start = end
                             continue
@@ -896,7 +896,7 @@ class ClientSession(WireProtocol, ServerLink):
         """Answer ``SELECT pg_listening_channels()`` from this client's own channels.
 
         Through a pool the server's answer would describe a random pooled server.
-        ``body`` passed the ``sql.might_matter`` pre-check.
+        ``body`` passed the ``precheck.might_matter`` pre-check.
         """
         try:
             text = m.parse_query(body)
@@ -913,7 +913,7 @@ class ClientSession(WireProtocol, ServerLink):
 
     @staticmethod
     def _subscription_query(body: bytes) -> list[sql.Subscription] | None:
-        """``body`` passed the ``sql.might_matter`` pre-check."""
+        """``body`` passed the ``precheck.might_matter`` pre-check."""
         try:
             text = m.parse_query(body)
         except m.ProtocolError:
@@ -1013,7 +1013,7 @@ class ClientSession(WireProtocol, ServerLink):
     ) -> bytes | None:
         self._unnamed = None  # a simple Query destroys the unnamed statement
         server.unnamed, server.unnamed_unit = None, server.flow.sent
-        if not (sql.might_matter(body) if matters is None else matters):
+        if not (precheck.might_matter(body) if matters is None else matters):
             return None
         server.watch_tags = True  # DEALLOCATE ALL / DISCARD ALL clear statements
         text = m.parse_query(body)
@@ -1071,7 +1071,7 @@ class ClientSession(WireProtocol, ServerLink):
         text_end = body.find(b"\0", tail_at)
         if text_end < 0:
             raise m.ProtocolError("missing string terminator")
-        if sql.might_matter(body[tail_at:text_end]):
+        if precheck.might_matter(body[tail_at:text_end]):
             text, _ = m.read_cstring(body, tail_at)
             for effect in sql.session_effects(text) or ():
                 if isinstance(effect, sql.SessionState):
