@@ -477,8 +477,8 @@ class ServerConnection(WireProtocol):
                 return False  # the general walk reports it
             pos += 1 + length
         flow = self.flow
-        if pos != last or len(flow.pending) != 1:
-            return False
+        if pos != last or len(flow.pending) != 1 or flow.ended_ahead:
+            return False  # (ended_ahead: server_ready has bookkeeping to do)
         if filtered is not None:
             data = self._drop_swallowed(data, filtered)
             last = len(data) - 6

@@ -11,9 +11,11 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
+from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster, find_bindir
 from tests.conftest import MakeProxy
 from tests.support.proxy_runner import ProxyThread
+from tests.support.raw import RawClient, rows_of
 
 
 def test_parameterized_queries_return_right_types(proxy: ProxyThread) -> None:
@@ -79,6 +81,35 @@ def test_failing_copy_in_leaves_everything_usable(proxy: ProxyThread, pg: PgClus
                 for i in range(2000):
                     copy.write(f"{i}\n".encode())
         assert conn.execute("select count(*) from t_copy_fail").fetchone() == (0,)
+
+
+def test_copy_data_pipelined_ahead_of_copy_in_response(proxy: ProxyThread, pg: PgCluster) -> None:
+    """COPY, its data and CopyDone in one write, before the server has asked for data: the
+    server is released at the end as usual and the next query on the link works."""
+    pg.psql("drop table if exists t_copy_ahead; create table t_copy_ahead (a int)")
+    with RawClient(proxy.port) as c:
+        c.login()
+        c.send(
+            m.query("copy t_copy_ahead from stdin")
+            + m.message(m.COPY_DATA, b"1\n2\n")
+            + m.message(m.COPY_DONE)
+        )
+        reply = c.read_until_ready()
+        assert [t for t, _ in reply] == ["G", "C", "Z"]
+        assert reply[1][1] == b"COPY 2\0"
+        assert rows_of(c.query("select sum(a) from t_copy_ahead")) == [["3"]]
+        # The same through the extended protocol, with the Syncs libpq would send around it.
+        c.send(
+            m.parse("", "copy t_copy_ahead from stdin", [])
+            + m.bind("", "", [])
+            + m.execute()
+            + m.message(m.SYNC)
+            + m.message(m.COPY_DATA, b"4\n")
+            + m.message(m.COPY_DONE)
+            + m.message(m.SYNC)
+        )
+        assert [t for t, _ in c.read_until_ready()] == ["1", "2", "G", "C", "Z"]
+        assert rows_of(c.query("select sum(a) from t_copy_ahead")) == [["7"]]
 
 
 def test_large_result_arrives_complete(proxy: ProxyThread) -> None:

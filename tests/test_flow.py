@@ -277,3 +277,85 @@ def test_pipelined_units_are_idle_only_after_the_last_answer_is_idle(
         assert len(flow.pending) == len(units) - n
         assert flow.status == status
     assert flow.idle == (units[-1][1] == IDLE)
+
+
+# A client may pipeline its COPY data and CopyDone ahead of the CopyInResponse (libpq-based
+# drivers wait for it; a raw or pipelining client need not).
+
+
+def test_copy_ended_ahead_of_copy_in_response_simple_query() -> None:
+    flow = ServerFlow()
+    send(flow, "Qddc")
+    flow.server_copy_in()
+    assert not flow.copy_in  # the CopyDone is already on its way
+    flow.server_ready(IDLE)
+    assert flow.idle
+    send(flow, "Q")  # the next Query counts as usual
+    assert flow.pending == deque([m.QUERY])
+
+
+def test_copy_ended_ahead_extended_with_the_syncs_around_it() -> None:
+    flow = ServerFlow()
+    send(flow, "PBDESdcS")
+    flow.server_copy_in()
+    assert not flow.copy_in
+    assert flow.pending == deque([m.SYNC])  # the first Sync went into the COPY
+    assert not flow.unsynced
+    flow.server_ready(IDLE)
+    assert flow.idle
+
+
+def test_copy_ended_ahead_extended_stays_unsynced_until_the_next_sync() -> None:
+    flow = ServerFlow()
+    send(flow, "PBDESdc")
+    flow.server_copy_in()
+    assert not flow.copy_in
+    assert not flow.pending
+    assert not flow.idle  # the Execute's implicit transaction waits for a Sync
+    send(flow, "S")
+    flow.server_ready(IDLE)
+    assert flow.idle
+
+
+def test_copy_ended_ahead_after_a_flush_swallows_no_sync() -> None:
+    flow = ServerFlow()
+    send(flow, "PBEHdcS")
+    flow.server_copy_in()
+    assert not flow.copy_in
+    assert flow.pending == deque([m.SYNC])  # sent after the CopyDone: answered
+    flow.server_ready(IDLE)
+    assert flow.idle
+
+
+def test_two_copies_pipelined_with_their_data() -> None:
+    flow = ServerFlow()
+    send(flow, "QdcQdc")
+    flow.server_copy_in()
+    assert not flow.copy_in
+    flow.server_ready(IDLE)
+    flow.server_copy_in()
+    assert not flow.copy_in
+    flow.server_ready(IDLE)
+    assert flow.idle
+
+
+def test_an_end_sent_ahead_of_a_copy_that_never_started_is_forgotten() -> None:
+    flow = ServerFlow()
+    send(flow, "Qdc")  # COPY into a missing table: the server ignores the data and the end
+    flow.server_ready(IDLE)  # after its ErrorResponse
+    send(flow, "Q")  # a COPY that works, its data not sent yet
+    flow.server_copy_in()
+    assert flow.copy_in
+    send(flow, "dc")
+    assert not flow.copy_in
+    flow.server_ready(IDLE)
+    assert flow.idle
+
+
+def test_stray_copy_ends_do_not_accumulate() -> None:
+    flow = ServerFlow()
+    for _ in range(1000):
+        send(flow, "Qc")
+        flow.server_ready(IDLE)
+    assert len(flow.ended_ahead) <= 1
+    assert flow.idle

@@ -11,7 +11,8 @@ not reusable even at ReadyForQuery ``I``:
 * ``copy_in``  -- the server asked for COPY data and the client has not yet sent CopyDone/CopyFail.
   While copying, the server ignores Sync and Flush, including a Sync the client sent before the
   CopyInResponse arrived (libpq sends one with every extended Execute, then another after
-  CopyDone).
+  CopyDone). A client may send its CopyData and CopyDone before the CopyInResponse too
+  (pipelining): ``ended_ahead`` remembers such ends, so that COPY is over as soon as it starts.
 * ``status``   -- the transaction status byte of the last ReadyForQuery.
 
 After an extended-protocol error Postgres skips everything up to the next Sync; because the
@@ -37,7 +38,16 @@ class FlowError(Exception):
 
 
 class ServerFlow:
-    __slots__ = ("copy_in", "done", "pending", "sent", "status", "unsynced")
+    __slots__ = (
+        "copy_in",
+        "done",
+        "ended_ahead",
+        "last_statement",
+        "pending",
+        "sent",
+        "status",
+        "unsynced",
+    )
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()
@@ -48,6 +58,10 @@ class ServerFlow:
         self.unsynced = False
         self.copy_in = False
         self.status = m.IDLE
+        self.last_statement = 0  # the unit of the last Query/FunctionCall/Execute forwarded
+        # CopyDone/CopyFail forwarded while no COPY ran, oldest first: (the unit whose COPY they
+        # end, ``sent`` when forwarded). The server ignores them if that unit starts no COPY.
+        self.ended_ahead: deque[tuple[int, int]] = deque()
 
     def client_message(self, type_: int) -> None:
         """Account for one message forwarded from the client to the server."""
@@ -56,11 +70,17 @@ class ServerFlow:
                 self.copy_in = False
             return  # the server ignores Sync/Flush during COPY; CopyData needs no bookkeeping
         if type_ in _RFQ_PRODUCERS:
+            if type_ != m.SYNC:
+                self.last_statement = self.sent
             self.pending.append(type_)
             self.sent += 1
             self.unsynced = False
         elif type_ in _EXTENDED:
+            if type_ == m.EXECUTE:
+                self.last_statement = self.sent
             self.unsynced = True
+        elif type_ == m.COPY_DONE or type_ == m.COPY_FAIL:
+            self.ended_ahead.append((self.last_statement, self.sent))
 
     def server_ready(self, status: int) -> None:
         """A ReadyForQuery arrived from the server."""
@@ -69,9 +89,21 @@ class ServerFlow:
         self.pending.popleft()
         self.done += 1
         self.status = status
+        if self.ended_ahead:
+            self._forget_ended_before(self.done)
+
+    def _forget_ended_before(self, unit: int) -> None:
+        ended = self.ended_ahead
+        while ended and ended[0][0] < unit:
+            ended.popleft()  # that unit is over without a COPY: the server ignored them
 
     def server_copy_in(self) -> None:
         """CopyInResponse (or CopyBothResponse): the server now waits for CopyData."""
+        if self.ended_ahead:
+            self._forget_ended_before(self.done)
+            if self.ended_ahead and self.ended_ahead[0][0] == self.done:
+                self._copy_ended_ahead()
+                return
         self.copy_in = True
         if self.pending and self.pending[0] == m.SYNC:
             # The Sync that followed the extended Execute is swallowed by the COPY, so the
@@ -79,6 +111,22 @@ class ServerFlow:
             self.pending.popleft()
             self.done += 1
             self.unsynced = True
+
+    def _copy_ended_ahead(self) -> None:
+        """The COPY just started was ended by a CopyDone/CopyFail the client sent ahead: the
+        server reads it after the Syncs sent between the COPY's Execute and it, which the COPY
+        swallows; what the client sent after it counts as usual."""
+        _, sent_at = self.ended_ahead.popleft()
+        pending = self.pending
+        own_message = 1 if pending and pending[0] != m.SYNC else 0  # the COPY's own Query
+        swallowed = sent_at - self.done - own_message
+        while swallowed > 0 and pending and pending[0] == m.SYNC:
+            pending.popleft()
+            self.done += 1
+            swallowed -= 1
+            # The Execute's implicit transaction stays open until a Sync sent after the end.
+            if self.sent == sent_at:
+                self.unsynced = True
 
     @property
     def in_transaction(self) -> bool:
@@ -92,6 +140,8 @@ class ServerFlow:
     def reset(self) -> None:
         self.sent = self.done = 0
         self.pending.clear()
+        self.ended_ahead.clear()
+        self.last_statement = 0
         self.unsynced = False
         self.copy_in = False
         self.status = m.IDLE
