@@ -573,6 +573,8 @@ class ClientSession(WireProtocol, ServerLink):
                 return
         pos = 0
         run_start = 0
+        pooled = server is not None and server.pool.mode == "transaction"
+        need_whole = _NEED_WHOLE if pooled else _SESSION_NEED_WHOLE
         try:
             if self._passthrough:
                 pos = min(self._passthrough, n)
@@ -655,10 +657,9 @@ class ClientSession(WireProtocol, ServerLink):
                         self._bound_inbuf()
                         return
                     run_start = pos
-                pooled = server.pool.mode == "transaction"
-                if type_ in (_NEED_WHOLE if pooled else _SESSION_NEED_WHOLE) or (
-                    type_ == m.EXECUTE and self._sub_portals
-                ):
+                    pooled = server.pool.mode == "transaction"
+                    need_whole = _NEED_WHOLE if pooled else _SESSION_NEED_WHOLE
+                if type_ in need_whole or (type_ == m.EXECUTE and self._sub_portals):
                     if end > n:
                         self._forward(server, data, run_start, pos)
                         self._stash(data, pos, end - pos)
@@ -968,7 +969,7 @@ class ClientSession(WireProtocol, ServerLink):
             if body.startswith(b"\0\0"):  # unnamed portal and statement: nothing to decode
                 portal, name, name_at, rest_at = "", "", 1, 2
             else:
-                portal, name_at = m.read_cstring(body, 0)
+                portal, name_at = ("", 1) if body[:1] == b"\0" else m.read_cstring(body, 0)
                 name, rest_at = m.read_cstring(body, name_at)
             info = self._sub_statements.get(name)
             if info is not None:
@@ -981,8 +982,8 @@ class ClientSession(WireProtocol, ServerLink):
             stmt = self.statements.get(name)
             if stmt is None:
                 return None  # unknown: the server answers (26000) as it would
-            return self._ensure_prepared(server, stmt, unit) + m.message(
-                m.BIND, body[:name_at] + stmt.server_name.encode() + b"\0" + body[rest_at:]
+            return self._ensure_prepared(server, stmt, unit) + stmt.bind_message(
+                body, name_at, rest_at
             )
         if type_ == m.DESCRIBE:
             kind, name = m.parse_describe_or_close(body)

@@ -34,14 +34,23 @@ MAX_CLIENT_STATEMENTS: Final = 10_000  # per client: memory stays bounded whatev
 class Statement:
     server_name: str
     parse_tail: bytes  # the Parse body after the statement name: query, parameter types
+    name_field: bytes  # server_name as it stands in a message: encoded, NUL-terminated
 
     def parse_message(self) -> bytes:
-        return m.message(m.PARSE, self.server_name.encode() + b"\0" + self.parse_tail)
+        return m.message(m.PARSE, self.name_field + self.parse_tail)
+
+    def bind_message(self, client_bind: bytes, name_at: int, rest_at: int) -> bytes:
+        """The client's Bind body with this statement's server name in place of the client's
+        (which stands between ``name_at`` and ``rest_at``)."""
+        return m.message(
+            m.BIND, b"".join((client_bind[:name_at], self.name_field, client_bind[rest_at:]))
+        )
 
 
 def statement_for(parse_tail: bytes) -> Statement:
     digest = hashlib.blake2b(parse_tail, digest_size=12).hexdigest()
-    return Statement(f"pgproxy_{digest}", parse_tail)
+    server_name = f"pgproxy_{digest}"
+    return Statement(server_name, parse_tail, server_name.encode() + b"\0")
 
 
 class ServerStatements:
