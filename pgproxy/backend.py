@@ -477,21 +477,18 @@ class ServerConnection(WireProtocol):
                 return False  # the general walk reports it
             pos += 1 + length
         flow = self.flow
-        if pos != last or len(flow.pending) != 1 or flow.ended_ahead:
-            return False  # (ended_ahead: server_ready has bookkeeping to do)
+        if pos != last or len(flow.pending) != 1:
+            return False
         if filtered is not None:
             data = self._drop_swallowed(data, filtered)
             last = len(data) - 6
         status = data[-1]
-        flow.pending.popleft()
-        flow.done += 1
-        flow.status = status
+        flow.server_ready(status)
         if replies.rewrites:
             replies.unit_done(flow.done - 1)
         injected = client.on_ready(status)
         client.server_output(data[:last] + injected + data[last:] if injected else data)
-        # ServerFlow.idle, knowing that nothing is pending any more
-        if status == m.IDLE and not flow.unsynced and not flow.copy_in and client.server_released():
+        if flow.idle and client.server_released():
             self.pool.release(self)
         return True
 

@@ -565,10 +565,8 @@ class ClientSession(WireProtocol, ServerLink):
                         self._inbuf_matters = False
                         self._bound_inbuf()
                         return
-                self._unnamed = None  # as _inspect_query: a Query destroys it
-                flow = server.flow
-                server.unnamed, server.unnamed_unit = None, flow.sent
-                flow.client_message(m.QUERY)
+                self._query_forwarded(server)
+                server.flow.client_message(m.QUERY)
                 server.write(data)
                 return
         pos = 0
@@ -1012,8 +1010,7 @@ class ClientSession(WireProtocol, ServerLink):
     def _inspect_query(
         self, server: ServerConnection, body: bytes, matters: bool | None
     ) -> bytes | None:
-        self._unnamed = None  # a simple Query destroys the unnamed statement
-        server.unnamed, server.unnamed_unit = None, server.flow.sent
+        self._query_forwarded(server)
         if not (precheck.might_matter(body) if matters is None else matters):
             return None
         server.watch_tags = True  # DEALLOCATE ALL / DISCARD ALL clear statements
@@ -1045,6 +1042,11 @@ class ClientSession(WireProtocol, ServerLink):
             elif not isinstance(effect, sql.SessionState):
                 self._savepoint_op(effect)
         return None
+
+    def _query_forwarded(self, server: ServerConnection) -> None:
+        """A simple Query destroys the unnamed statement, on the server and for the client."""
+        self._unnamed = None
+        server.unnamed, server.unnamed_unit = None, server.flow.sent
 
     def _deallocate(self, server: ServerConnection, name: str, stmt: prepared.Statement) -> bytes:
         """SQL ``DEALLOCATE name`` of a protocol-level statement: the server knows it by its
