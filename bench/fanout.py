@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import uvloop
@@ -42,6 +42,7 @@ from bench.throughput import (
     free_port,
     machine_line,
     percentile,
+    pgproxy_tree,
     start_server,
     stop_server,
 )
@@ -61,6 +62,7 @@ CLIENTS = {
     "raw": "raw asyncio socket (startup, Query and NotificationResponse via "
     "pgproxy.protocol.messages)",
 }
+VIA = {"tcp": "over TCP loopback", "unix": "over the unix-domain socket"}
 EXACTLY_ONCE_OK = "exactly-once and in-order: OK"
 CAVEAT = (
     "Caveat: the receiving clients are Python ({client}, {procs} asyncio/uvloop process(es)) and "
@@ -101,6 +103,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="psycopg",
         help="listening clients: psycopg AsyncConnections, or raw sockets parsing "
         "NotificationResponse with pgproxy.protocol.messages (cheaper per delivery)",
+    )
+    p.add_argument(
+        "--via",
+        choices=("tcp", "unix"),
+        default="tcp",
+        help="how the listeners connect (to pgproxy and, for --direct, to PostgreSQL): TCP "
+        "loopback, or the unix-domain socket (pgproxy's unix_socket_dir)",
+    )
+    p.add_argument(
+        "--pgproxy-compiled",
+        action="store_true",
+        help="run the mypyc build in build/compiled (run scripts/build-compiled first)",
     )
     p.add_argument("--timeout", type=float, default=120.0, help="max wait for deliveries (s)")
     p.add_argument("--out", type=Path, help="also write the markdown report to this file")
@@ -300,6 +314,21 @@ class RawListener(asyncio.Protocol):
             self._fail(ConnectionError(f"listener {self.idx} lost: {exc!r}"))
 
 
+def listener_address(dsn: str) -> tuple[str, int]:
+    """(host or socket directory, port) of a ``postgresql://`` URL, as dsn_for() writes it."""
+    url = urlsplit(dsn)
+    query = parse_qs(url.query)
+    if "host" in query:
+        return query["host"][0], int(query["port"][0])
+    return url.hostname or "", url.port or 5432
+
+
+def dsn_for(via: str, host: str, socket_dir: Path, port: int) -> str:
+    if via == "unix":
+        return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
+    return f"postgresql://postgres@{host}:{port}/postgres"
+
+
 async def open_raw_listeners(
     host: str, port: int, recv: Receivers, concurrency: int
 ) -> list[RawListener]:
@@ -309,7 +338,11 @@ async def open_raw_listeners(
 
     async def one(idx: int) -> RawListener:
         async with sem:
-            _, proto = await loop.create_connection(lambda: RawListener(idx, recv), host, port)
+            if host.startswith("/"):  # a socket directory, as libpq reads it
+                path = os.path.join(host, f".s.PGSQL.{port}")
+                _, proto = await loop.create_unix_connection(lambda: RawListener(idx, recv), path)
+            else:
+                _, proto = await loop.create_connection(lambda: RawListener(idx, recv), host, port)
             await asyncio.wait_for(proto.ready, 30)
             return proto
 
@@ -439,8 +472,8 @@ async def receive_main(args: argparse.Namespace) -> None:
     raw: list[RawListener] = []
     tasks: list[asyncio.Task[None]] = []
     if args.client == "raw":
-        url = urlsplit(args.receive)
-        raw = await open_raw_listeners(url.hostname or "", url.port or 5432, recv, args.concurrency)
+        host, port = listener_address(args.receive)
+        raw = await open_raw_listeners(host, port, recv, args.concurrency)
     else:
         conns = await open_listeners(args.receive, args.count, args.concurrency)
         tasks = [asyncio.create_task(recv.receive(i, c)) for i, c in enumerate(conns)]
@@ -639,9 +672,11 @@ async def measure(
 
 
 def start_pgproxy(
-    tmp: Path, pg_port: int, max_clients: int, workers: int = 1
+    tmp: Path, pg_port: int, max_clients: int, workers: int = 1, compiled: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """pgproxy listening on a free TCP port and on a unix socket in ``tmp``."""
     port = free_port()
+    cwd = pgproxy_tree(compiled)
     config = tmp / "pgproxy-fanout.toml"
     # With workers, max_client_conn is divided among them and the kernel's spread of
     # connections is uneven: allow each worker all of them.
@@ -650,11 +685,12 @@ def start_pgproxy(
         + (f"workers = {workers}\n" if workers > 1 else "")
         + f"default_pool_size = {POOL_SIZE}\nmax_client_conn = {max_clients * workers}\n"
         f'notify_buffer_size = {NOTIFY_BUFFER}\nlog_level = "warning"\n'
+        f'unix_socket_dir = "{tmp}"\n'
         f'\n[databases."*"]\nurl = "postgresql://127.0.0.1:{pg_port}"\n'
     )
     # RLIMIT_NOFILE is inherited: raise_nofile() already ran in this process.
     cmd = [sys.executable, "-m", "pgproxy", "--config", str(config)]
-    return start_server("pgproxy", cmd, port, tmp / "pgproxy.log"), port
+    return start_server("pgproxy", cmd, port, tmp / "pgproxy.log", cwd), port
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -725,8 +761,10 @@ def report(rows: list[Row], args: argparse.Namespace, machine: str, nofile: tupl
         f"PostgreSQL max_connections {MAX_CONNECTIONS}; pgproxy transaction mode, pool size "
         f"{POOL_SIZE}, notify_buffer_size {NOTIFY_BUFFER // 1024 // 1024} MiB"
         + (f", workers = {args.workers} (RSS and CPU summed)" if args.workers > 1 else "")
+        + (", the optional mypyc build" if args.pgproxy_compiled else "")
         + "; "
         f"RLIMIT_NOFILE {nofile[0]}. Each listener: {CLIENTS[args.client]}, "
+        f"{VIA[args.via]}, "
         f"`LISTEN {CHANNEL}` (simple Query); listeners spread over {args.procs} receiving "
         f"process(es). Publisher directly on PostgreSQL, one "
         f"`pg_notify` per transaction: {args.notifications} every {args.interval_ms:g} ms "
@@ -847,9 +885,11 @@ async def run_all(args: argparse.Namespace, cluster: PgCluster, tmp: Path) -> li
     log = tmp / "pgproxy.log"
     for n in args.listeners:
         offset = log.stat().st_size if log.exists() else 0
-        proc, port = start_pgproxy(tmp, cluster.port, max(n + 100, 1000), args.workers)
+        proc, port = start_pgproxy(
+            tmp, cluster.port, max(n + 100, 1000), args.workers, args.pgproxy_compiled
+        )
         try:
-            dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            dsn = dsn_for(args.via, "127.0.0.1", tmp, port)
             rows.append(await measure("pgproxy", dsn, pg_dsn, n, args, proc.pid))
         finally:
             stop_server(proc)
@@ -860,7 +900,8 @@ async def run_all(args: argparse.Namespace, cluster: PgCluster, tmp: Path) -> li
             ln for ln in text.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) ", ln)
         ]
     if args.direct:
-        rows.append(await measure("direct", pg_dsn, pg_dsn, args.direct, args, None))
+        direct = dsn_for(args.via, cluster.host, cluster.socket_dir, cluster.port)
+        rows.append(await measure("direct", direct, pg_dsn, args.direct, args, None))
     return rows
 
 

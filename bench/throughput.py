@@ -203,6 +203,18 @@ def start_pgbouncer(
     return start_server("pgbouncer", cmd, port, tmp / "pgbouncer.log"), port
 
 
+def pgproxy_tree(compiled: bool) -> Path:
+    """Where ``python -m pgproxy`` runs the wanted build: this tree, or the mypyc build in
+    COMPILED_TREE (checked to really be compiled)."""
+    if not compiled:
+        return REPO
+    check = [sys.executable, "-c", "import pgproxy; print(pgproxy.compiled())"]
+    where = COMPILED_TREE if COMPILED_TREE.is_dir() else REPO
+    if subprocess.run(check, cwd=where, capture_output=True).stdout.strip() != b"True":
+        raise RuntimeError(f"no compiled pgproxy in {COMPILED_TREE}: run scripts/build-compiled")
+    return COMPILED_TREE
+
+
 def start_pgproxy(
     tmp: Path, pg_port: int, pool_size: int, max_conn: int, workers: int = 1, compiled: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
@@ -210,13 +222,9 @@ def start_pgproxy(
     between the workers by pgproxy itself. ``compiled``: the build in COMPILED_TREE."""
     port = free_port()
     name = "pgproxy" if workers == 1 else f"pgproxy-{workers}w"
-    cwd = REPO
+    cwd = pgproxy_tree(compiled)
     if compiled:
-        name, cwd = "pgproxy-compiled", COMPILED_TREE
-        check = [sys.executable, "-c", "import pgproxy; print(pgproxy.compiled())"]
-        answer = subprocess.run(check, cwd=cwd if cwd.is_dir() else REPO, capture_output=True)
-        if answer.stdout.strip() != b"True":
-            raise RuntimeError(f"no compiled pgproxy in {cwd}: run scripts/build-compiled first")
+        name = "pgproxy-compiled"
     config = tmp / f"{name}.toml"
     config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{port}"\npool_mode = "transaction"\n'

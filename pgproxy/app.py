@@ -30,17 +30,22 @@ from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.pubsub.listener import Listener
+from pgproxy.unixsocket import UnixListener, socket_path
 from pgproxy.wire import log
 from pgproxy.workers import CancelPeers, WorkerRole, serve_supervisor
 
 _VPID_BASE = 1 << 22
 _VPID_SPAN = (1 << 31) - 1 - _VPID_BASE
 _JANITOR_INTERVAL = 1.0
+# Settings a running process cannot change: its sockets are bound once.
+_RESTART_FIELDS = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode")
 
 
 class Proxy:
-    # In a worker of a multi-process pgproxy (pgproxy.workers), set by _serve before start().
+    # In a worker of a multi-process pgproxy (pgproxy.workers), set by _serve before start():
+    # the cancel channel to the other workers, and the unix socket the supervisor bound.
     peers: CancelPeers | None = None
+    inherited_unix: socket.socket | None = None
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -49,6 +54,8 @@ class Proxy:
         self.clients: dict[int, ClientSession] = {}  # by virtual pid, logged-in clients
         self.client_count = 0
         self._server: asyncio.Server | None = None
+        self._unix_server: asyncio.Server | None = None
+        self._unix: UnixListener | None = None  # the socket file this process owns
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
         self._next_vpid = secrets.randbelow(_VPID_SPAN)
@@ -72,6 +79,17 @@ class Proxy:
             reuse_port=self.peers is not None,  # only workers share the port
             backlog=4096,
         )
+        if settings.unix_socket_dir:
+            sock = self.inherited_unix
+            if sock is None:
+                self._unix = UnixListener(
+                    settings.unix_socket_dir, self.port, settings.unix_socket_mode
+                )
+                sock = self._unix.sock
+            self._unix_server = await loop.create_unix_server(
+                lambda: ClientSession(self), sock=sock, backlog=4096
+            )
+            log.info("pgproxy listening on %s", socket_path(settings.unix_socket_dir, self.port))
         self._janitor = loop.create_task(self._janitor_loop())
         log.info("pgproxy listening on %s:%d (%s mode, %s)", settings.listen_host, self.port,
                  settings.pool_mode, "compiled" if compiled() else "pure Python")  # fmt: skip
@@ -85,6 +103,10 @@ class Proxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._unix_server is not None:
+            self._unix_server.close()
+        if self._unix is not None:
+            self._unix.close()
         if self._janitor is not None:
             self._janitor.cancel()
         bye = m.error_response(
@@ -106,6 +128,8 @@ class Proxy:
             task.cancel()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._unix_server is not None:
+            await self._unix_server.wait_closed()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -355,6 +379,10 @@ class Proxy:
     def reload(self, config: Config) -> None:
         """Apply a new configuration: new logins use it; pools whose settings changed retire
         (idle servers close now, busy ones when their client lets go)."""
+        old = self.config.proxy
+        for name in _RESTART_FIELDS:
+            if getattr(config.proxy, name) != getattr(old, name):
+                log.warning("proxy.%s takes effect when pgproxy restarts", name)
         self.client_tls = _client_tls(config)
         self.cert_binding = _cert_binding(config)
         self.config = config
@@ -425,6 +453,8 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
         return 2
     if role is not None:
         proxy.peers = CancelPeers(role)
+        if role.unix_fd >= 0:
+            proxy.inherited_unix = socket.socket(fileno=role.unix_fd)
     try:
         await proxy.start()
         if proxy.peers is not None:

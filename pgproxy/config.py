@@ -83,6 +83,10 @@ class ProxySettings:
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 6432
+    # Also listen on the unix-domain socket <dir>/.s.PGSQL.<port>, as Postgres names it
+    # ("" = no unix socket); its file mode, like PgBouncer's unix_socket_mode.
+    unix_socket_dir: str = ""
+    unix_socket_mode: int = 0o777
     pool_mode: PoolMode = "transaction"
     max_client_conn: int = 1000
     default_pool_size: int = 20
@@ -513,6 +517,8 @@ def _proxy_value(name: str, typ: Any, value: object, path: str) -> object:
         return _as_choice(value, path, get_args(typ))
     if typ is bool:
         return _as_bool(value, path)
+    if name == "unix_socket_mode":  # TOML writes it 0o777
+        return _as_int(value, path, maximum=0o777)
     if typ is int:
         return _as_int(value, path, minimum=_PROXY_MINIMUMS.get(name, 0))
     if typ is float:

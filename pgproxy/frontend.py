@@ -113,6 +113,7 @@ class ClientSession(WireProtocol, ServerLink):
         "_waiting",
         "connected_at",
         "database",
+        "local",
         "may_stall",
         "peer",
         "pool",
@@ -136,6 +137,7 @@ class ClientSession(WireProtocol, ServerLink):
         self.vpid = 0
         self.secret = b""
         self.peer = ""
+        self.local = False  # came through the unix-domain socket
         self.connected_at = time.monotonic()
         self.reported: dict[str, str] = {}  # settable reported parameters, as the client saw them
         # Unreported GUCs (name -> the SET statement giving the client's value), and the ones
@@ -201,7 +203,9 @@ class ClientSession(WireProtocol, ServerLink):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        # A TCP peer is (host, port); a unix-socket peer is a path, usually "" (unbound).
+        self.local = not isinstance(peer, tuple)
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "[local]"
         self.proxy.client_opened(self)
         self._task = asyncio.get_running_loop().create_task(self._login())
 
@@ -301,7 +305,8 @@ class ClientSession(WireProtocol, ServerLink):
             if self.has_buffered_input():
                 # Plaintext sent ahead would be read as if it came through TLS (CVE-2021-3935).
                 raise m.ProtocolError("received unencrypted data after encryption request")
-            ctx = self.proxy.client_tls
+            # As Postgres: no TLS over a unix socket (the kernel already keeps it private).
+            ctx = None if self.local else self.proxy.client_tls
             if isinstance(packet, m.SSLRequest):
                 seen_ssl = True
                 if ctx is not None:
@@ -348,6 +353,7 @@ class ClientSession(WireProtocol, ServerLink):
             user=user,
             address=peer[0] if isinstance(peer, tuple) else None,
             tls=self.tls,
+            local=self.local,
         )
         # The stored secret: [users], else auth_query (None: unknown, expired, no password).
         user_cfg = config.users.get(user)
@@ -420,7 +426,9 @@ class ClientSession(WireProtocol, ServerLink):
         """Enforce client_tls_mode once the client says who it is."""
         mode = self.proxy.config.proxy.client_tls_mode
         if not self.tls:
-            if not tls.plaintext_allowed(mode):
+            # A unix socket never leaves the host, so "require" (privacy) holds there; the
+            # verify modes authenticate by certificate, which a unix client cannot show.
+            if not tls.plaintext_allowed(mode) and not (self.local and mode == "require"):
                 raise fatal(
                     errors.INVALID_AUTHORIZATION_SPECIFICATION,
                     f'pgproxy requires TLS for user "{user}" (client_tls_mode = {mode})',

@@ -54,6 +54,7 @@ from pgproxy.auth import scram
 from pgproxy.cli import WORKER_FLAG
 from pgproxy.config import Config, ConfigError
 from pgproxy.protocol import messages as m
+from pgproxy.unixsocket import UnixListener, socket_path
 
 __all__ = ["CancelPeers", "WorkerRole", "per_worker", "supervise"]
 
@@ -70,21 +71,24 @@ _CANCEL_MAX = 4 + 4 + 4 + 256  # length, code, pid, key of up to 256 bytes (prot
 
 @dataclasses.dataclass(frozen=True)
 class WorkerRole:
-    """What a worker process is told on its command line: ``INDEX,COUNT,FD,DIR``."""
+    """What a worker process is told on its command line: ``INDEX,COUNT,FD,UNIXFD,DIR``."""
 
     index: int
     count: int
     channel_fd: int  # this worker's end of the socketpair shared with the supervisor
     peer_dir: Path  # private directory holding every worker's cancel socket
+    # The listening unix socket the supervisor bound (-1: none). Unix sockets have no
+    # SO_REUSEPORT: the workers share one, inherited, and the kernel hands each accept to one.
+    unix_fd: int = -1
 
     def arg(self) -> str:
-        return f"{self.index},{self.count},{self.channel_fd},{self.peer_dir}"
+        return f"{self.index},{self.count},{self.channel_fd},{self.unix_fd},{self.peer_dir}"
 
     @classmethod
     def parse(cls, text: str) -> WorkerRole:
         try:
-            index, count, fd, directory = text.split(",", 3)
-            role = cls(int(index), int(count), int(fd), Path(directory))
+            index, count, fd, unix_fd, directory = text.split(",", 4)
+            role = cls(int(index), int(count), int(fd), Path(directory), int(unix_fd))
         except ValueError:
             raise ValueError(f"bad {WORKER_FLAG} value {text!r}") from None
         if not 0 <= role.index < role.count:
@@ -260,6 +264,7 @@ class _Supervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.ready: set[int] = set()
         self.reload_pending: set[int] = set()
+        self.unix: UnixListener | None = None
         self.stopping = asyncio.Event()
         self.peer_dir = Path()
         # One mock-auth key for every worker, restarted ones included, so all announce the
@@ -280,6 +285,16 @@ class _Supervisor:
             return 1
         if settings.listen_port == 0:
             self.argv += ["--listen", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        if settings.unix_socket_dir:
+            try:
+                self.unix = UnixListener(settings.unix_socket_dir, port, settings.unix_socket_mode)
+            except OSError as exc:
+                log.error(
+                    "cannot listen on %s: %s", socket_path(settings.unix_socket_dir, port), exc
+                )
+                for sock in reserved:
+                    sock.close()
+                return 1
         self.peer_dir = Path(tempfile.mkdtemp(prefix="pgproxy-"))  # mode 0700
         if self.config.source is not None:
             try:
@@ -289,6 +304,8 @@ class _Supervisor:
                 shutil.rmtree(self.peer_dir, ignore_errors=True)
                 for sock in reserved:
                     sock.close()
+                if self.unix is not None:
+                    self.unix.close()
                 return 2
             self.argv += ["--config", str(self._snapshot_path)]
         loop = asyncio.get_running_loop()
@@ -311,6 +328,8 @@ class _Supervisor:
         finally:
             for sock in reserved:
                 sock.close()
+            if self.unix is not None:
+                self.unix.close()
             shutil.rmtree(self.peer_dir, ignore_errors=True)
 
     def _signal_all(self, sig: int) -> None:
@@ -366,13 +385,13 @@ class _Supervisor:
         while not self.stopping.is_set():
             ours, theirs = socket.socketpair()
             ours.setblocking(False)
-            role = WorkerRole(index, self.count, theirs.fileno(), self.peer_dir)
+            unix_fd = self.unix.sock.fileno() if self.unix is not None else -1
+            role = WorkerRole(index, self.count, theirs.fileno(), self.peer_dir, unix_fd)
             cmd = [sys.executable, "-m", "pgproxy", *self.argv, WORKER_FLAG, role.arg()]
+            fds = (theirs.fileno(),) if unix_fd < 0 else (theirs.fileno(), unix_fd)
             started = time.monotonic()
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *cmd, pass_fds=(theirs.fileno(),), env=self.env
-                )
+                proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=fds, env=self.env)
             except OSError as exc:
                 log.error("cannot start worker %d: %s", index, exc)
                 status = "not started"

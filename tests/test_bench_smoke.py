@@ -69,9 +69,14 @@ def run_bench(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.timeout(150)
-def test_quick_fanout_over_raw_clients_in_two_processes_delivers_exactly_once() -> None:
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+def test_quick_fanout_over_raw_clients_in_two_processes_delivers_exactly_once(via: str) -> None:
     """``bench.fanout --procs 2 --client raw``: the path the 10,000-listener run takes."""
-    proc = run_bench("bench.fanout", "--quick", "--procs", "2", "--client", "raw")
+    proc = run_bench("bench.fanout", "--quick", "--procs", "2", "--client", "raw", "--via", via)
+    how = {"tcp": "over TCP loopback", "unix": "over the unix-domain socket"}[via]
+    assert f"NotificationResponse via pgproxy.protocol.messages), {how}," in proc.stdout, (
+        proc.stdout
+    )
     assert "pgproxy n=20: exactly-once and in-order: OK at every one of 20 listeners" in (
         proc.stdout
     ), proc.stdout

@@ -54,6 +54,30 @@ def test_cidr_match(address: str, allowed: bool) -> None:
             decide(rules, address=address)
 
 
+@pytest.mark.parametrize(
+    ("address", "tcp", "unix"),
+    [("all", True, True), ("local", False, True), (["local", "10.0.0.0/8"], True, True),
+     ("10.0.0.0/8", True, False)],
+)  # fmt: skip
+def test_local_names_the_unix_socket(address: Any, tcp: bool, unix: bool) -> None:
+    rules = [rule(address=address, method="md5")]
+
+    def admitted(**conn: Any) -> bool:
+        try:
+            return decide(rules, **conn) == "md5"
+        except Exception as exc:
+            assert getattr(exc, "sqlstate", None) == "28000"
+            return False
+
+    assert admitted(address="10.1.2.3") is tcp
+    assert admitted(address=None, local=True) is unix
+
+
+def test_a_refused_unix_client_is_named_local() -> None:
+    with pytest.raises(Exception, match=r'rule for host "\[local\]", user "alice"'):
+        decide([rule(address="10.0.0.0/8")], address=None, local=True)
+
+
 def test_database_user_and_tls_filters() -> None:
     rules = [rule(database=["app"], user=["alice"], tls=True, method="md5")]
     assert decide(rules, tls=True) == "md5"

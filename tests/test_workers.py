@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -431,6 +433,27 @@ def test_workers_exit_when_the_supervisor_dies(pg: PgCluster, tmp_path: Path) ->
 
 
 def _peer_dir(worker: int) -> str:
-    """The private directory a worker was given (``--worker INDEX,COUNT,FD,DIR``)."""
+    """The private directory a worker was given (``--worker INDEX,COUNT,FD,UNIXFD,DIR``)."""
     argv = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")
-    return argv[argv.index(b"--worker") + 1].decode().split(",", 3)[3]
+    return argv[argv.index(b"--worker") + 1].decode().split(",", 4)[4]
+
+
+def test_workers_share_one_unix_socket(pg: PgCluster, tmp_path: Path) -> None:
+    sock_dir = Path(tempfile.mkdtemp(prefix="pgx-"))  # short: a socket path fits 107 bytes
+    try:
+        with supervisor(tmp_path, pg, f'unix_socket_dir = "{sock_dir}"') as sup:
+            path = sock_dir / f".s.PGSQL.{sup.port}"
+            conninfo = f"host={sock_dir} port={sup.port} user=postgres dbname=postgres"
+            owners: set[int | None] = set()
+            for _ in range(200):  # the kernel hands each accept to one worker
+                with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+                    assert conn.execute("select 1").fetchone() == (1,)
+                    owners.add(vpid_owner(conn.info.backend_pid, WORKERS))
+                if len(owners) == WORKERS:
+                    break
+            assert owners == set(range(WORKERS))
+            sup.proc.terminate()
+            assert sup.proc.wait(timeout=15) == 0
+            assert not path.exists()  # the supervisor bound it, and removed it
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -9,7 +9,7 @@ matches none is refused (default deny), as Postgres does::
     [[hba]]
     database = ["app", "reports"]   # or "all"
     user = "all"                    # or a name, or a list of names
-    address = "10.0.0.0/8"          # CIDR, a list of them, or "all"
+    address = "10.0.0.0/8"          # CIDR, "local" (the unix socket), a list of them, or "all"
     method = "scram-sha-256"        # trust | md5 | scram-sha-256 | reject
     tls = true                      # optional: only TLS (true) / only plaintext (false) clients
 
@@ -32,6 +32,7 @@ PASSWORD_METHODS = ("md5", "scram-sha-256")
 NAME_MAX_BYTES = 63  # NAMEDATALEN - 1: Postgres cuts startup user and database names here
 _KEYS = ("database", "user", "address", "method", "tls")
 _ALL = "all"
+_LOCAL = "local"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -49,8 +50,11 @@ class HbaRule:
     networks: tuple[Network, ...] | None
     method: str
     tls: bool | None = None
+    local: bool = False  # "local" listed: matches unix-socket connections
 
-    def matches(self, database: str, user: str, address: str | None, tls: bool) -> bool:
+    def matches(
+        self, database: str, user: str, address: str | None, tls: bool, local: bool = False
+    ) -> bool:
         if self.databases is not None and database not in self.databases:
             return False
         if self.users is not None and user not in self.users:
@@ -59,6 +63,8 @@ class HbaRule:
             return False
         if self.networks is None:
             return True
+        if local:
+            return self.local
         ip = _ip(address)
         return ip is not None and any(
             ip.version == net.version and ip in net for net in self.networks
@@ -85,14 +91,18 @@ def decide(
     user: str,
     address: str | None,
     tls: bool,
+    local: bool = False,
 ) -> str:
-    """The authentication method for a connection, or a FATAL 28000 if it may not log in."""
+    """The authentication method for a connection, or a FATAL 28000 if it may not log in.
+
+    ``local``: the client came through the unix-domain socket (``address`` is then None)."""
     if not rules:
         return default_method
-    where = f'host "{address or "unknown"}", user "{user}", database "{database}"'
+    host = "[local]" if local else address or "unknown"
+    where = f'host "{host}", user "{user}", database "{database}"'
     encryption = "TLS encryption" if tls else "no encryption"
     for rule in rules:
-        if rule.matches(database, user, address, tls):
+        if rule.matches(database, user, address, tls, local):
             if rule.method == "reject":
                 raise fatal(
                     INVALID_AUTHORIZATION_SPECIFICATION,
@@ -150,12 +160,14 @@ def _parse_rule(entry: object, path: str) -> HbaRule:
     tls = table.get("tls")
     if tls is not None and not isinstance(tls, bool):
         raise HbaError(f"{path}.tls: must be true or false")
+    networks, local = _addresses(table["address"], f"{path}.address")
     return HbaRule(
         databases=_names(table["database"], f"{path}.database"),
         users=_names(table["user"], f"{path}.user"),
-        networks=_networks(table["address"], f"{path}.address"),
+        networks=networks,
         method=method,
         tls=tls,
+        local=local,
     )
 
 
@@ -180,16 +192,20 @@ def _names(value: object, path: str) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def _networks(value: object, path: str) -> tuple[Network, ...] | None:
+def _addresses(value: object, path: str) -> tuple[tuple[Network, ...] | None, bool]:
+    """(networks, whether "local" is listed); networks None = "all" (unix socket included)."""
     texts = _strings(value, path)
     if _ALL in texts:
         if len(texts) > 1:
             raise HbaError(f'{path}: "all" cannot be combined with addresses')
-        return None
+        return None, True
+    local = _LOCAL in texts
     nets = []
     for text in texts:
+        if text == _LOCAL:
+            continue
         try:
             nets.append(ipaddress.ip_network(text, strict=True))
         except ValueError as exc:
             raise HbaError(f"{path}: {text!r} is not a CIDR address ({exc})") from None
-    return tuple(nets)
+    return tuple(nets), local
