@@ -38,10 +38,11 @@ from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError, fatal
 from pgproxy.protocol.framing import (
-    FRONTEND_LIMITS,
-    LENGTH_AT,
+    FRONTEND_LIMIT_OF,
     check_frontend_header,
+    length_at,
     read_length,
+    type_table,
 )
 from pgproxy.wire import WireProtocol, log
 
@@ -53,8 +54,8 @@ _INBUF_PAUSE: Final = 256 * 1024  # stop reading a client that sends this much w
 _UTF8_NAMES: Final = frozenset(("UTF8", "UTF-8", "UNICODE"))
 # Messages the proxy needs whole in transaction mode: their text decides what happens
 # (LISTEN, dirty servers) or their statement names are rewritten (prepared.py).
-_NEED_WHOLE: Final = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
-_SESSION_NEED_WHOLE: frozenset[int] = frozenset()  # session mode inspects nothing
+_NEED_WHOLE: Final = type_table((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
+_SESSION_NEED_WHOLE: Final = type_table(())  # session mode inspects nothing
 # A Query larger than this is streamed uninspected (never a LISTEN fast path; its server is
 # cleaned as if it had LISTENed), so no client makes the proxy buffer much before a server is
 # even in sight.
@@ -553,7 +554,7 @@ class ClientSession(WireProtocol, ServerLink):
         if (
             n >= 5
             and data[0] == m.QUERY
-            and n == 1 + LENGTH_AT(data, 1)[0]
+            and n == 1 + length_at(data, 1)[0]
             and n <= _WHOLE_QUERY_LIMIT
             and not self._passthrough
             and not self._drop
@@ -594,11 +595,11 @@ class ClientSession(WireProtocol, ServerLink):
                     n = pos
                     break
                 type_ = data[pos]
-                length = LENGTH_AT(data, pos + 1)[0]
+                length = length_at(data, pos + 1)[0]
                 body: bytes | None = None
                 matters, matters_first = matters_first, None  # might_matter(body), once known
-                limit = FRONTEND_LIMITS.get(type_)
-                if limit is None or length < 4 or length > limit:
+                limit = FRONTEND_LIMIT_OF[type_]
+                if not limit or length < 4 or length > limit:
                     try:
                         check_frontend_header(type_, length)
                     except m.ProtocolError as exc:
@@ -665,7 +666,7 @@ class ClientSession(WireProtocol, ServerLink):
                     run_start = pos
                     pooled = server.pool.mode == "transaction"
                     need_whole = _NEED_WHOLE if pooled else _SESSION_NEED_WHOLE
-                if type_ in need_whole or (type_ == m.EXECUTE and self._sub_portals):
+                if need_whole[type_] or (type_ == m.EXECUTE and self._sub_portals):
                     if end > n:
                         self._forward(server, data, run_start, pos)
                         self._stash(data, pos, end - pos)

@@ -28,9 +28,10 @@ from collections import deque
 from typing import Final
 
 from pgproxy.protocol import messages as m
+from pgproxy.protocol.framing import type_table
 
-_RFQ_PRODUCERS: Final = frozenset((m.QUERY, m.SYNC, m.FUNCTION_CALL))
-_EXTENDED: Final = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
+_RFQ_PRODUCERS: Final = type_table((m.QUERY, m.SYNC, m.FUNCTION_CALL))
+_EXTENDED: Final = type_table((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
 
 
 class FlowError(Exception):
@@ -69,13 +70,13 @@ class ServerFlow:
             if type_ == m.COPY_DONE or type_ == m.COPY_FAIL:
                 self.copy_in = False
             return  # the server ignores Sync/Flush during COPY; CopyData needs no bookkeeping
-        if type_ in _RFQ_PRODUCERS:
+        if _RFQ_PRODUCERS[type_]:
             if type_ != m.SYNC:
                 self.last_statement = self.sent
             self.pending.append(type_)
             self.sent += 1
             self.unsynced = False
-        elif type_ in _EXTENDED:
+        elif _EXTENDED[type_]:
             if type_ == m.EXECUTE:
                 self.last_statement = self.sent
             self.unsynced = True
@@ -139,8 +140,10 @@ class ServerFlow:
 
     def reset(self) -> None:
         self.sent = self.done = 0
-        self.pending.clear()
-        self.ended_ahead.clear()
+        if self.pending:  # usually empty: a truth test is cheaper than a method call
+            self.pending.clear()
+        if self.ended_ahead:
+            self.ended_ahead.clear()
         self.last_statement = 0
         self.unsynced = False
         self.copy_in = False
