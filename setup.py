@@ -26,6 +26,7 @@ COMPILED = [
     "pgproxy/protocol/messages.py",
     "pgproxy/prepared.py",
     "pgproxy/precheck.py",
+    "pgproxy/pubsub/listener.py",  # fan-out: one call per listening client per notification
     # Not hot, but its _Lookup implements ServerLink, a trait once compiled, and interpreted
     # classes cannot inherit from compiled traits.
     "pgproxy/auth/query.py",

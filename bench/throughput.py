@@ -366,8 +366,11 @@ def report(
     ours = [t for t in args.targets if t.startswith("pgproxy")]
     lines += [
         "",
-        f"Added latency per round trip at {fewest} client(s) "
-        "(median transaction latency minus direct's, divided by round trips per transaction):",
+        f"Added latency per round trip at {fewest} client(s): in each round, a target's median "
+        "transaction latency minus direct's in the same round, divided by round trips per "
+        "transaction; the median of that over rounds (pairing within a round cancels the "
+        "machine's drift between rounds). Ratio = that median / PgBouncer's; in brackets the "
+        "range of the per-round ratios.",
         "",
         "| mode | protocol | pgbouncer +us | "
         + " | ".join(f"{t} +us | {t} / pgbouncer" for t in ours)
@@ -375,16 +378,37 @@ def report(
         "|---|---|---:|" + "---:|---:|" * len(ours),
     ]
     for case in (c for c in cases if c[2] == fewest):
-        added = {
-            t: (med(case, t, "p50") - med(case, "direct", "p50")) * 1000 / ROUND_TRIPS[case[0]]
-            for t in ("pgbouncer", *ours)
-        }
-        cells = [f"{case[0]} | {case[1]} | {added['pgbouncer']:.1f}"]
+        added = {t: added_per_round(results, case, t) for t in ("pgbouncer", *ours)}
+        base = added["pgbouncer"]
+        base_med = _median_of_valid(base)
+        cells = [f"{case[0]} | {case[1]} | {base_med:.1f}"]
         for t in ours:
-            ratio = added[t] / added["pgbouncer"] if added["pgbouncer"] > 0 else math.nan
-            cells.append(f"{added[t]:.1f} | {ratio:.2f}")
+            mine = _median_of_valid(added[t])
+            ratio = mine / base_med if base_med > 0 else math.nan
+            per_round = [a / b for a, b in zip(added[t], base, strict=True) if b > 0]
+            span = f" ({min(per_round):.2f}-{max(per_round):.2f})" if per_round else ""
+            cells.append(f"{mine:.1f} | {ratio:.2f}{span}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _median_of_valid(values: list[float]) -> float:
+    valid = [v for v in values if not math.isnan(v)]
+    return statistics.median(valid) if valid else math.nan
+
+
+def added_per_round(
+    results: dict[tuple[Case, str], list[Sample]], case: Case, target: str
+) -> list[float]:
+    """Per round: ``target``'s median latency minus direct's, in us per round trip (NaN where
+    either failed). Rounds are the samples' positions: every target runs once per round."""
+    out = []
+    for mine, direct in zip(results[case, target], results[case, "direct"], strict=True):
+        if mine.error or direct.error:
+            out.append(math.nan)
+        else:
+            out.append((mine.p50 - direct.p50) * 1000 / ROUND_TRIPS[case[0]])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,7 +90,6 @@ class ClientSession(WireProtocol, ServerLink):
         "_need",
         "_notify_queue",
         "_notify_queued",
-        "_outbox",
         "_param_fixes",
         "_param_state",
         "_passthrough",
@@ -176,7 +175,6 @@ class ClientSession(WireProtocol, ServerLink):
         self._listener: Listener | None = None
         self._notify_queue: list[bytes] = []  # held back until the client is between transactions
         self._notify_queued = 0
-        self._outbox: list[bytes] = []  # for an idle client, written at the end of the read
         self._doomed: PgError | None = None  # to be disconnected at its next ReadyForQuery I
         # LISTEN slow path: effects forwarded to a pooled server, applied when their
         # transaction commits, dropped if it rolls back; their channels are held meanwhile.
@@ -1383,39 +1381,28 @@ class ClientSession(WireProtocol, ServerLink):
         self._sub_held.clear()
         self._sub_pending.clear()
 
-    def deliver(self, message: bytes) -> bool:
-        """A notification for this client: now if it is between transactions, else later.
-
-        "Now" means into the outbox, which the listener flushes once per upstream read;
-        returns True when it went there.
-        """
+    def notify(self, data: bytes) -> None:
+        """Notifications for this client (whole NotificationResponses, in order): written now
+        if it is between transactions, else held until its transaction ends."""
         if self.closed or self._doomed is not None:
-            return False
+            return
         if self._logged_in and self.server is None and not self._waiting and not self._skipping:
-            self._outbox.append(message)  # the buffer limit is checked once, at the flush
-            return True
-        self._notify_queue.append(message)
-        self._notify_queued += len(message)
-        if self._notify_queued > self.proxy.config.proxy.notify_pending_limit:
-            log.warning("%r: too many notifications held during a transaction", self)
-            self._notify_queue.clear()
-            self.fail(_overflow("it stayed inside a transaction while they piled up"))
-        return False
-
-    def flush_notifications(self) -> None:
-        outbox = self._outbox
-        if outbox:
-            data = b"".join(outbox) if len(outbox) > 1 else outbox[0]
-            outbox.clear()
-            if self.closed:
-                return
-            limit = self.proxy.config.proxy.notify_buffer_size
-            if self.transport.get_write_buffer_size() + len(data) > limit:
+            # Only a client whose earlier output is still queued can be a slow reader (and
+            # only then is the setting looked up: this runs per client per notification).
+            queued = self.transport.get_write_buffer_size()
+            if queued and queued + len(data) > self.proxy.config.proxy.notify_buffer_size:
                 log.warning("%r: not reading notifications; disconnecting", self)
                 self.write(m.error_response(_overflow("it is not reading them").fields()))
                 self.reset()  # its buffer will never drain: do not wait for it
                 return
             self.write(data)
+            return
+        self._notify_queue.append(data)
+        self._notify_queued += len(data)
+        if self._notify_queued > self.proxy.config.proxy.notify_pending_limit:
+            log.warning("%r: too many notifications held during a transaction", self)
+            self._notify_queue.clear()
+            self.fail(_overflow("it stayed inside a transaction while they piled up"))
 
     def listener_lost(self, error: PgError) -> None:
         """The listener connection died: notifications may have been lost in the gap."""

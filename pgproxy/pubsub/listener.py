@@ -10,7 +10,10 @@ Theory of operation (DESIGN.md, "LISTEN / UNLISTEN / NOTIFY in transaction mode"
   ``LISTEN`` has completed upstream, and only then does the client join the channel's members.
   A NOTIFY committed after the client saw ``CommandComplete LISTEN`` therefore reaches it.
 * Fan-out builds the NotificationResponse once and hands the same bytes to every member; each
-  member decides whether to write now or hold it until its transaction ends.
+  member decides whether to write now or hold it until its transaction ends. Notifications are
+  handed out at the end of each upstream read, all of a member's in one piece (one write):
+  when they are all for one channel (the usual case, a single one included) every member gets
+  the same bytes, without per-member collecting.
 * The listener never stops reading. If its connection dies, subscribers are told (the policy of
   what to do is theirs) and the listener reconnects with backoff and re-LISTENs every channel
   that still has members.
@@ -42,11 +45,9 @@ _USER_TIMEOUT_MS = 60_000
 
 
 class Subscriber(Protocol):
-    def deliver(self, message: bytes) -> bool:
-        """Take a notification; True if it waits in the outbox for ``flush_notifications``."""
+    def notify(self, data: bytes) -> None:
+        """Take notifications (whole NotificationResponses, in order)."""
         ...
-
-    def flush_notifications(self) -> None: ...
 
     def listener_lost(self, error: PgError) -> None: ...
 
@@ -78,9 +79,9 @@ class Listener:
         self.notifications = 0  # received from upstream (for the admin view and tests)
         # Real backend PID -> virtual PID, only while that backend's client runs a fence.
         self._pid_map: dict[int, int] = {}
-        # Clients with notifications collected during the current upstream read: each gets
-        # one write per read, not one per notification (a syscall each).
-        self._to_flush: set[Subscriber] = set()
+        # (channel, NotificationResponse) received during the current upstream read, handed
+        # out at its end: one write per member per read, not one per notification.
+        self._batch: list[tuple[_Channel, bytes]] = []
 
     def __repr__(self) -> str:
         return f"<listener {self.pool.name} channels={len(self.channels)}>"
@@ -291,20 +292,29 @@ class Listener:
         virtual_pid = self._pid_map.get(notification.pid)
         if virtual_pid is not None:
             body = virtual_pid.to_bytes(4, "big") + body[4:]
-        message = m.message(m.NOTIFICATION_RESPONSE, body)
-        to_flush = self._to_flush
-        for client in list(channel.members):
-            if client.deliver(message):
-                to_flush.add(client)
+        self._batch.append((channel, m.message(m.NOTIFICATION_RESPONSE, body)))
 
     def _flush(self) -> None:
-        """End of an upstream read: write out what each client collected."""
-        if self._to_flush:
-            clients, self._to_flush = self._to_flush, set()
-            for client in clients:
-                client.flush_notifications()
+        """End of an upstream read: hand every member what it gets from this read."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        first = batch[0][0]
+        if all(channel is first for channel, _ in batch):
+            data = batch[0][1] if len(batch) == 1 else b"".join(message for _, message in batch)
+            for client in list(first.members):
+                client.notify(data)
+            return
+        collected: dict[Subscriber, list[bytes]] = {}
+        for channel, message in batch:
+            for client in channel.members:
+                collected.setdefault(client, []).append(message)
+        for client, messages in collected.items():
+            client.notify(b"".join(messages))
 
     def _on_lost(self, error: PgError) -> None:
+        self._flush()  # whole notifications read before the loss still go out, first
         self.conn = None
         if self.closing:
             return
