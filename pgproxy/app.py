@@ -190,10 +190,13 @@ class Proxy:
 
     async def _send_cancel(self, pool: Pool, pid: int, secret: bytes, server: Any) -> None:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(pool.database.host, pool.database.port),
-                pool.settings.connect_timeout or None,
+            host, port = pool.database.host, pool.database.port
+            opening = (
+                asyncio.open_unix_connection(socket_path(host, port))
+                if host.startswith("/")  # a socket directory, as in libpq
+                else asyncio.open_connection(host, port)
             )
+            reader, writer = await asyncio.wait_for(opening, pool.settings.connect_timeout or None)
             writer.write(m.cancel_request(pid, secret))
             await writer.drain()
             await asyncio.wait_for(reader.read(), 10)  # the server closes when done

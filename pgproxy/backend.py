@@ -39,6 +39,7 @@ from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.protocol.flow import FlowError, ServerFlow
 from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT, length_at, type_table
+from pgproxy.unixsocket import socket_path
 from pgproxy.wire import WireProtocol, log
 
 if TYPE_CHECKING:
@@ -226,17 +227,25 @@ class ServerConnection(WireProtocol):
         password: UpstreamSecret | None,
         tls: UpstreamTls | None = None,
     ) -> ServerConnection:
-        """Connect and authenticate; raises PgError (with the server's SQLSTATE when it said no)."""
+        """Connect and authenticate; raises PgError (with the server's SQLSTATE when it said no).
+
+        A ``host`` starting with ``/`` is a unix socket directory, as in libpq, and as libpq
+        does there, no TLS is tried on it (the bytes never leave the host)."""
         loop = asyncio.get_running_loop()
+        local = host.startswith("/")
         try:
-            _, conn = await loop.create_connection(lambda: cls(pool), host, port)
+            if local:
+                path = socket_path(host, port)
+                _, conn = await loop.create_unix_connection(lambda: cls(pool), path)
+            else:
+                _, conn = await loop.create_connection(lambda: cls(pool), host, port)
         except OSError as exc:
             raise PgError(
                 errors.CONNECTION_FAILURE,
                 f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
             ) from exc
         try:
-            if tls is not None:
+            if tls is not None and not local:
                 await conn._negotiate_tls(tls, host)
             await conn._handshake(params, password)
         except BaseException:

@@ -165,9 +165,13 @@ class DatabaseConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "url_params", MappingProxyType(dict(self.url_params)))
         if not self.url:
-            host = f"[{self.host}]" if ":" in self.host else self.host
             path = "/" + quote(self.dbname, safe="") if self.dbname else ""
-            object.__setattr__(self, "url", f"postgresql://{host}:{self.port}{path}")
+            if self.host.startswith("/"):  # a unix socket directory, as libpq writes it
+                url = f"postgresql://{quote(self.host, safe='')}:{self.port}{path}"
+            else:
+                host = f"[{self.host}]" if ":" in self.host else self.host
+                url = f"postgresql://{host}:{self.port}{path}"
+            object.__setattr__(self, "url", url)
 
     def __repr__(self) -> str:
         return _masked_repr(self)
@@ -413,6 +417,9 @@ def _parse_url(url: str, path: str) -> _ParsedUrl:
     except ValueError:
         raise ConfigError(f"{path}: URL has an invalid port") from None
     host = parts.hostname or None
+    hostport = parts.netloc.rpartition("@")[2]
+    if hostport[:3].lower() == "%2f":  # libpq's percent-encoded socket directory
+        host = unquote(hostport.partition(":")[0])
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     dbname = unquote(parts.path[1:]) if parts.path not in ("", "/") else None
@@ -447,8 +454,10 @@ def _parse_url(url: str, path: str) -> _ParsedUrl:
         raise ConfigError(f"{path}: URL port must be between 1 and 65535 (got {port})")
     if host is not None and "," in host:
         raise ConfigError(f"{path}: multiple hosts in one URL are not supported")
-    if host is not None and ("%" in host or host.startswith("/")):
-        raise ConfigError(f"{path}: unix-domain socket hosts are not supported")
+    if host is not None and "%" in host:
+        raise ConfigError(f"{path}: URL host must not contain '%' (IPv6 zones are not supported)")
+    if host is not None and host.startswith("/") and "\0" in host:
+        raise ConfigError(f"{path}: URL socket directory must not contain NUL")
 
     netloc = parts.netloc
     userinfo, at, hostport = netloc.rpartition("@")

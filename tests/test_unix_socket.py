@@ -8,6 +8,8 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import trustme
 
 from pgproxy.config import ConfigError, parse_config
 from pgproxy.protocol import messages as m
+from pgproxy.testing.cluster import PgCluster
 from pgproxy.unixsocket import UnixListener, socket_path
 from tests.conftest import MakeProxy, build_config
 from tests.support.proxy_runner import ProxyThread
@@ -231,3 +234,64 @@ def test_a_reload_that_moves_the_socket_says_it_needs_a_restart(
     # Still served where it was bound.
     with psycopg.connect(_conninfo(proxy, sock_dir)) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+def _via_socket(pg: PgCluster) -> str:
+    return f"postgresql:///postgres?host={pg.socket_dir}&port={pg.port}"
+
+
+def test_the_upstream_can_be_a_unix_socket_directory(make_proxy: MakeProxy, pg: PgCluster) -> None:
+    # server_tls_mode "require" holds there as in libpq: no TLS is tried on a unix socket.
+    proxy = make_proxy(
+        proxy={"server_tls_mode": "require"}, databases={"*": {"url": _via_socket(pg)}}
+    )
+    with (
+        psycopg.connect(proxy.dsn(), autocommit=True) as conn,
+        psycopg.connect(proxy.dsn(), autocommit=True) as publisher,
+    ):
+        # client_addr is NULL for a backend whose client came through the unix socket.
+        row = conn.execute(
+            "select client_addr is null, ssl from pg_stat_activity a"
+            " join pg_stat_ssl s using (pid) where pid = pg_backend_pid()"
+        ).fetchone()
+        assert row == (True, False)
+        conn.execute("listen up_unix")  # the listener connection goes the same way
+        publisher.execute("notify up_unix, 'ok'")
+        note = next(conn.notifies(timeout=10))
+        assert (note.channel, note.payload) == ("up_unix", "ok")
+
+
+def test_a_cancel_reaches_a_unix_socket_upstream(make_proxy: MakeProxy, pg: PgCluster) -> None:
+    proxy = make_proxy(databases={"*": {"url": _via_socket(pg)}})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+
+        def cancel_soon() -> None:
+            deadline = time.monotonic() + 10
+            with psycopg.connect(pg.dsn(), autocommit=True) as watcher:
+                while not watcher.execute(
+                    "select 1 from pg_stat_activity where query like 'select pg_sleep(30)%'"
+                ).fetchone():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)  # polling Postgres' view: there is no event to wait on
+            conn.cancel_safe()
+
+        thread = threading.Thread(target=cancel_soon)
+        thread.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(30)")
+        thread.join()
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("postgresql:///app?host=/run/postgresql", "/run/postgresql", 5432),
+        ("postgresql://%2Frun%2FPostgres:5433/app", "/run/Postgres", 5433),  # case kept
+    ],
+)
+def test_socket_directory_urls_parse_as_libpq_reads_them(url: str, host: str, port: int) -> None:
+    config = parse_config({"databases": {"app": {"url": url}}})
+    assert (config.databases["app"].host, config.databases["app"].port) == (host, port)
