@@ -14,6 +14,7 @@ import secrets
 import signal
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -86,9 +87,20 @@ class Proxy:
                     settings.unix_socket_dir, self.port, settings.unix_socket_mode
                 )
                 sock = self._unix.sock
-            self._unix_server = await loop.create_unix_server(
-                lambda: ClientSession(self), sock=sock, backlog=4096
-            )
+
+            def local_client() -> ClientSession:
+                return ClientSession(self, local=True)
+
+            # From 3.13 the loop would unlink the file at close, also a worker's inherited one
+            # that its siblings still serve: UnixListener (or the supervisor) owns the file.
+            if sys.version_info >= (3, 13):
+                self._unix_server = await loop.create_unix_server(
+                    local_client, sock=sock, backlog=4096, cleanup_socket=False
+                )
+            else:
+                self._unix_server = await loop.create_unix_server(
+                    local_client, sock=sock, backlog=4096
+                )
             log.info("pgproxy listening on %s", socket_path(settings.unix_socket_dir, self.port))
         self._janitor = loop.create_task(self._janitor_loop())
         log.info("pgproxy listening on %s:%d (%s mode, %s)", settings.listen_host, self.port,

@@ -127,7 +127,7 @@ class ClientSession(WireProtocol, ServerLink):
         "vpid",
     )
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, local: bool = False) -> None:
         super().__init__()
         self.proxy = proxy
         self.server: ServerConnection | None = None
@@ -137,7 +137,7 @@ class ClientSession(WireProtocol, ServerLink):
         self.vpid = 0
         self.secret = b""
         self.peer = ""
-        self.local = False  # came through the unix-domain socket
+        self.local = local  # came through the unix-domain socket (told by its listener)
         self.connected_at = time.monotonic()
         self.reported: dict[str, str] = {}  # settable reported parameters, as the client saw them
         # Unreported GUCs (name -> the SET statement giving the client's value), and the ones
@@ -201,10 +201,13 @@ class ClientSession(WireProtocol, ServerLink):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # Not inferred from the peer name: a TCP client reset early has none (fail closed:
+        # no address, so it matches only rules for "all").
         peer = transport.get_extra_info("peername")
-        # A TCP peer is (host, port); a unix-socket peer is a path, usually "" (unbound).
-        self.local = not isinstance(peer, tuple)
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "[local]"
+        if self.local:
+            self.peer = "[local]"
+        else:
+            self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "[unknown]"
         self.proxy.client_opened(self)
         self._task = asyncio.get_running_loop().create_task(self._login())
 

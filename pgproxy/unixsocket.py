@@ -4,17 +4,21 @@ Clients on the same host reach pgproxy with ``host=/that/dir`` (libpq reads a ho
 with ``/`` as a socket directory). A unix socket costs the kernel a fraction of a loopback TCP
 connection per send, which is what bounds fan-out to thousands of listeners (bench/RESULTS.md).
 
-Binding is careful about the file that may already be there: a socket nobody answers on is the
-leftover of a process that died, and is replaced; a socket something answers on is another
-server's, and is left alone (``EADDRINUSE``) rather than stolen, which asyncio's own
-``create_unix_server`` would do; anything that is not a socket is never removed. At exit the
-file is removed only if it is still the one this process bound.
+Binding is careful about the file that may already be there. The process first takes an
+exclusive ``flock`` on ``<socket>.lock`` (kept, never removed, as the lock must outlive any one
+holder), so two pgproxies never race between probing and binding. Then a socket file nobody
+answers on is the leftover of a process that died, and is replaced; one that something answers
+on (or that does not answer within a second: a wedged server) is another server's and is left
+alone (``EADDRINUSE``) rather than stolen, as asyncio's own ``create_unix_server`` would; a
+file that is not a socket is never removed. At exit the file is removed while still listening,
+and only if it is still the one this process bound.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -24,6 +28,7 @@ __all__ = ["UnixListener", "socket_path"]
 _BACKLOG = 4096
 # sun_path holds 108 bytes with its terminating NUL on Linux.
 _PATH_MAX = 107
+_PROBE_TIMEOUT = 1.0
 
 
 def socket_path(directory: str, port: int) -> str:
@@ -31,29 +36,50 @@ def socket_path(directory: str, port: int) -> str:
 
 
 class UnixListener:
-    """A bound, listening unix socket and the file it owns."""
+    """A bound, listening unix socket, the file it owns, and the lock that guards the name."""
 
     def __init__(self, directory: str, port: int, mode: int) -> None:
         self.path = socket_path(directory, port)
         if len(os.fsencode(self.path)) > _PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, f"unix socket path is too long: {self.path}")
-        _clear_stale(self.path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._lock = _lock(self.path + ".lock")
         try:
-            self.sock.bind(self.path)
-            os.chmod(self.path, mode)
-            self.sock.listen(_BACKLOG)
-            self._inode = os.stat(self.path).st_ino
+            _clear_stale(self.path)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.bind(self.path)
+                os.chmod(self.path, mode)  # nobody can connect before listen()
+                self.sock.listen(_BACKLOG)
+                st = os.stat(self.path)
+                self._identity = (st.st_dev, st.st_ino)
+            except BaseException:
+                self.sock.close()
+                raise
         except BaseException:
-            self.sock.close()
+            os.close(self._lock)
             raise
 
     def close(self) -> None:
-        """Close the socket and remove its file, unless someone has replaced it meanwhile."""
-        self.sock.close()
+        """Remove the file (unless someone replaced it), then close the socket and the lock."""
         with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self._inode:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
                 os.unlink(self.path)
+        self.sock.close()
+        os.close(self._lock)
+
+
+def _lock(path: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(errno.EADDRINUSE, f"another pgproxy holds {path}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _clear_stale(path: str) -> None:
@@ -64,11 +90,14 @@ def _clear_stale(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_PROBE_TIMEOUT)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)  # nobody listens: a dead process' leftover
         return
+    except (TimeoutError, BlockingIOError):
+        pass  # a listener whose backlog is full: alive, if wedged
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")

@@ -318,6 +318,11 @@ class _Supervisor:
             keepers = [loop.create_task(self._keep(i)) for i in range(self.count)]
             await self.stopping.wait()
             log.info("shutting down %d workers", self.count)
+            if self.unix is not None:
+                # New unix clients are refused now (no file), not queued in a backlog that no
+                # worker accepts from any more; workers finish with the ones they have.
+                self.unix.close()
+                self.unix = None
             self._signal_all(signal.SIGTERM)
             _, late = await asyncio.wait(keepers, timeout=_STOP_TIMEOUT)
             if late:

@@ -98,12 +98,44 @@ def test_a_dead_servers_socket_is_replaced_a_live_one_is_not(sock_dir: Path) -> 
     dead.close()
     live = UnixListener(str(sock_dir), 5999, 0o777)
     try:
-        with pytest.raises(OSError, match="another server is listening"):
+        with pytest.raises(OSError, match=r"another pgproxy holds .*/\.s\.PGSQL\.5999\.lock"):
             UnixListener(str(sock_dir), 5999, 0o777)
         assert os.path.exists(path)  # not stolen
     finally:
         live.close()
     assert not os.path.exists(path)
+
+
+def test_another_servers_socket_is_left_alone(sock_dir: Path) -> None:
+    path = socket_path(str(sock_dir), 5999)
+    with socket.socket(socket.AF_UNIX) as other:  # e.g. Postgres or PgBouncer, no lock
+        other.bind(path)
+        other.listen(1)
+        with pytest.raises(OSError, match="another server is listening"):
+            UnixListener(str(sock_dir), 5999, 0o777)
+        assert os.path.exists(path)
+
+
+def test_a_wedged_server_with_a_full_backlog_is_not_waited_for(sock_dir: Path) -> None:
+    path = socket_path(str(sock_dir), 5999)
+    with socket.socket(socket.AF_UNIX) as wedged:
+        wedged.bind(path)
+        wedged.listen(0)  # never accepts: its backlog fills up
+        queued = []
+        try:
+            while True:  # until a connect would block
+                client = socket.socket(socket.AF_UNIX)
+                client.setblocking(False)
+                queued.append(client)
+                client.connect(path)
+        except BlockingIOError:
+            pass
+        try:
+            with pytest.raises(OSError, match="another server is listening"):
+                UnixListener(str(sock_dir), 5999, 0o777)
+        finally:
+            for client in queued:
+                client.close()
 
 
 def test_a_file_that_is_not_a_socket_is_never_removed(sock_dir: Path) -> None:
@@ -117,12 +149,42 @@ def test_a_file_that_is_not_a_socket_is_never_removed(sock_dir: Path) -> None:
 def test_a_replaced_socket_file_is_left_to_its_new_owner(sock_dir: Path) -> None:
     first = UnixListener(str(sock_dir), 5999, 0o777)
     os.unlink(first.path)  # e.g. an operator cleaned up, and another server took the name
-    second = UnixListener(str(sock_dir), 5999, 0o777)
-    try:
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(first.path)
         first.close()
-        assert os.path.exists(second.path)
-    finally:
-        second.close()
+        assert os.path.exists(first.path)
+
+
+def test_a_tcp_client_without_a_peer_name_is_not_taken_for_a_local_one(
+    make_proxy: MakeProxy, sock_dir: Path
+) -> None:
+    # A TCP client that resets before the proxy sees it has no peer name; whether a client
+    # came through the unix socket is told by the listener, never guessed from that.
+    proxy = _unix_proxy(make_proxy, sock_dir)
+
+    class NoPeer:
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        abort = close
+
+    def check(p: Any) -> tuple[bool, str]:
+        from pgproxy.frontend import ClientSession
+
+        client = ClientSession(p)
+        client.connection_made(NoPeer())  # type: ignore[arg-type]
+        try:
+            return client.local, client.peer
+        finally:
+            client.connection_lost(None)
+
+    assert proxy.call(check) == (False, "[unknown]")
 
 
 def test_a_path_longer_than_a_socket_address_is_refused(tmp_path: Path) -> None:
