@@ -31,7 +31,7 @@ from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.pubsub.listener import Listener
-from pgproxy.unixsocket import UnixListener, socket_path
+from pgproxy.unixsocket import UnixListener, socket_path, upstream_socket
 from pgproxy.wire import log
 from pgproxy.workers import CancelPeers, WorkerRole, serve_supervisor
 
@@ -203,10 +203,11 @@ class Proxy:
     async def _send_cancel(self, pool: Pool, pid: int, secret: bytes, server: Any) -> None:
         try:
             host, port = pool.database.host, pool.database.port
+            path = upstream_socket(host, port)
             opening = (
-                asyncio.open_unix_connection(socket_path(host, port))
-                if host.startswith("/")  # a socket directory, as in libpq
-                else asyncio.open_connection(host, port)
+                asyncio.open_connection(host, port)
+                if path is None
+                else asyncio.open_unix_connection(path)
             )
             reader, writer = await asyncio.wait_for(opening, pool.settings.connect_timeout or None)
             writer.write(m.cancel_request(pid, secret))

@@ -39,7 +39,7 @@ from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.protocol.flow import FlowError, ServerFlow
 from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT, length_at, type_table
-from pgproxy.unixsocket import socket_path
+from pgproxy.unixsocket import upstream_socket
 from pgproxy.wire import WireProtocol, log
 
 if TYPE_CHECKING:
@@ -232,10 +232,9 @@ class ServerConnection(WireProtocol):
         A ``host`` starting with ``/`` is a unix socket directory, as in libpq, and as libpq
         does there, no TLS is tried on it (the bytes never leave the host)."""
         loop = asyncio.get_running_loop()
-        local = host.startswith("/")
+        path = upstream_socket(host, port)
         try:
-            if local:
-                path = socket_path(host, port)
+            if path is not None:
                 _, conn = await loop.create_unix_connection(lambda: cls(pool), path)
             else:
                 _, conn = await loop.create_connection(lambda: cls(pool), host, port)
@@ -245,7 +244,7 @@ class ServerConnection(WireProtocol):
                 f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
             ) from exc
         try:
-            if tls is not None and not local:
+            if tls is not None and path is None:
                 await conn._negotiate_tls(tls, host)
             await conn._handshake(params, password)
         except BaseException:

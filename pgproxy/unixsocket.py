@@ -23,7 +23,7 @@ import os
 import socket
 import stat
 
-__all__ = ["UnixListener", "socket_path"]
+__all__ = ["UnixListener", "socket_path", "upstream_socket"]
 
 _BACKLOG = 4096
 # sun_path holds 108 bytes with its terminating NUL on Linux.
@@ -33,6 +33,12 @@ _PROBE_TIMEOUT = 1.0
 
 def socket_path(directory: str, port: int) -> str:
     return os.path.join(directory, f".s.PGSQL.{port}")
+
+
+def upstream_socket(host: str, port: int) -> str | None:
+    """The socket to reach an upstream ``host`` through, if it is a socket directory (a host
+    starting with ``/``, as in libpq); None for a network host."""
+    return socket_path(host, port) if host.startswith("/") else None
 
 
 class UnixListener:
