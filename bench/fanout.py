@@ -61,14 +61,17 @@ CLIENTS = {
     "psycopg": "psycopg AsyncConnection, autocommit",
     "raw": "raw asyncio socket (startup, Query and NotificationResponse via "
     "pgproxy.protocol.messages)",
+    "c": "a C epoll loop (bench/fanout_receiver.c: startup, Query, NotificationResponse; "
+    "one read() per ready socket)",
 }
+RECEIVER_SOURCE = Path(__file__).resolve().parent / "fanout_receiver.c"
 VIA = {"tcp": "over TCP loopback", "unix": "over the unix-domain socket"}
 EXACTLY_ONCE_OK = "exactly-once and in-order: OK"
 CAVEAT = (
-    "Caveat: the receiving clients are Python ({client}, {procs} asyncio/uvloop process(es)) and "
-    "share the machine's {cores} core(s) with pgproxy and PostgreSQL; every latency and rate below "
-    "includes the receivers' own CPU time and scheduling delays, so it is an upper bound for "
-    "pgproxy's fan-out cost, not a measure of it alone."
+    "Caveat: the receiving clients ({client}, {procs} process(es)) share the machine's {cores} "
+    "core(s) with pgproxy and PostgreSQL; every latency and rate below includes the receivers' "
+    "own CPU time and scheduling delays, so it is an upper bound for pgproxy's fan-out cost, not "
+    "a measure of it alone."
 )
 
 
@@ -99,10 +102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--client",
-        choices=("psycopg", "raw"),
+        choices=tuple(CLIENTS),
         default="psycopg",
-        help="listening clients: psycopg AsyncConnections, or raw sockets parsing "
-        "NotificationResponse with pgproxy.protocol.messages (cheaper per delivery)",
+        help="listening clients: psycopg AsyncConnections, raw asyncio sockets parsing "
+        "NotificationResponse with pgproxy.protocol.messages (cheaper per delivery), or c: "
+        "bench/fanout_receiver.c built with the system C compiler (cheapest: the receivers "
+        "take least of the machine from pgproxy)",
     )
     p.add_argument(
         "--via",
@@ -132,6 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--receive", metavar="DSN", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.receiver_binary = None  # --client c: built by main()
     if args.quick:
         args.listeners, args.notifications, args.direct = [20], 20, 0
     if args.direct + 10 > MAX_CONNECTIONS:
@@ -527,13 +533,23 @@ class ReceiverProcs:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
+    def command(self, count: int) -> list[str]:
+        """One receiving process: the C receiver, or receive_main() in Python."""
+        args = self.args
+        if args.receiver_binary is not None:
+            host, port = listener_address(self.dsn)
+            return [str(args.receiver_binary), host, str(port), str(count), str(args.notifications)]
+        concurrency = max(1, args.concurrency // len(self.counts))
+        return [
+            sys.executable, "-m", "bench.fanout", "--receive", self.dsn,
+            "--count", str(count), "--notifications", str(args.notifications),
+            "--concurrency", str(concurrency), "--client", args.client,
+        ]  # fmt: skip
+
     async def start(self) -> None:
-        concurrency = max(1, self.args.concurrency // len(self.counts))
         for count in self.counts:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.fanout", "--receive", self.dsn,
-                "--count", str(count), "--notifications", str(self.args.notifications),
-                "--concurrency", str(concurrency), "--client", self.args.client,
+                *self.command(count),
                 cwd=REPO, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             )  # fmt: skip
             self.procs.append(proc)
@@ -905,6 +921,16 @@ async def run_all(args: argparse.Namespace, cluster: PgCluster, tmp: Path) -> li
     return rows
 
 
+def build_receiver(tmp: Path) -> Path:
+    """bench/fanout_receiver.c compiled with the system C compiler (``CC``, else cc)."""
+    binary = tmp / "fanout_receiver"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("--client c needs a C compiler (cc or gcc, or CC=...)")
+    subprocess.run([cc, "-O2", "-o", str(binary), str(RECEIVER_SOURCE)], check=True)
+    return binary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.publish:
@@ -926,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="pgproxy-fanout-"))
     cluster = PgCluster(settings={"max_connections": MAX_CONNECTIONS})
     try:
+        if args.client == "c":
+            args.receiver_binary = build_receiver(tmp)
         cluster.start()
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             rows = runner.run(run_all(args, cluster, tmp))

@@ -7,9 +7,12 @@ produced a positive tps.
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,73 @@ def test_quick_hotpath_benchmark_runs_every_transaction() -> None:
     for protocol in ("simple", "extended", "prepared"):
         per_tx = hotpath.run(transactions=300, clients=5, servers=2, protocol=protocol)
         assert per_tx > 0
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+def test_quick_fanout_over_c_receivers_delivers_exactly_once(via: str) -> None:
+    """``bench.fanout --client c``: bench/fanout_receiver.c built and used as the listeners."""
+    proc = run_bench("bench.fanout", "--quick", "--procs", "2", "--client", "c", "--via", via)
+    assert "Each listener: a C epoll loop" in proc.stdout, proc.stdout
+    assert "pgproxy n=20: exactly-once and in-order: OK at every one of 20 listeners" in (
+        proc.stdout
+    ), proc.stdout
+    assert "| pgproxy | 20 | 1 | 1 |" in proc.stdout, proc.stdout
+
+
+def test_c_receiver_reports_a_duplicate_and_a_missing_notification(tmp_path: Path) -> None:
+    """The C receiver's exactly-once check can fail: against a fake server that sends
+    seq 0, 1, 1 (a duplicate) and 3 (2 missing), it reports the listener as bad, the first
+    phase as complete and the second not."""
+    from bench.fanout import build_receiver
+    from pgproxy.protocol import messages as m
+
+    binary = build_receiver(tmp_path)
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    def read_message(conn: socket.socket, typed: bool) -> bytes:
+        head = conn.recv(5 if typed else 4, socket.MSG_WAITALL)
+        length = int.from_bytes(head[-4:], "big")
+        return conn.recv(length - 4, socket.MSG_WAITALL) if length > 4 else b""
+
+    def fake_postgres() -> None:
+        conn, _ = server.accept()
+        with conn:
+            read_message(conn, typed=False)  # startup
+            conn.sendall(m.authentication_ok() + m.ready_for_query())
+            assert read_message(conn, typed=True) == b"LISTEN bench\0"
+            conn.sendall(m.command_complete("LISTEN") + m.ready_for_query())
+            notes = [
+                m.notification_response(7, "bench", f"{seq}:{seq + 1}") for seq in (0, 1, 1, 3)
+            ]
+            conn.sendall(b"".join(notes))
+            conn.recv(1)  # until the receiver closes
+
+    thread = threading.Thread(target=fake_postgres, daemon=True)
+    thread.start()
+    proc = subprocess.Popen(
+        [str(binary), "127.0.0.1", str(port), "1", "2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        assert proc.stdout.readline().strip() == "done steady"
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        result = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+        server.close()
+    assert result["bad"] == 1
+    assert result["problems"] == ["listener 0: 4 received, OUT OF ORDER or duplicated"]
+    steady, burst = result["phases"]
+    assert steady["complete"] == 2 and steady["sent"] == {"0": 1, "1": 2}
+    assert burst["complete"] == 1 and burst["sent"] == {"3": 4}  # seq 2 never came
+    assert result["errors"] == []
