@@ -652,6 +652,9 @@ class ClientSession(WireProtocol, ServerLink):
                             continue
                         statements = self._subscription_query(body) if matters else None
                         if statements is not None:
+                            if self._subscribe_now(statements):
+                                pos = run_start = end
+                                continue
                             self._inbuf += data[end:]
                             self._waiting = True
                             self._task = asyncio.get_running_loop().create_task(
@@ -929,6 +932,19 @@ class ClientSession(WireProtocol, ServerLink):
             return None  # let the server say what is wrong with it
         return sql.subscription_statements(text)
 
+    def _subscribe_now(self, statements: list[sql.Subscription]) -> bool:
+        """Answer a Query made only of LISTEN/UNLISTEN at once if every channel it adds is
+        live upstream already (the usual case: another client listens to it). False: the
+        answer waits for an upstream LISTEN (``_answer_subscriptions``), and nothing changed.
+        """
+        assert self.pool is not None
+        listener = self._listener = self.proxy.listener_for(self.pool)
+        wanted = sql.apply_effects(listener.channels_of(self), list(statements))
+        if not listener.update_now(self, wanted):
+            return False
+        self.write(_subscription_tags(statements) + self._ready_idle())
+        return True
+
     async def _answer_subscriptions(self, statements: list[sql.Subscription]) -> None:
         """Answer a Query made only of LISTEN/UNLISTEN without a server, byte for byte.
 
@@ -944,10 +960,9 @@ class ClientSession(WireProtocol, ServerLink):
             err = exc.with_severity("ERROR")
             reply = m.error_response(err.fields())
         else:
-            reply = b"".join(
-                m.command_complete("LISTEN" if isinstance(st, sql.Listen) else "UNLISTEN")
-                for st in statements
-            )
+            reply = _subscription_tags(statements)
+        if self._task is asyncio.current_task():
+            self._task = None  # a finished task would stay with the client (~0.7 KiB)
         self._waiting = False
         self.write(reply + self._ready_idle())
         self._resume_input()
@@ -1457,6 +1472,14 @@ class ClientSession(WireProtocol, ServerLink):
         self._waiting = False
         self._fail_unit(PgError(errors.QUERY_CANCELED, "canceling statement due to user request"))
         return True
+
+
+def _subscription_tags(statements: list[sql.Subscription]) -> bytes:
+    """The CommandCompletes Postgres sends for a Query of LISTEN/UNLISTEN statements."""
+    return b"".join(
+        m.command_complete("LISTEN" if isinstance(st, sql.Listen) else "UNLISTEN")
+        for st in statements
+    )
 
 
 def _overflow(why: str) -> PgError:

@@ -113,6 +113,20 @@ class Listener:
             raise
         self._join(client, current, wanted)
 
+    def update_now(self, client: Subscriber, wanted: set[str]) -> bool:
+        """``update`` without waiting, when every added channel is live upstream already;
+        False (nothing changed) when one is not, or failed: then ``update`` must wait."""
+        current = self.subscriptions.get(client, set())
+        added = [c for c in wanted if c not in current]
+        for name in added:
+            channel = self.channels.get(name)
+            if channel is None or not channel.ready.done() or channel.ready.exception():
+                return False
+        for name in added:
+            self._take(name)
+        self._join(client, current, wanted)
+        return True
+
     def set_channels(self, client: Subscriber, wanted: set[str]) -> None:
         """Make ``client``'s channel set ``wanted`` now (a transaction just committed).
 
