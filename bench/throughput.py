@@ -1,10 +1,10 @@
 """pgbench throughput and latency: direct PostgreSQL vs PgBouncer vs pgproxy.
 
 Everything runs on this machine: a throwaway cluster, PgBouncer and pgproxy (both in
-transaction mode with the same pool size), and pgbench as the client.  The three targets
-are measured interleaved (direct, pgbouncer, pgproxy, direct, ...) so slow drift of the
-machine (thermal, noisy neighbours, autovacuum) hits all of them alike; each figure is the
-median over the rounds.
+transaction mode with the same pool size), and pgbench as the client.  The targets are
+measured interleaved (direct, pgbouncer, pgproxy, then pgbouncer, pgproxy, direct, ...: each
+round starts one target later) so slow drift of the machine (thermal, noisy neighbours,
+autovacuum) hits all of them alike; each figure is the median over the rounds.
 
     .venv/bin/python -m bench.throughput --clients 1,50 --seconds 15 --rounds 3
 
@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "run scripts/build-compiled first)",
     )
     p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bench/relay_floor.py (target floor): a bare uvloop transaction "
+        "pooler, the ceiling for any Python pooler on this machine",
+    )
+    p.add_argument(
         "--targets",
         type=csv,
         help="subset of targets to run (direct and pgbouncer are always run: ratios need them)",
@@ -119,6 +125,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     every = [*TARGETS, *(f"pgproxy-{n}w" for n in args.pgproxy_workers if n > 1)]
     if args.pgproxy_compiled:
         every.append("pgproxy-compiled")
+    if args.floor:
+        every.append("floor")
+        if args.pgproxy_compiled:
+            every.append("floor-compiled")
     wanted = args.targets or every
     for target in wanted:
         if target not in every:
@@ -236,6 +246,38 @@ def start_pgproxy(
     return start_server(name, cmd, port, tmp / f"{name}.log", cwd), port
 
 
+def build_floor(tmp: Path) -> Path:
+    """bench/relay_floor.py compiled with mypyc, as the pgproxy-compiled build is, in a tree
+    of its own (pgproxy itself comes from the installed package)."""
+    tree = tmp / "floor-compiled"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(REPO / "bench" / "relay_floor.py", tree / "bench")
+    (tree / "bench" / "__init__.py").write_text("")
+    env = {**clean_env(), "MYPYPATH": str(REPO)}
+    build = [sys.executable, "-m", "mypyc", "bench/relay_floor.py"]
+    proc = subprocess.run(build, cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mypyc failed on bench/relay_floor.py:\n{proc.stdout[-3000:]}")
+    return tree
+
+
+def start_relay_floor(
+    tmp: Path, pg_port: int, pool_size: int, compiled: bool = False
+) -> tuple[subprocess.Popen[bytes], int]:
+    """bench/relay_floor.py: the same pool size, nothing but forwarding."""
+    port = free_port()
+    name = "floor-compiled" if compiled else "floor"
+    cmd = [
+        # -c, not -m: a compiled module has no code object for runpy.
+        sys.executable, "-c", "from bench.relay_floor import main; main()",
+        "--listen", f"127.0.0.1:{port}",
+        "--upstream", f"127.0.0.1:{pg_port}", "--user", USER, "--database", DB,
+        "--pool-size", str(pool_size),
+    ]  # fmt: skip
+    cwd = build_floor(tmp) if compiled else REPO
+    return start_server(name, cmd, port, tmp / f"{name}.log", cwd), port
+
+
 def pgbench(bindir: Path, port: int, *args: str, timeout: float = 600) -> str:
     """Run pgbench; the timeout turns a hung pooler into an error instead of a hang."""
     cmd = [str(bindir / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, *args, DB]
@@ -335,7 +377,8 @@ def report(
     lines = [
         f"Machine: {machine}",
         "",
-        f"pgbench -s {SCALE}, {args.seconds} s per run, {args.rounds} interleaved round(s), "
+        f"pgbench -s {SCALE}, {args.seconds} s per run, {args.rounds} interleaved round(s) "
+        "(the order rotated by one target each round), "
         f"pool size {args.pool_size} (transaction mode; pgproxy-<N>w: N workers sharing that "
         "total); medians over rounds.",
         "",
@@ -363,7 +406,7 @@ def report(
                 f"| {med(case, target, 'p50'):.3f} | {med(case, target, 'p99'):.3f} | {cpu} |"
             )
     fewest = min(c[2] for c in cases)
-    ours = [t for t in args.targets if t.startswith("pgproxy")]
+    ours = [t for t in args.targets if t.startswith(("pgproxy", "floor"))]
     lines += [
         "",
         f"Added latency per round trip at {fewest} client(s): in each round, a target's median "
@@ -417,8 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cases = [(m, p, c) for m in args.modes for p in args.protocol for c in args.clients]
     max_conn = max(1000, 2 * max(args.clients))
-    # Direct runs need a backend per client while both poolers may still hold their pools.
-    max_connections = max(args.clients) + 2 * args.pool_size + 20
+    # Direct runs need a backend per client while every pooler may still hold its pool.
+    poolers = len(args.targets) - 1
+    max_connections = max(args.clients) + poolers * args.pool_size + 20
     tmp = Path(tempfile.mkdtemp(prefix="pgproxy-bench-"))
     if os.geteuid() == 0:
         shutil.chown(tmp, "postgres", "postgres")  # pgbouncer (as postgres) writes here
@@ -442,14 +486,24 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 servers.append(proxy)
                 groups[target] = proxy.pid
+            elif target.startswith("floor"):
+                relay, ports[target] = start_relay_floor(
+                    tmp, cluster.port, args.pool_size, compiled=target == "floor-compiled"
+                )
+                servers.append(relay)
+                groups[target] = relay.pid
         # Warm-up (not measured): fills the poolers' pools and Postgres' buffer cache.
         warm = argparse.Namespace(**{**vars(args), "seconds": 1})
         for target in args.targets:
             run_case(bindir, ports[target], warm, ("select-only", "simple", max(args.clients)), tmp)
         results: dict[tuple[Case, str], list[Sample]] = {}
         for rnd in range(1, args.rounds + 1):
+            # Each round starts one target later (A B C, B C A, C A B, ...): no target always
+            # runs first or right after another, so position in the round is no bias.
+            shift = (rnd - 1) % len(args.targets)
+            order = args.targets[shift:] + args.targets[:shift]
             for case in cases:
-                for target in args.targets:
+                for target in order:
                     if case[0] == "tpcb":  # same starting state for every tpcb run
                         cluster.psql(RESET_TPCB)
                     sample = run_case(bindir, ports[target], args, case, tmp, groups.get(target))

@@ -1,8 +1,8 @@
-"""Smoke test: ``python -m bench.throughput --quick`` runs end to end.
+"""Smoke tests: every benchmark script runs end to end in its ``--quick`` mode.
 
-It keeps the benchmark working (PgBouncer/pgproxy startup, pgbench parsing, report) as
-the proxy changes; the figures themselves are not checked, only that all three targets
-produced a positive tps.
+They keep the benchmarks working (PgBouncer/pgproxy startup, pgbench parsing, reports) as
+the proxy changes; the figures themselves are not checked, only that every target produced
+them and that the exactly-once checks pass.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import sys
 import threading
 from pathlib import Path
 
+import psycopg
 import pytest
+
+from pgproxy.testing.cluster import PgCluster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +28,7 @@ def test_quick_benchmark_reports_all_targets() -> None:
     if not (shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists()):
         pytest.skip("pgbouncer binary not installed (apt-get install pgbouncer)")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--quick"],
+        [sys.executable, "-m", "bench.throughput", "--quick", "--floor"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -36,9 +39,9 @@ def test_quick_benchmark_reports_all_targets() -> None:
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         # | mode | protocol | clients | target | tps | ...
-        if len(cells) > 4 and cells[3] in ("direct", "pgbouncer", "pgproxy"):
+        if len(cells) > 4 and cells[3] in ("direct", "pgbouncer", "pgproxy", "floor"):
             tps[cells[3]] = float(cells[4])
-    assert set(tps) == {"direct", "pgbouncer", "pgproxy"}, proc.stdout
+    assert set(tps) == {"direct", "pgbouncer", "pgproxy", "floor"}, proc.stdout
     assert all(value > 0 for value in tps.values()), tps
 
 
@@ -187,3 +190,33 @@ def test_c_receiver_reports_a_duplicate_and_a_missing_notification(tmp_path: Pat
     assert steady["complete"] == 2 and steady["sent"] == {"0": 1, "1": 2}
     assert burst["complete"] == 1 and burst["sent"] == {"3": 4}  # seq 2 never came
     assert result["errors"] == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("compiled", [False, True], ids=["pure", "compiled"])
+def test_relay_floor_pools_transactions(pg: PgCluster, tmp_path: Path, compiled: bool) -> None:
+    """bench/relay_floor.py, the ``floor`` target, is a working transaction pooler: three
+    clients share one server, a transaction stays on it until COMMIT, and the extended
+    protocol (psycopg's parameters) works; the mypyc build of it too."""
+    from bench.throughput import start_relay_floor, stop_server
+
+    relay, port = start_relay_floor(tmp_path, pg.port, pool_size=1, compiled=compiled)
+    try:
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        conns = [psycopg.connect(dsn, autocommit=True) for _ in range(3)]
+        pids = {c.execute("select pg_backend_pid()").fetchone() for c in conns}
+        assert len(pids) == 1  # one pooled server behind all three
+        first, second = conns[0], conns[1]
+        first.execute("begin")
+        first.execute("create temp table t (x int) on commit drop")
+        first.execute("insert into t values (%s)", (42,))
+        assert first.execute("select x from t").fetchone() == (42,)
+        first.execute("commit")
+        assert second.execute("select %s::int + 1", (1,)).fetchone() == (2,)
+        for c in conns:
+            c.close()
+    finally:
+        stop_server(relay)
+    log = tmp_path / ("floor-compiled.log" if compiled else "floor.log")
+    build = "compiled" if compiled else "pure Python"
+    assert f"relay_floor ready ({build})" in log.read_text()
