@@ -652,14 +652,11 @@ class ClientSession(WireProtocol, ServerLink):
                             continue
                         statements = self._subscription_query(body) if matters else None
                         if statements is not None:
-                            if self._subscribe_now(statements):
+                            if self._subscribe(statements):
                                 pos = run_start = end
                                 continue
                             self._inbuf += data[end:]
                             self._waiting = True
-                            self._task = asyncio.get_running_loop().create_task(
-                                self._answer_subscriptions(statements)
-                            )
                             return
                     server = self._try_link()
                     if server is None:
@@ -932,28 +929,28 @@ class ClientSession(WireProtocol, ServerLink):
             return None  # let the server say what is wrong with it
         return sql.subscription_statements(text)
 
-    def _subscribe_now(self, statements: list[sql.Subscription]) -> bool:
-        """Answer a Query made only of LISTEN/UNLISTEN at once if every channel it adds is
-        live upstream already (the usual case: another client listens to it). False: the
-        answer waits for an upstream LISTEN (``_answer_subscriptions``), and nothing changed.
-        """
-        assert self.pool is not None
-        listener = self._listener = self.proxy.listener_for(self.pool)
-        wanted = sql.apply_effects(listener.channels_of(self), list(statements))
-        if not listener.update_now(self, wanted):
-            return False
-        self.write(_subscription_tags(statements) + self._ready_idle())
-        return True
-
-    async def _answer_subscriptions(self, statements: list[sql.Subscription]) -> None:
+    def _subscribe(self, statements: list[sql.Subscription]) -> bool:
         """Answer a Query made only of LISTEN/UNLISTEN without a server, byte for byte.
 
         The statements form one implicit transaction: their combined effect is applied all at
-        once, and only after every new channel is live upstream.
+        once, and only once every channel it adds is live upstream. True: answered now (the
+        usual case: other clients listen to those channels already). False: the answer waits
+        in a task for the upstream LISTEN; the caller holds the client's input meanwhile.
         """
         assert self.pool is not None
         listener = self._listener = self.proxy.listener_for(self.pool)
         wanted = sql.apply_effects(listener.channels_of(self), list(statements))
+        if listener.update_now(self, wanted):
+            self.write(_subscription_tags(statements) + self._ready_idle())
+            return True
+        self._task = asyncio.get_running_loop().create_task(
+            self._answer_subscriptions(listener, statements, wanted)
+        )
+        return False
+
+    async def _answer_subscriptions(
+        self, listener: Listener, statements: list[sql.Subscription], wanted: set[str]
+    ) -> None:
         try:
             await listener.update(self, wanted)
         except PgError as exc:
