@@ -33,7 +33,9 @@ from pgproxy.protocol.errors import PgError
 from pgproxy.pubsub.listener import Listener
 from pgproxy.unixsocket import UnixListener, socket_path, upstream_socket
 from pgproxy.wire import log
-from pgproxy.workers import CancelPeers, WorkerRole, serve_supervisor
+from pgproxy.workers.peers import CancelPeers
+from pgproxy.workers.role import WorkerRole
+from pgproxy.workers.supervisor import serve_supervisor
 
 _VPID_BASE = 1 << 22
 _VPID_SPAN = (1 << 31) - 1 - _VPID_BASE

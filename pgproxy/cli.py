@@ -13,17 +13,14 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import get_args
 
 from pgproxy.config import Config, ConfigError, PoolMode, as_workers, load_config
-
-if TYPE_CHECKING:
-    from pgproxy.workers import WorkerRole
+from pgproxy.workers.role import WORKER_FLAG, WorkerRole, per_worker
 
 __all__ = ["build_arg_parser", "config_from_args", "main"]
 
 ENV_WORKERS = "PGPROXY_WORKERS"
-WORKER_FLAG = "--worker"  # internal: how the supervisor starts a worker (pgproxy.workers)
 
 
 def _version() -> str:
@@ -40,9 +37,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _worker_role(text: str) -> "WorkerRole":
-    from pgproxy.workers import WorkerRole
-
+def _worker_role(text: str) -> WorkerRole:  # a named function: argparse errors name it
     return WorkerRole.parse(text)
 
 
@@ -85,7 +80,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
     """Load the config the parsed arguments describe; ``env`` defaults to os.environ.
 
-    A worker (``--worker``) gets its share of the sizes (``pgproxy.workers.per_worker``)."""
+    A worker (``--worker``) gets its share of the sizes (``pgproxy.workers.role.per_worker``)."""
     environ = os.environ if env is None else env
     config = load_config(
         args.config,
@@ -106,8 +101,6 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     role: WorkerRole | None = getattr(args, "worker", None)
     if role is None:
         return config
-    from pgproxy.workers import per_worker
-
     return per_worker(config, role.count)
 
 
@@ -124,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgproxy: configuration OK ({where})")
         return 0
     if args.worker is None and config.proxy.workers > 1:
-        from pgproxy.workers import supervise
+        from pgproxy.workers.supervisor import supervise
 
         def load(path: Path | None) -> Config:
             if path is None:

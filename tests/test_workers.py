@@ -31,7 +31,7 @@ from pgproxy.cli import build_arg_parser, config_from_args
 from pgproxy.config import ConfigError, parse_config
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
-from pgproxy.workers import per_worker
+from pgproxy.workers.role import per_worker
 from tests.conftest import pg_server_url
 from tests.support.process import ROOT
 

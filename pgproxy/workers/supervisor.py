@@ -1,49 +1,35 @@
-"""``workers = N``: proxy processes sharing one listen address, and their supervisor.
+"""The supervisor process, and the worker's end of its channel to it.
 
-One Python process can use one core only, and needs about twice PgBouncer's CPU per transaction
-(the profile is mostly send syscalls), so with ``workers = N`` the ``pgproxy`` command becomes
-a *supervisor* that starts N *workers*. Each worker is ``python -m pgproxy`` again, with the
-same arguments and environment plus the internal ``--worker`` flag, and runs the ordinary
-``Proxy``: it binds the listen address with ``SO_REUSEPORT`` (the kernel spreads new
-connections over the workers) and has its own pools and its own listener connection per
-database. Nothing is shared between workers but three things:
+With ``workers = N`` the ``pgproxy`` command runs ``supervise``: it reserves the listen
+address, starts N workers (``python -m pgproxy`` with ``WORKER_FLAG``), and keeps them running.
+Workers never read the configuration file itself but a *snapshot* of it in the private
+directory, which the supervisor replaces only with a version it has validated: SIGHUP re-reads
+the file, and if it is valid swaps the snapshot and passes SIGHUP on to every worker (each
+re-reads the snapshot); a worker restarted later runs the same configuration as its siblings,
+never a half-edited file. SIGTERM/SIGINT stop every worker with SIGTERM (SIGKILL after
+``_STOP_TIMEOUT``) and exit 0; a worker that exits on its own is logged and restarted with
+exponential backoff. Each worker holds one end of a socketpair whose other end only the
+supervisor has: the worker reports "ready" on it (``serve_supervisor``), and EOF on it means
+the supervisor is gone (even by SIGKILL), so the worker shuts down instead of living on as an
+orphan. Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the
+supervisor stops them. The mock-auth key (``scram.MOCK_KEY_ENV``) is made once here and passed
+in every worker's environment, so an unknown user's fake salt is the same on every worker.
 
-* **Sizes.** Each worker gets a share of every configured size (``per_worker``): pool sizes
-  are divided by N rounded down (at least 1), ``min_pool_size`` rounded down,
-  ``max_client_conn`` rounded up, so the totals stay what the file says (unless a pool size is
-  smaller than N).
-* **Cancels.** A CancelRequest lands on whichever worker the kernel picks. A client's virtual
-  backend PID encodes the index of the worker that owns it (``pgproxy.app.vpid_owner``); a
-  worker that receives a cancel for another worker's client forwards the raw request over a
-  unix socket in a private (0700) directory the supervisor made (``CancelPeers``). Only the
-  owner knows the secret, and it compares it in constant time, as for a local cancel; the
-  forwarding worker learns nothing and answers nothing (Postgres answers nothing either).
-* **The mock-auth key** (``scram.MOCK_KEY_ENV``), made once by the supervisor and passed in
-  every worker's environment, so an unknown user's fake salt is the same on every worker.
-
-Supervisor rules: workers never read the configuration file itself but a *snapshot* of it in
-the private directory, which the supervisor replaces only with a version it has validated:
-SIGHUP re-reads the file, and if it is valid swaps the snapshot and passes SIGHUP on to every
-worker (each re-reads the snapshot); a worker restarted later runs the same configuration as
-its siblings, never a half-edited file. SIGTERM/SIGINT stop every worker with SIGTERM (SIGKILL
-after ``_STOP_TIMEOUT``) and exit 0; a worker that exits on its own is logged and restarted
-with exponential backoff. Each worker holds one end of a socketpair whose other end only the
-supervisor has: the worker reports "ready" on it, and EOF on it means the supervisor is gone
-(even by SIGKILL), so the worker shuts down instead of living on as an orphan. Workers ignore
-SIGINT: a terminal's Ctrl-C reaches the whole process group, and the supervisor stops them.
+Rule: both ends of the channel live here, and nothing else does: the supervisor never imports
+``pgproxy.cli`` or ``pgproxy.app`` (it starts workers as processes, and loads configuration
+only through the ``load`` callable the CLI gives it), and a worker's ``Proxy`` reaches it only
+through ``serve_supervisor``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -51,12 +37,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pgproxy.auth import scram
-from pgproxy.cli import WORKER_FLAG
 from pgproxy.config import Config, ConfigError
-from pgproxy.protocol import messages as m
 from pgproxy.unixsocket import UnixListener, socket_path
+from pgproxy.workers.role import WORKER_FLAG, WorkerRole
 
-__all__ = ["CancelPeers", "WorkerRole", "per_worker", "supervise"]
+__all__ = ["serve_supervisor", "supervise"]
 
 log = logging.getLogger("pgproxy")
 
@@ -65,129 +50,9 @@ _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 10.0
 _STABLE = 10.0  # a worker that ran this long restarts without backoff
 _STOP_TIMEOUT = 30.0
-_PEER_TIMEOUT = 5.0
-_CANCEL_MAX = 4 + 4 + 4 + 256  # length, code, pid, key of up to 256 bytes (protocol 3.2)
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerRole:
-    """What a worker process is told on its command line: ``INDEX,COUNT,FD,UNIXFD,DIR``."""
-
-    index: int
-    count: int
-    channel_fd: int  # this worker's end of the socketpair shared with the supervisor
-    peer_dir: Path  # private directory holding every worker's cancel socket
-    # The listening unix socket the supervisor bound (-1: none). Unix sockets have no
-    # SO_REUSEPORT: the workers share one, inherited, and the kernel hands each accept to one.
-    unix_fd: int = -1
-
-    def arg(self) -> str:
-        return f"{self.index},{self.count},{self.channel_fd},{self.unix_fd},{self.peer_dir}"
-
-    @classmethod
-    def parse(cls, text: str) -> WorkerRole:
-        try:
-            index, count, fd, unix_fd, directory = text.split(",", 4)
-            role = cls(int(index), int(count), int(fd), Path(directory), int(unix_fd))
-        except ValueError:
-            raise ValueError(f"bad {WORKER_FLAG} value {text!r}") from None
-        if not 0 <= role.index < role.count:
-            raise ValueError(f"bad {WORKER_FLAG} value {text!r}")
-        return role
-
-
-def per_worker(config: Config, count: int) -> Config:
-    """The configuration one of ``count`` workers runs: its share of every size."""
-    if count == 1:
-        return config
-
-    def share(size: int) -> int:
-        return max(1, size // count)
-
-    def share_opt(size: int | None) -> int | None:
-        return None if size is None else share(size)
-
-    def share_min(size: int | None) -> int | None:
-        # Rounded down like the pool sizes, so min_pool_size <= pool size still holds.
-        return None if size is None else size // count
-
-    proxy = config.proxy
-    return dataclasses.replace(
-        config,
-        proxy=dataclasses.replace(
-            proxy,
-            max_client_conn=-(-proxy.max_client_conn // count),
-            default_pool_size=share(proxy.default_pool_size),
-            min_pool_size=proxy.min_pool_size // count,
-        ),
-        databases={
-            name: dataclasses.replace(
-                db, pool_size=share_opt(db.pool_size), min_pool_size=share_min(db.min_pool_size)
-            )
-            for name, db in config.databases.items()
-        },
-        users={
-            name: dataclasses.replace(user, pool_size=share_opt(user.pool_size))
-            for name, user in config.users.items()
-        },
-    )
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-class CancelPeers:
-    """A worker's end of the cancel channel: its own unix socket, and forwarding to others'."""
-
-    def __init__(self, role: WorkerRole) -> None:
-        self.role = role
-        self.index = role.index
-        self.count = role.count
-        self._server: asyncio.AbstractServer | None = None
-
-    def _path(self, index: int) -> str:
-        return str(self.role.peer_dir / f"worker-{index}.sock")
-
-    async def start(self, deliver: Callable[[m.CancelRequest], None]) -> None:
-        """Accept forwarded CancelRequests and hand each to ``deliver`` (the owner's check)."""
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                async with asyncio.timeout(_PEER_TIMEOUT):
-                    (length,) = struct.unpack("!I", await reader.readexactly(4))
-                    if not 16 <= length <= _CANCEL_MAX:
-                        raise m.ProtocolError("bad length")
-                    packet = m.parse_startup_packet(await reader.readexactly(length - 4))
-                if isinstance(packet, m.CancelRequest):
-                    deliver(packet)
-            except (OSError, EOFError, TimeoutError, m.ProtocolError) as exc:
-                log.warning("bad forwarded cancel request: %s", exc)
-            finally:
-                writer.close()
-
-        path = self._path(self.index)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # left by this worker's predecessor
-        self._server = await asyncio.start_unix_server(serve, path)
-
-    async def forward(self, owner: int, request: m.CancelRequest) -> None:
-        """Pass ``request`` to worker ``owner``, which checks the secret and acts on it."""
-        try:
-            async with asyncio.timeout(_PEER_TIMEOUT):
-                reader, writer = await asyncio.open_unix_connection(self._path(owner))
-                try:
-                    writer.write(m.cancel_request(request.pid, request.secret))
-                    await writer.drain()
-                    await reader.read()  # the owner closes once it has acted
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError) as exc:
-            log.warning("cancel request for worker %d not forwarded: %s", owner, exc)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 def serve_supervisor(role: WorkerRole, on_lost: Callable[[], None]) -> None:
