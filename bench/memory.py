@@ -3,7 +3,7 @@
 Everything runs on this machine: a throwaway cluster, pgproxy as a subprocess (transaction
 mode, ``auth_type = "scram-sha-256"``), and a minimal raw-socket client built from pgproxy's
 own message builders (``pgproxy.protocol.messages``) and SCRAM client
-(``pgproxy.auth.scram.ScramClient``): thousands of psycopg connections would cost more than
+(``pgproxy.auth.scram_client.ScramClient``): thousands of psycopg connections would cost more than
 the proxy being measured.
 
 * **RSS per idle client**: for each ``--clients`` value and each ``--kinds`` (``idle``: logged
@@ -43,7 +43,7 @@ import uvloop
 
 from bench.fanout import cpu_s, psycopg_version, raise_nofile, rss_kb
 from bench.throughput import free_port, machine_line, percentile, start_server, stop_server
-from pgproxy.auth import scram
+from pgproxy.auth import scram, scram_client, scram_server
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 
@@ -139,7 +139,7 @@ async def login(port: int, password: str | None, listen: str | None = None) -> C
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(m.startup_message({"user": USER, "database": DB}))
-        client = scram.ScramClient(password or "")
+        client = scram_client.ScramClient(password or "")
         while True:
             type_, body = await read_message(reader)
             if type_ == m.AUTHENTICATION:
@@ -341,10 +341,10 @@ def exchange_us(reps: int = 500) -> float:
     verifier = scram.ScramVerifier.from_password(PASSWORD)
     spent = 0.0
     for _ in range(reps):
-        client = scram.ScramClient(PASSWORD)
+        client = scram_client.ScramClient(PASSWORD)
         first = client.client_first()
         t0 = time.perf_counter()
-        server = scram.ScramServer(verifier)
+        server = scram_server.ScramServer(verifier)
         server_first = server.handle_client_first(first)
         spent += time.perf_counter() - t0
         final = client.handle_server_first(server_first)

@@ -19,7 +19,7 @@ import scramp  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgproxy.auth import scram
+from pgproxy.auth import scram, scram_client, scram_server
 from pgproxy.auth.frontend import ClientAuthResult, authenticate_client
 from pgproxy.auth.upstream import authenticate_upstream
 from pgproxy.protocol import framing
@@ -273,7 +273,7 @@ async def test_low_iteration_verifier_works_unlike_in_scramp() -> None:
 def test_scramp_client_against_our_server() -> None:
     """An independent client (which, unlike libpq, sends the user name) is accepted."""
     client = scramp.ScramClient([scram.MECHANISM], USER, PASSWORD)
-    server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+    server = scram_server.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
     first = server.handle_client_first(client.get_client_first().encode())
     client.set_server_first(first.decode())
     final = server.handle_client_final(client.get_client_final().encode())
@@ -296,7 +296,7 @@ RFC_SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
 
 
 def test_rfc7677_vector_client() -> None:
-    client = scram.ScramClient("pencil", username="user", nonce=b"rOprNGfwEbeRWgbNEkqO")
+    client = scram_client.ScramClient("pencil", username="user", nonce=b"rOprNGfwEbeRWgbNEkqO")
     assert client.client_first() == RFC_CLIENT_FIRST
     assert client.handle_server_first(RFC_SERVER_FIRST) == RFC_CLIENT_FINAL
     client.handle_server_final(RFC_SERVER_FINAL)
@@ -305,13 +305,13 @@ def test_rfc7677_vector_client() -> None:
 
 def test_rfc7677_vector_server() -> None:
     verifier = scram.ScramVerifier.from_password("pencil", RFC_SALT)
-    server = scram.ScramServer(verifier, nonce=b"%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0")
+    server = scram_server.ScramServer(verifier, nonce=b"%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0")
     assert server.handle_client_first(RFC_CLIENT_FIRST) == RFC_SERVER_FIRST
     assert server.handle_client_final(RFC_CLIENT_FINAL) == RFC_SERVER_FINAL
 
 
 def test_client_sends_an_empty_user_name_like_libpq() -> None:
-    assert scram.ScramClient(PASSWORD).client_first().startswith(b"n,,n=,r=")
+    assert scram_client.ScramClient(PASSWORD).client_first().startswith(b"n,,n=,r=")
 
 
 # --- clients that misbehave ----------------------------------------------------------------------
@@ -411,7 +411,7 @@ async def test_a_nonce_that_is_not_ours_is_a_protocol_violation() -> None:
 
 
 def test_wrong_proof_is_an_authentication_failure() -> None:
-    server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+    server = scram_server.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
     nonce = server.handle_client_first(b"n,,n=,r=abc").split(b",")[0][2:]
     assert (
         server.handle_client_final(b"c=biws,r=" + nonce + b",p=" + base64.b64encode(bytes(32)))
@@ -421,15 +421,15 @@ def test_wrong_proof_is_an_authentication_failure() -> None:
 
 def test_doomed_exchange_fails_even_with_the_right_password() -> None:
     verifier = scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail()
-    server = scram.ScramServer(verifier, doomed=True)
-    client = scram.ScramClient(PASSWORD)
+    server = scram_server.ScramServer(verifier, doomed=True)
+    client = scram_client.ScramClient(PASSWORD)
     final = client.handle_server_first(server.handle_client_first(client.client_first()))
     assert server.handle_client_final(final) is None
 
 
 def test_valid_proof_with_a_wrong_nonce_fails() -> None:
     """The proof is right for the message as sent (a replay), but the nonce is not ours."""
-    server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+    server = scram_server.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
     server_first = server.handle_client_first(b"n,,n=,r=abc")
     without_proof = b"c=biws,r=abcWRONG"
     auth_message = b"n=,r=abc," + server_first + b"," + without_proof
@@ -446,7 +446,7 @@ def test_valid_proof_with_a_wrong_nonce_fails() -> None:
 @settings(max_examples=200, deadline=None)
 @given(first=st.binary(max_size=80), final=st.binary(max_size=120))
 def test_arbitrary_scram_bytes_never_crash_the_server(first: bytes, final: bytes) -> None:
-    server = scram.ScramServer(scram.ScramVerifier.mock(USER))
+    server = scram_server.ScramServer(scram.ScramVerifier.mock(USER))
     try:
         server.handle_client_first(first)
         assert server.handle_client_final(final) is None
@@ -457,7 +457,7 @@ def test_arbitrary_scram_bytes_never_crash_the_server(first: bytes, final: bytes
 @settings(max_examples=200, deadline=None)
 @given(nonce=st.binary(min_size=1, max_size=30).filter(lambda b: b"," not in b and b"\0" not in b))
 def test_server_accepts_any_printable_client_nonce(nonce: bytes) -> None:
-    server = scram.ScramServer(scram.ScramVerifier.mock(USER))
+    server = scram_server.ScramServer(scram.ScramVerifier.mock(USER))
     try:
         first = server.handle_client_first(b"n,,n=," + b"r=" + nonce)
     except PgError:
@@ -574,7 +574,7 @@ class FakeScramServer:
         self.server_final = server_final
 
     async def run(self, chan: QueueChannel) -> None:
-        server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+        server = scram_server.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
         chan.write(m.authentication_sasl([scram.MECHANISM]))
         _, body = await chan.read_message(framing.AUTH_MESSAGE_LIMIT)
         first = server.handle_client_first(m.parse_sasl_initial_response(body)[1])
@@ -644,7 +644,7 @@ async def test_bad_server_first_is_rejected(server_first: bytes) -> None:
     ],
 )
 def test_malformed_server_first_is_rejected(server_first: bytes) -> None:
-    client = scram.ScramClient(PASSWORD, nonce=b"N")
+    client = scram_client.ScramClient(PASSWORD, nonce=b"N")
     client.client_first()
     with pytest.raises(PgError) as info:
         client.handle_server_first(server_first)
@@ -653,13 +653,15 @@ def test_malformed_server_first_is_rejected(server_first: bytes) -> None:
 
 def test_an_upstream_iteration_count_above_the_cap_is_refused_before_any_pbkdf2() -> None:
     """A server announcing a huge count would pin a thread in PBKDF2 for minutes per login."""
-    client = scram.ScramClient(PASSWORD, nonce=b"N")
+    client = scram_client.ScramClient(PASSWORD, nonce=b"N")
     client.client_first()
     with pytest.raises(PgError) as info:
-        client.handle_server_first(b"r=Nx,s=c2FsdA==,i=" + str(scram.MAX_ITERATIONS + 1).encode())
+        client.handle_server_first(
+            b"r=Nx,s=c2FsdA==,i=" + str(scram_client.MAX_ITERATIONS + 1).encode()
+        )
     assert info.value.sqlstate == "08P01"
     assert "above pgproxy's limit" in str(info.value.detail)
-    ok = scram.ScramClient(PASSWORD, nonce=b"N")
+    ok = scram_client.ScramClient(PASSWORD, nonce=b"N")
     ok.client_first()
     _salt, iterations = ok.read_server_first(b"r=Nx,s=c2FsdA==,i=4096")
     assert iterations == 4096
@@ -813,8 +815,8 @@ async def test_plus_is_offered_first_and_works_with_scramp() -> None:
     assert result.scram_client_key == client_key_of(PASSWORD, SALT, 4096)
 
 
-def plus_server() -> scram.ScramServer:
-    return scram.ScramServer(
+def plus_server() -> scram_server.ScramServer:
+    return scram_server.ScramServer(
         scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail(), channel_binding=CBIND
     )
 
@@ -854,7 +856,7 @@ def test_wrong_channel_binding_data_is_refused(cbind: bytes, message: str) -> No
 
 
 def test_y_flag_is_fine_when_plus_is_not_offered() -> None:
-    server = scram.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
+    server = scram_server.ScramServer(scram.ScramVerifier.parse(SCRAM_SECRET) or pytest.fail())
     assert server.handle_client_first(b"y,,n=,r=abc").startswith(b"r=abc")
 
 

@@ -19,7 +19,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from pgproxy.auth import scram
+from pgproxy.auth import scram, scram_client
 from pgproxy.pool.pool import Pool, PoolSettings
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
@@ -597,7 +597,7 @@ def test_mock_key_comes_from_the_environment(tmp_path: Any) -> None:
 
 def _probe_salt(port: int, user: str) -> bytes:
     """Run a doomed SCRAM login as ``user``; the salt the proxy announced."""
-    client = scram.ScramClient("not-the-password")
+    client = scram_client.ScramClient("not-the-password")
     with RawClient(port) as c:
         c.startup(user, "postgres")
         auth = c.read_message()

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pgproxy.auth import scram
 from pgproxy.auth.channel import MessageChannel
 from pgproxy.auth.credentials import is_md5_hash
+from pgproxy.auth.scram_server import ScramServer
 from pgproxy.protocol import framing
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import INVALID_PASSWORD, PROTOCOL_VIOLATION, PgError, fatal
@@ -186,7 +187,7 @@ async def _scram_exchange(
             reason, doomed = f'User "{user}" has a malformed SCRAM verifier.', True
         else:
             verifier = await _verifier_for_plain(user, secret)
-    server = scram.ScramServer(
+    server = ScramServer(
         verifier or scram.ScramVerifier.mock(user), doomed=doomed, channel_binding=channel_binding
     )
 

@@ -15,7 +15,7 @@ matches none is refused (default deny), as Postgres does::
 
 Rules are checked before any password exchange, so ``reject`` and "no rule" cost nothing. This
 module is pure (no I/O, no config import): :func:`parse_rules` validates the TOML values and
-raises :class:`HbaError` naming the key, which ``config.py`` reports as a ConfigError.
+raises :class:`HbaError` naming the key, which ``config/validate.py`` reports as a ConfigError.
 """
 
 from __future__ import annotations

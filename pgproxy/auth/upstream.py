@@ -17,6 +17,7 @@ import hashlib
 from pgproxy.auth import scram
 from pgproxy.auth.channel import MessageChannel
 from pgproxy.auth.credentials import Md5PassThrough, UpstreamSecret
+from pgproxy.auth.scram_client import ScramClient
 from pgproxy.protocol import framing
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import (
@@ -45,7 +46,7 @@ async def authenticate_upstream(
     continuation is: a server (or a man in the middle) cannot switch to cleartext halfway, nor
     send AuthenticationOk before proving that it knows the SCRAM verifier.
     """
-    client: scram.ScramClient | None = None
+    client: ScramClient | None = None
     requested = False
     while True:
         code, data = await _read_request(chan)
@@ -95,7 +96,7 @@ async def authenticate_upstream(
                     "none of the upstream's SASL authentication mechanisms are supported: "
                     + ", ".join(mechanisms),
                 )
-            client = scram.ScramClient(password, user=user)
+            client = ScramClient(password, user=user)
             chan.write(m.sasl_initial_response(scram.MECHANISM, client.client_first()))
         else:
             name = _UNSUPPORTED.get(code, "unknown")
