@@ -1,6 +1,6 @@
 """pgproxy's own Python cost per transaction, without sockets, Postgres or a second process.
 
-Real :class:`~pgproxy.frontend.ClientSession` and :class:`~pgproxy.backend.ServerConnection`
+Real :class:`~pgproxy.client.session.ClientSession` and :class:`~pgproxy.backend.ServerConnection`
 objects are wired to in-memory transports; each transaction feeds the client a pgbench-style
 request and the server its canned reply, so what is timed is exactly the proxy's work between
 the two reads and the two writes a real transaction costs (the syscalls themselves are
@@ -17,13 +17,11 @@ import asyncio
 import cProfile
 import pstats
 import time
-from typing import Any
 
 from pgproxy.app import Proxy
-from pgproxy.backend import ServerConnection
-from pgproxy.config import parse_config
-from pgproxy.frontend import ClientSession
+from pgproxy.client.session import ClientSession
 from pgproxy.protocol import messages as m
+from pgproxy.testing.memory import memory_client, memory_proxy
 
 SYNC = m.message(m.SYNC)
 QUERY = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
@@ -45,63 +43,9 @@ REPLY = {
 }
 
 
-class MemoryTransport:
-    """Just enough of asyncio.Transport: writes are counted, then dropped."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.writes += 1
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
 async def _setup(clients: int, servers: int) -> tuple[Proxy, list[ClientSession]]:
-    config = parse_config(
-        {
-            "proxy": {"default_pool_size": servers, "log_level": "warning"},
-            "databases": {"*": {"url": "postgresql://127.0.0.1:1"}},
-        }
-    )
-    proxy = Proxy(config)
-    pool = proxy.pool_for("bench", "bench")
-    pool.server_params = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
-    for pid in range(servers):
-        server = ServerConnection(pool)
-        server.connection_made(MemoryTransport())  # type: ignore[arg-type]
-        server.pid = pid + 1
-        server.params = dict(pool.server_params)
-        server.ready = True
-        server.end_handshake()
-        pool.total += 1
-        pool.active.add(server)
-        pool.release(server)
-    sessions = []
-    for n in range(clients):
-        client = ClientSession(proxy)
-        client.transport = MemoryTransport()  # type: ignore[assignment]
-        client.user, client.database, client.pool = "bench", "bench", pool
-        client.vpid, client._logged_in = n + 1, True
-        client.reported = dict(pool.server_params)
-        client.end_handshake()
-        sessions.append(client)
-    return proxy, sessions
+    proxy, pool = memory_proxy(servers)
+    return proxy, [await memory_client(proxy, pool) for _ in range(clients)]
 
 
 def _prepare(sessions: list[ClientSession], protocol: str) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import secrets
-import signal
 import socket
 import ssl
 import sys
@@ -24,8 +22,8 @@ from pgproxy.auth import cbind
 from pgproxy.auth.credentials import PassThroughStore, UpstreamSecret, is_verifier
 from pgproxy.auth.query import AuthQuery
 from pgproxy.backend import UpstreamTls
-from pgproxy.config import Config, ConfigError, DatabaseConfig, load_config
-from pgproxy.frontend import ClientSession
+from pgproxy.client.session import ClientSession
+from pgproxy.config import Config, ConfigError, DatabaseConfig
 from pgproxy.pool.pool import Pool, PoolSettings
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
@@ -34,8 +32,6 @@ from pgproxy.pubsub.listener import Listener
 from pgproxy.unixsocket import UnixListener, socket_path, upstream_socket
 from pgproxy.wire import log
 from pgproxy.workers.peers import CancelPeers
-from pgproxy.workers.role import WorkerRole
-from pgproxy.workers.supervisor import serve_supervisor
 
 _VPID_BASE = 1 << 22
 _VPID_SPAN = (1 << 31) - 1 - _VPID_BASE
@@ -45,7 +41,7 @@ _RESTART_FIELDS = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket
 
 
 class Proxy:
-    # In a worker of a multi-process pgproxy (pgproxy.workers), set by _serve before start():
+    # In a worker of a multi-process pgproxy (pgproxy.workers), set by serve.py before start():
     # the cancel channel to the other workers, and the unix socket the supervisor bound.
     peers: CancelPeers | None = None
     inherited_unix: socket.socket | None = None
@@ -346,7 +342,7 @@ class Proxy:
         looked_up = user_cfg is None and bool(self.auth_query.auth_user(self.config, db))
         if not secret and not looked_up:
             return None, None  # no password anywhere: the upstream must trust this user
-        store, key = self.pass_through, (db.host, db.port, user)  # what frontend.py learns
+        store, key = self.pass_through, (db.host, db.port, user)  # what client/login.py learns
         return None, lambda: store.get(key)
 
     def _auth_pool(self, db: DatabaseConfig, dbname: str, auth_user: str) -> Pool:
@@ -442,64 +438,3 @@ def _cert_binding(config: Config) -> bytes | None:
     if settings.client_tls_mode == "disable":
         return None
     return cbind.certificate_file_hash(settings.client_tls_cert_file)
-
-
-def run(
-    config: Config, reload: Callable[[], Config] | None = None, role: WorkerRole | None = None
-) -> int:
-    """Run the proxy until SIGINT/SIGTERM; SIGHUP calls ``reload`` for a fresh config.
-
-    ``role``: this process is one of several workers (``pgproxy.workers``)."""
-    tag = "" if role is None else f"[worker {role.index}]"
-    logging.basicConfig(
-        level=config.proxy.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
-    )
-    if role is not None:  # Ctrl-C reaches the whole process group; the supervisor stops us
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import uvloop
-
-    load = reload or (lambda: load_config(config.source))
-    return int(uvloop.run(_serve(config, load, role)))
-
-
-async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | None = None) -> int:
-    try:
-        proxy = Proxy(config)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
-    if role is not None:
-        proxy.peers = CancelPeers(role)
-        if role.unix_fd >= 0:
-            proxy.inherited_unix = socket.socket(fileno=role.unix_fd)
-    try:
-        await proxy.start()
-        if proxy.peers is not None:
-            await proxy.peers.start(proxy.cancel_here)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.proxy.listen_host,
-                  config.proxy.listen_port, exc)  # fmt: skip
-        await proxy.stop()
-        return 1
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-
-    def reload() -> None:
-        try:
-            proxy.reload(load())
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    if role is None:
-        loop.add_signal_handler(signal.SIGINT, stopping.set)
-    else:
-        serve_supervisor(role, stopping.set)
-    await stopping.wait()
-    log.info("shutting down")
-    await proxy.stop()
-    if proxy.peers is not None:
-        await proxy.peers.close()
-    return 0

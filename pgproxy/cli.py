@@ -1,7 +1,7 @@
 """Command-line entry point.
 
 Only argument parsing and configuration loading live here; serving is delegated to
-``pgproxy.app.run``, imported lazily so ``--check``/``--version`` work without pulling
+``pgproxy.serve.run``, imported lazily so ``--check``/``--version`` work without pulling
 in the event loop and protocol machinery.
 """
 
@@ -126,6 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return supervise(config, argv, load)
     # Imported here so that --check and --version never load the event-loop machinery.
-    from pgproxy.app import run
+    from pgproxy.serve import run
 
     return run(config, reload=lambda: config_from_args(args), role=args.worker)

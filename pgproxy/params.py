@@ -19,6 +19,17 @@ from pgproxy.protocol.errors import PgError
 
 # Startup parameters that are not GUCs.
 NON_GUC_STARTUP_PARAMETERS = frozenset(("user", "database", "options", "replication"))
+# Reported parameters a client cannot SET; never synchronised between sessions.
+READ_ONLY_PARAMETERS = frozenset(
+    (
+        "in_hot_standby",
+        "integer_datetimes",
+        "is_superuser",
+        "server_encoding",
+        "server_version",
+        "session_authorization",
+    )
+)
 
 
 class ParamState:

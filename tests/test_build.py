@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 
 import pgproxy
-from pgproxy import backend, frontend, wire
+from pgproxy import backend, wire
+from pgproxy.client import session, stream
 
 
 def test_the_build_under_test_is_the_one_asked_for() -> None:
@@ -16,5 +17,5 @@ def test_the_build_under_test_is_the_one_asked_for() -> None:
         "scripts/test sets PGPROXY_EXPECT_COMPILED=1 for its compiled pass; "
         f"backend is {backend.__file__}"
     )
-    for module in (backend, frontend, wire):  # all hot modules come from the same build
+    for module in (backend, session, stream, wire):  # all hot modules come from the same build
         assert (module.__file__ or "").endswith(".so") is expected

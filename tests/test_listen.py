@@ -727,3 +727,20 @@ def _wait_until_true(predicate, timeout: float = 10.0) -> None:  # type: ignore[
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def test_an_earlier_failed_unit_never_drops_a_later_extended_listen(
+    proxy: ProxyThread, pg: PgCluster
+) -> None:
+    """A failed statement the pre-check flagged (no LISTEN in it) leaves no trace: the next
+    unit's LISTEN, sent in the extended protocol to a pooled server, takes hold."""
+    with RawClient(proxy.port) as c:
+        c.login()
+        assert error_of(c.query("SELECT 1/0 AS listen"))["C"] == "22012"
+        c.send(m.parse("", "LISTEN after_error") + m.bind("", "") + m.execute() + m.message(m.SYNC))
+        assert error_of(c.read_until_ready()) is None
+        with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+            direct.execute("NOTIFY after_error, 'heard'")
+        message = c.read_message()
+        assert message is not None and message[0] == "A"
+        assert message[1].endswith(b"after_error\0heard\0")

@@ -175,7 +175,7 @@ def test_a_tcp_client_without_a_peer_name_is_not_taken_for_a_local_one(
         abort = close
 
     def check(p: Any) -> tuple[bool, str]:
-        from pgproxy.frontend import ClientSession
+        from pgproxy.client.session import ClientSession
 
         client = ClientSession(p)
         client.connection_made(NoPeer())  # type: ignore[arg-type]

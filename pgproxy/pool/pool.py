@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any
 
 from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.backend import ServerConnection, UpstreamTls
@@ -23,18 +23,6 @@ from pgproxy.config import DatabaseConfig, PoolMode
 from pgproxy.protocol import errors
 from pgproxy.protocol.errors import PgError
 from pgproxy.wire import log
-
-# Reported parameters a client cannot SET; never synchronised between sessions.
-READ_ONLY_PARAMETERS: Final = frozenset(
-    (
-        "in_hot_standby",
-        "integer_datetimes",
-        "is_superuser",
-        "server_encoding",
-        "server_version",
-        "session_authorization",
-    )
-)
 
 
 @dataclass(frozen=True)
@@ -249,6 +237,41 @@ class Pool:
         else:
             self.active.discard(server)
             self.idle.append(server)
+
+    def give_back(
+        self, server: ServerConnection, spawn: Callable[[Coroutine[Any, Any, Any]], None]
+    ) -> None:
+        """Take back a server whose client has gone: reused only if provably clean (a rollback
+        and, in session mode, ``reset_query`` run first, in a task ``spawn`` starts)."""
+        flow = server.flow
+        if server.closed:
+            return
+        if flow.pending or flow.unsynced or flow.copy_in:
+            # Mid-query: its results would go nowhere and its state is unknown.
+            self.close_server(server)
+            return
+        cleanup = []
+        if flow.in_transaction:
+            cleanup.append("ROLLBACK")
+        if self.mode == "session" and self.settings.reset_query:
+            cleanup.append(self.settings.reset_query)
+        if not cleanup:
+            self.release(server)
+            return
+        server.unlink()
+        spawn(self._clean_and_release(server, cleanup))
+
+    async def _clean_and_release(self, server: ServerConnection, statements: list[str]) -> None:
+        try:
+            for sql in statements:
+                result = await server.run_internal(sql)
+                if result.error is not None:
+                    raise result.error
+        except (PgError, ConnectionError) as exc:
+            log.info("%r: cleanup failed (%s); closing", server, exc)
+            self.close_server(server)
+            return
+        self.release(server)
 
     def discard(self, server: ServerConnection) -> None:
         """Forget a server that is closed or about to be (idempotent)."""

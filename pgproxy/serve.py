@@ -1,0 +1,86 @@
+"""The pgproxy process: logging, the event loop, signals, and the worker role if it has one.
+
+Owns what happens between ``pgproxy.cli`` deciding to serve and the :class:`~pgproxy.app.Proxy`
+running: uvloop, SIGHUP (reload: an invalid file keeps the running configuration), SIGTERM and
+SIGINT (stop), and in a worker of a multi-process pgproxy the cancel channel to its peers and
+the supervisor's liveness pipe.
+
+Rule: signals are handled here and nowhere else; the proxy only offers the operations they
+trigger (``reload``, ``stop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable
+
+from pgproxy.app import Proxy
+from pgproxy.config import Config, ConfigError, load_config
+from pgproxy.wire import log
+from pgproxy.workers.peers import CancelPeers
+from pgproxy.workers.role import WorkerRole
+from pgproxy.workers.supervisor import serve_supervisor
+
+
+def run(
+    config: Config, reload: Callable[[], Config] | None = None, role: WorkerRole | None = None
+) -> int:
+    """Run the proxy until SIGINT/SIGTERM; SIGHUP calls ``reload`` for a fresh config.
+
+    ``role``: this process is one of several workers (``pgproxy.workers``)."""
+    tag = "" if role is None else f"[worker {role.index}]"
+    logging.basicConfig(
+        level=config.proxy.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
+    )
+    if role is not None:  # Ctrl-C reaches the whole process group; the supervisor stops us
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import uvloop
+
+    load = reload or (lambda: load_config(config.source))
+    return int(uvloop.run(_serve(config, load, role)))
+
+
+async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | None = None) -> int:
+    try:
+        proxy = Proxy(config)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return 2
+    if role is not None:
+        proxy.peers = CancelPeers(role)
+        if role.unix_fd >= 0:
+            proxy.inherited_unix = socket.socket(fileno=role.unix_fd)
+    try:
+        await proxy.start()
+        if proxy.peers is not None:
+            await proxy.peers.start(proxy.cancel_here)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.proxy.listen_host,
+                  config.proxy.listen_port, exc)  # fmt: skip
+        await proxy.stop()
+        return 1
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            proxy.reload(load())
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    if role is None:
+        loop.add_signal_handler(signal.SIGINT, stopping.set)
+    else:
+        serve_supervisor(role, stopping.set)
+    await stopping.wait()
+    log.info("shutting down")
+    await proxy.stop()
+    if proxy.peers is not None:
+        await proxy.peers.close()
+    return 0
