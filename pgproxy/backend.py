@@ -33,7 +33,7 @@ from mypy_extensions import trait  # a marker for the optional mypyc build (setu
 from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.auth.upstream import authenticate_upstream
 from pgproxy.params import ParamState
-from pgproxy.prepared import ReplyFilter, ServerStatements
+from pgproxy.prepared import UNNAMED_UNKNOWN, ReplyFilter, ServerStatements
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
@@ -68,10 +68,6 @@ _FILTERED: Final = type_table(_FILTERED_TYPES)
 _RFQ_ENDINGS: Final = frozenset(
     m.ready_for_query(s) for s in (m.IDLE, m.IN_TRANSACTION, m.FAILED_TRANSACTION)
 )
-
-
-# See ServerConnection.unnamed: matches no client's Parse body (compared by identity).
-UNNAMED_UNKNOWN = b"unknown unnamed statement"
 
 
 @trait
@@ -165,8 +161,6 @@ class ServerConnection(WireProtocol):
         "replies",
         "secret",
         "statements",
-        "unnamed",
-        "unnamed_unit",
         "watch_tags",
     )
 
@@ -200,14 +194,6 @@ class ServerConnection(WireProtocol):
         self._stalled = False  # a ReadyForQuery waits, unread, for the client (a fence)
         self.statements = ServerStatements(pool.settings.max_prepared_statements)
         self.replies = ReplyFilter()
-        # The Parse body (after the name) of the unnamed statement this server holds, the very
-        # object the client that sent it keeps (compared by identity); None if it holds none,
-        # UNNAMED_UNKNOWN if an error may have made the server skip what set it. A simple
-        # Query destroys it, internal work included. Another client's Bind of "" must never
-        # run it. ``unnamed_unit``: the unit of the message that set it (-1: settled), since
-        # until that unit is over an earlier error in it may yet skip that message.
-        self.unnamed: bytes | None = None
-        self.unnamed_unit = -1
         # The client parameter state (params.ParamState) this server's parameters were last
         # made to agree with; anything that may change them forgets it.
         self.param_state: ParamState | None = None
@@ -320,16 +306,17 @@ class ServerConnection(WireProtocol):
         Only call while the server owes its client nothing (between units).
         """
         fut: asyncio.Future[InternalResult] = asyncio.get_running_loop().create_future()
-        self._internal.append(_Internal(fut))
-        self.unnamed, self.unnamed_unit = None, -1
-        self.param_state = None
-        self.write(m.query(sql))
+        self._send_internal(_Internal(fut), sql)
         return fut
 
     def send_internal(self, sql: str) -> None:
         """Like run_internal, for work nobody waits on (a failure is logged)."""
-        self._internal.append(_Internal(None))
-        self.unnamed, self.unnamed_unit = None, -1
+        self._send_internal(_Internal(None), sql)
+
+    def _send_internal(self, item: _Internal, sql: str) -> None:
+        self._internal.append(item)
+        statements = self.statements  # a simple Query destroys the unnamed statement
+        statements.unnamed, statements.unnamed_unit = None, -1
         self.param_state = None
         self.write(m.query(sql))
 
@@ -555,8 +542,9 @@ class ServerConnection(WireProtocol):
                 # Held back: the client decides what to tell its user once the socket closes.
                 self._fatal = PgError.from_fields(fields)
                 return False, b"", False
-            if self.unnamed_unit == self.flow.done:
-                self.unnamed = UNNAMED_UNKNOWN  # what set it may have been skipped
+            statements = self.statements
+            if statements.unnamed_unit == self.flow.done:
+                statements.unnamed = UNNAMED_UNKNOWN  # what set it may have been skipped
             reworded = b""
             if self.replies:
                 fixed = self.replies.reword(fields, self.flow.done)
@@ -665,7 +653,7 @@ class ServerConnection(WireProtocol):
 
     def link(self, client: ServerLink) -> None:
         self.client = client
-        self.unnamed_unit = -1  # the last client's units are all over: settled
+        self.statements.unnamed_unit = -1  # the last client's units are all over: settled
         self.flow.reset()
         replies = self.replies
         if replies.entries or replies.rewrites:

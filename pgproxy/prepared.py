@@ -1,5 +1,8 @@
 """Named prepared statements in transaction mode: client names, server names, server caches.
 
+(A server's cache, :class:`ServerStatements`, also says whose Parse its unnamed statement is,
+so that one client's Bind of "" never runs another client's statement.)
+
 Theory of operation. A client's statement ``s1`` is known to the proxy by its Parse body (query
 text and parameter types). On servers it lives under a proxy-wide name derived from that body, so
 two clients' ``s1`` never collide and identical statements are shared. Before a Bind or
@@ -53,14 +56,27 @@ def statement_for(parse_tail: bytes) -> Statement:
     return Statement(server_name, parse_tail, server_name.encode() + b"\0")
 
 
-class ServerStatements:
-    """The proxy-named statements one server holds, least recently used first."""
+# See ServerStatements.unnamed: matches no client's Parse body (compared by identity).
+UNNAMED_UNKNOWN = b"unknown unnamed statement"
 
-    __slots__ = ("_names", "limit")
+
+class ServerStatements:
+    """The statements one server holds: the proxy-named ones, least recently used first, and
+    which client Parse its unnamed statement came from."""
+
+    __slots__ = ("_names", "limit", "unnamed", "unnamed_unit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._names: OrderedDict[str, None] = OrderedDict()
+        # The Parse body (after the name) of the unnamed statement this server holds, the very
+        # object the client that sent it keeps (compared by identity); None if it holds none,
+        # UNNAMED_UNKNOWN if an error may have made the server skip what set it. A simple
+        # Query destroys it, internal work included. Another client's Bind of "" must never
+        # run it. ``unnamed_unit``: the unit of the message that set it (-1: settled), since
+        # until that unit is over an earlier error in it may yet skip that message.
+        self.unnamed: bytes | None = None
+        self.unnamed_unit = -1
 
     def __contains__(self, name: str) -> bool:
         if name in self._names:
@@ -82,6 +98,7 @@ class ServerStatements:
         self._names.pop(name, None)
 
     def clear(self) -> None:
+        """Forget the named statements (the unnamed one is tracked apart)."""
         self._names.clear()
 
     def __len__(self) -> int:
