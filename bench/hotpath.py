@@ -83,7 +83,7 @@ async def _setup(clients: int, servers: int) -> tuple[Proxy, list[ClientSession]
     pool = proxy.pool_for("bench", "bench")
     pool.server_params = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
     for pid in range(servers):
-        server = ServerConnection(pool)
+        server = ServerConnection(pool, pool.settings.max_prepared_statements)
         server.connection_made(MemoryTransport())  # type: ignore[arg-type]
         server.pid = pid + 1
         server.params = dict(pool.server_params)

@@ -1,7 +1,7 @@
-"""One upstream server connection: connect, authenticate, forward replies, run proxy work.
+"""One upstream server connection, once open (server_open.py): forward replies, run proxy work.
 
-Theory of operation. A server connection belongs to one pool for its whole life and is in one
-of three situations:
+Theory of operation. A server connection belongs to one pool, its ``ServerHome``, for its whole
+life and is in one of three situations:
 
 * **linked** to a client session (``client`` is set): its replies are forwarded to that client
   in runs of bytes; only ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse and
@@ -15,23 +15,24 @@ of three situations:
 
 Release decisions are taken after a whole chunk has been processed: bytes that follow the
 releasing ReadyForQuery in the same chunk are idle-time messages and must not reach the client.
+
+What keeps it honest: a server knows its client only as a ``ServerLink`` and its pool only as a
+``ServerHome``, both declared here, so this module imports neither (pgproxy.pool imports it,
+as does server_open.py, which opens servers and is never imported back).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from mypy_extensions import trait  # a marker for the optional mypyc build (setup.py)
 
-from pgproxy.auth.credentials import UpstreamSecret
-from pgproxy.auth.upstream import authenticate_upstream
+from pgproxy.config import PoolMode
 from pgproxy.params import ParamState
 from pgproxy.prepared import UNNAMED_UNKNOWN, ReplyFilter, ServerStatements
 from pgproxy.protocol import errors
@@ -39,11 +40,7 @@ from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.protocol.flow import FlowError, ServerFlow
 from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT, length_at, type_table
-from pgproxy.unixsocket import upstream_socket
 from pgproxy.wire import WireProtocol, log
-
-if TYPE_CHECKING:
-    from pgproxy.pool.pool import Pool
 
 # Message types looked at, as framing.type_table()s.
 _INSPECTED: Final = (
@@ -107,18 +104,28 @@ class ServerLink:
         """An ErrorResponse passed by (only while the server's ``watch_tags`` is set)."""
 
 
-@dataclass(frozen=True)
-class UpstreamTls:
-    context: ssl.SSLContext
-    required: bool  # False: "prefer" (plaintext if the server says no)
+@trait
+class ServerHome:
+    """What a server needs from the pool it belongs to for its whole life (implemented by
+    pool.Pool, which backend.py never imports)."""
 
+    __slots__ = ()
 
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    # Attributes, not properties: ``mode`` is read for every client message (frontend.py).
+    name: str
+    mode: PoolMode
+
+    def release(self, server: ServerConnection) -> None:
+        """Take the server back from its client: it owes nothing to anyone."""
+        raise NotImplementedError
+
+    def discard(self, server: ServerConnection) -> None:
+        """Forget a server that is closed or about to be (idempotent)."""
+        raise NotImplementedError
+
+    def close_server(self, server: ServerConnection) -> None:
+        """Take the server out of use for good and close it."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -164,7 +171,7 @@ class ServerConnection(WireProtocol):
         "watch_tags",
     )
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: ServerHome, max_prepared_statements: int) -> None:
         super().__init__()
         self.pool = pool
         self.params: dict[str, str] = {}  # reported parameters, as the server last said
@@ -192,7 +199,7 @@ class ServerConnection(WireProtocol):
         # Set while the linked client has LISTEN/UNLISTEN effects awaiting COMMIT or ROLLBACK.
         self.watch_tags = False
         self._stalled = False  # a ReadyForQuery waits, unread, for the client (a fence)
-        self.statements = ServerStatements(pool.settings.max_prepared_statements)
+        self.statements = ServerStatements(max_prepared_statements)
         self.replies = ReplyFilter()
         # The client parameter state (params.ParamState) this server's parameters were last
         # made to agree with; anything that may change them forgets it.
@@ -200,103 +207,6 @@ class ServerConnection(WireProtocol):
 
     def __repr__(self) -> str:
         return f"<server pid={self.pid} pool={self.pool.name}>"
-
-    # --- opening -----------------------------------------------------------------------------
-
-    @classmethod
-    async def open(
-        cls,
-        pool: Pool,
-        host: str,
-        port: int,
-        params: dict[str, str],
-        password: UpstreamSecret | None,
-        tls: UpstreamTls | None = None,
-    ) -> ServerConnection:
-        """Connect and authenticate; raises PgError (with the server's SQLSTATE when it said no).
-
-        A ``host`` starting with ``/`` is a unix socket directory, as in libpq, and as libpq
-        does there, no TLS is tried on it (the bytes never leave the host)."""
-        loop = asyncio.get_running_loop()
-        path = upstream_socket(host, port)
-        try:
-            if path is not None:
-                _, conn = await loop.create_unix_connection(lambda: cls(pool), path)
-            else:
-                _, conn = await loop.create_connection(lambda: cls(pool), host, port)
-        except OSError as exc:
-            raise PgError(
-                errors.CONNECTION_FAILURE,
-                f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
-            ) from exc
-        try:
-            if tls is not None and path is None:
-                await conn._negotiate_tls(tls, host)
-            await conn._handshake(params, password)
-        except BaseException:
-            conn.abort()
-            raise
-        return conn
-
-    async def _negotiate_tls(self, tls: UpstreamTls, host: str) -> None:
-        self.write(m.ssl_request())
-        try:
-            answer = await self.read_byte()
-        except ConnectionError as exc:
-            raise PgError(
-                errors.CONNECTION_FAILURE, f"upstream closed during SSLRequest: {exc}"
-            ) from exc
-        if answer == b"S":
-            if self.has_buffered_input():
-                # Bytes sent before the handshake would be trusted as if encrypted
-                # (CVE-2021-23222 in libpq).
-                raise PgError(
-                    errors.PROTOCOL_VIOLATION, "received unencrypted data after SSL response"
-                )
-            name = None if _is_ip_address(host) else host  # SNI only for names
-            try:
-                await self.start_tls(tls.context, server_side=False, server_hostname=name or host)
-            except (ssl.SSLError, OSError, ConnectionError) as exc:
-                raise PgError(
-                    errors.CONNECTION_FAILURE, f"TLS handshake with upstream {host} failed: {exc}"
-                ) from exc
-        elif answer == b"N":
-            if tls.required:
-                raise PgError(
-                    errors.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                    f"upstream {host} does not support TLS, but server_tls_mode requires it",
-                )
-        else:
-            raise PgError(errors.PROTOCOL_VIOLATION, f"unexpected answer {answer!r} to SSLRequest")
-
-    async def _handshake(self, params: dict[str, str], password: UpstreamSecret | None) -> None:
-        self.write(m.startup_message(params))
-        try:
-            await authenticate_upstream(self, params["user"], password)
-            while True:
-                type_, body = await self.read_message(LARGE_MESSAGE_LIMIT)
-                if type_ == m.PARAMETER_STATUS:
-                    name, value = m.parse_parameter_status(body)
-                    self.params[name] = value
-                elif type_ == m.BACKEND_KEY_DATA:
-                    self.pid, self.secret = m.parse_backend_key_data(body)
-                elif type_ == m.READY_FOR_QUERY:
-                    break
-                elif type_ == m.ERROR_RESPONSE:
-                    raise PgError.from_fields(m.parse_error_fields(body))
-                elif type_ in (m.NOTICE_RESPONSE, m.NEGOTIATE_PROTOCOL_VERSION):
-                    continue
-                else:
-                    raise PgError(
-                        errors.PROTOCOL_VIOLATION,
-                        f"unexpected message {chr(type_)!r} from upstream during startup",
-                    )
-        except (ConnectionError, m.ProtocolError) as exc:
-            raise PgError(
-                errors.CONNECTION_FAILURE, f"upstream server closed the connection: {exc}"
-            ) from exc
-        self.ready = True
-        self.end_handshake()
 
     # --- internal work -----------------------------------------------------------------------
 
