@@ -1,4 +1,7 @@
-"""One upstream server connection, once open (server_open.py): forward replies, run proxy work.
+"""One pooled upstream server connection, once open: whom it serves, and how its replies get there.
+
+The session itself (parameters, statements, protocol position) and the proxy's own queries on it
+are the ServerSession base class's (server_session.py); opening it is server_open.py's.
 
 Theory of operation. A server connection belongs to one pool, its ``ServerHome``, for its whole
 life and is in one of three situations:
@@ -23,23 +26,20 @@ as does server_open.py, which opens servers and is never imported back).
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Final
 
 from mypy_extensions import trait  # a marker for the optional mypyc build (setup.py)
 
 from pgproxy.config import PoolMode
-from pgproxy.params import ParamState
-from pgproxy.prepared import UNNAMED_UNKNOWN, ReplyFilter, ServerStatements
+from pgproxy.prepared import UNNAMED_UNKNOWN, ReplyFilter
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
-from pgproxy.protocol.flow import FlowError, ServerFlow
+from pgproxy.protocol.flow import FlowError
 from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT, length_at, type_table
+from pgproxy.server_session import ServerSession
 from pgproxy.wire import WireProtocol, log
 
 # Message types looked at, as framing.type_table()s.
@@ -128,24 +128,10 @@ class ServerHome:
         raise NotImplementedError
 
 
-@dataclass
-class InternalResult:
-    error: PgError | None = None
-    params: dict[str, str] = field(default_factory=dict)
+class ServerConnection(ServerSession):
+    """A server of one pool (``pool``), lent to one client at a time (``client``)."""
 
-
-class _Internal:
-    __slots__ = ("future", "result")
-
-    def __init__(self, future: asyncio.Future[InternalResult] | None) -> None:
-        self.future = future
-        self.result = InternalResult()
-
-
-class ServerConnection(WireProtocol):
     __slots__ = (
-        "_fatal",
-        "_internal",
         "_need",
         "_partial",
         "_passthrough",
@@ -153,86 +139,29 @@ class ServerConnection(WireProtocol):
         "cancels_in_flight",
         "client",
         "created_at",
-        "flow",
         "idle_since",
-        "lost_callback",
-        "needs_unlisten",
-        "notification_sink",
-        "notifications_done",
-        "param_state",
-        "params",
-        "pid",
         "pool",
-        "proxy_set",
-        "ready",
         "replies",
-        "secret",
-        "statements",
         "watch_tags",
     )
 
     def __init__(self, pool: ServerHome, max_prepared_statements: int) -> None:
-        super().__init__()
+        super().__init__(max_prepared_statements)
         self.pool = pool
-        self.params: dict[str, str] = {}  # reported parameters, as the server last said
-        self.proxy_set: dict[str, str] = {}  # unreported parameters the proxy SET here
-        self.pid = 0
-        self.secret = b""
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
         self.client: ServerLink | None = None
-        self.flow = ServerFlow()
         self.cancels_in_flight = 0
-        self.ready = False  # handshake done
-        self._internal: deque[_Internal] = deque()
         self._partial = bytearray()
         self._need = 0
         self._passthrough = 0
-        self._fatal: PgError | None = None
-        # The listener connection routes notifications and its loss here; pooled servers don't.
-        self.notification_sink: Callable[[bytes], None] | None = None
-        self.notifications_done: Callable[[], None] | None = None  # after each read with some
-        self.lost_callback: Callable[[PgError], None] | None = None
-        # True once this server may be LISTENing (a forwarded LISTEN, a stray notification):
-        # it runs UNLISTEN * before anyone else gets it (PROTOCOL-NOTES 11).
-        self.needs_unlisten = False
         # Set while the linked client has LISTEN/UNLISTEN effects awaiting COMMIT or ROLLBACK.
         self.watch_tags = False
         self._stalled = False  # a ReadyForQuery waits, unread, for the client (a fence)
-        self.statements = ServerStatements(max_prepared_statements)
         self.replies = ReplyFilter()
-        # The client parameter state (params.ParamState) this server's parameters were last
-        # made to agree with; anything that may change them forgets it.
-        self.param_state: ParamState | None = None
 
     def __repr__(self) -> str:
         return f"<server pid={self.pid} pool={self.pool.name}>"
-
-    # --- internal work -----------------------------------------------------------------------
-
-    def run_internal(self, sql: str) -> asyncio.Future[InternalResult]:
-        """Send ``sql`` as its own Query and get its outcome; its replies are swallowed.
-
-        Only call while the server owes its client nothing (between units).
-        """
-        fut: asyncio.Future[InternalResult] = asyncio.get_running_loop().create_future()
-        self._send_internal(_Internal(fut), sql)
-        return fut
-
-    def send_internal(self, sql: str) -> None:
-        """Like run_internal, for work nobody waits on (a failure is logged)."""
-        self._send_internal(_Internal(None), sql)
-
-    def _send_internal(self, item: _Internal, sql: str) -> None:
-        self._internal.append(item)
-        statements = self.statements  # a simple Query destroys the unnamed statement
-        statements.unnamed, statements.unnamed_unit = None, -1
-        self.param_state = None
-        self.write(m.query(sql))
-
-    @property
-    def busy_internally(self) -> bool:
-        return bool(self._internal)
 
     # --- streaming ---------------------------------------------------------------------------
 
@@ -481,28 +410,6 @@ class ServerConnection(WireProtocol):
         self.flow.server_copy_in()
         return True, b"", False
 
-    def _internal_message(self, type_: int, body: bytes) -> None:
-        item = self._internal[0]
-        if type_ == m.READY_FOR_QUERY:
-            self._internal.popleft()
-            self.flow.status = body[0] if body else m.IDLE
-            if item.future is not None and not item.future.done():
-                item.future.set_result(item.result)
-            elif item.result.error is not None:
-                log.warning("%r: internal query failed: %s", self, item.result.error.message)
-        elif type_ == m.PARAMETER_STATUS:
-            name, value = m.parse_parameter_status(body)
-            self.params[name] = value
-            item.result.params[name] = value
-        elif type_ == m.ERROR_RESPONSE:
-            err = PgError.from_fields(m.parse_error_fields(body))
-            if err.fatal:
-                self._fatal = err
-            elif item.result.error is None:
-                item.result.error = err
-        elif type_ == m.NOTIFICATION_RESPONSE:
-            self._stray_notification(body)
-
     def _idle_message(self, type_: int, body: bytes) -> None:
         if type_ == m.PARAMETER_STATUS:
             name, value = m.parse_parameter_status(body)
@@ -521,22 +428,6 @@ class ServerConnection(WireProtocol):
             log.warning("%r: unexpected message %r while idle; closing", self, chr(type_))
             self.pool.close_server(self)
 
-    def _stray_notification(self, body: bytes) -> None:
-        if self.notification_sink is not None:
-            self.notification_sink(body)
-        else:
-            self.needs_unlisten = True  # a leftover LISTEN; the listener path delivers
-
-    def abort_with(self, error: PgError) -> None:
-        """Drop the connection now; ``error`` is what its client or owner is told."""
-        self._fatal = error
-        self.abort()
-
-    def _protocol_failure(self, why: str) -> None:
-        log.error("%r: %s; closing", self, why)
-        self._fatal = PgError(errors.PROTOCOL_VIOLATION, why)
-        self.abort()
-
     # --- teardown ----------------------------------------------------------------------------
 
     def on_lost(self, exc: Exception | None) -> None:
@@ -545,10 +436,7 @@ class ServerConnection(WireProtocol):
             "server closed the connection unexpectedly",
             detail=str(exc) if exc else None,
         )
-        for item in self._internal:
-            if item.future is not None and not item.future.done():
-                item.future.set_exception(error)
-        self._internal.clear()
+        self._internal_lost(error)
         client = self.client
         self.client = None
         self.pool.discard(self)
