@@ -1025,7 +1025,7 @@ class ClientSession(WireProtocol, ServerLink):
             self.statements.pop(name, None)
             if not name:
                 self._unnamed = None
-                server.unnamed, server.unnamed_unit = None, unit
+                server.statements.unnamed, server.statements.unnamed_unit = None, unit
         server.replies.expect(m.CLOSE_COMPLETE, False, unit)
         return None
 
@@ -1068,7 +1068,7 @@ class ClientSession(WireProtocol, ServerLink):
     def _query_forwarded(self, server: ServerConnection) -> None:
         """A simple Query destroys the unnamed statement, on the server and for the client."""
         self._unnamed = None
-        server.unnamed, server.unnamed_unit = None, server.flow.sent
+        server.statements.unnamed, server.statements.unnamed_unit = None, server.flow.sent
 
     def _deallocate(self, server: ServerConnection, name: str, stmt: prepared.Statement) -> bytes:
         """SQL ``DEALLOCATE name`` of a protocol-level statement: the server knows it by its
@@ -1102,7 +1102,7 @@ class ClientSession(WireProtocol, ServerLink):
                 if isinstance(effect, sql.SessionState):
                     if self._unsupported_state(effect):
                         # the server drops it before parsing
-                        server.unnamed, server.unnamed_unit = None, unit
+                        server.statements.unnamed, server.statements.unnamed_unit = None, unit
                         return self._provoke_error(server, effect, m.parse("", _PROVOKE, []))
                 elif isinstance(
                     effect, sql.Listen | sql.Unlisten | sql.SetParameter | sql.ResetAll
@@ -1116,8 +1116,8 @@ class ClientSession(WireProtocol, ServerLink):
         elif self._sub_statements:
             self._sub_statements.pop(name, None)
         if not name:
-            self._unnamed = server.unnamed = tail
-            server.unnamed_unit = unit
+            self._unnamed = server.statements.unnamed = tail
+            server.statements.unnamed_unit = unit
             replies.expect(m.PARSE_COMPLETE, False, unit)
             return None
         stmt = self.statements.get(name)
@@ -1179,17 +1179,18 @@ class ClientSession(WireProtocol, ServerLink):
         tail = self._unnamed
         # Trusted only if set in this unit (skipped together with this message, if at all)
         # or in a unit that is over (an error there would have marked it unknown).
-        settled = server.unnamed_unit == unit or server.unnamed_unit < server.flow.done
-        if settled and server.unnamed is tail:  # identity: this client's very Parse, or None
+        cache = server.statements
+        settled = cache.unnamed_unit == unit or cache.unnamed_unit < server.flow.done
+        if settled and cache.unnamed is tail:  # identity: this client's very Parse, or None
             return b""
-        server.unnamed_unit = unit
+        cache.unnamed_unit = unit
         if tail is None:
             # The client has none: make sure the server fails as Postgres would (26000).
             server.replies.expect(m.CLOSE_COMPLETE, True, unit)
-            server.unnamed = None
+            cache.unnamed = None
             return m.close("S", "")
         server.replies.expect(m.PARSE_COMPLETE, True, unit)
-        server.unnamed = tail
+        cache.unnamed = tail
         return m.message(m.PARSE, b"\0" + tail)
 
     def _ensure_prepared(
