@@ -33,7 +33,7 @@ from pgproxy import precheck, prepared, sql, tls
 from pgproxy.auth import hba
 from pgproxy.auth.frontend import TRUST, authenticate_client
 from pgproxy.backend import ServerConnection, ServerLink
-from pgproxy.pool.pool import READ_ONLY_PARAMETERS, Pool, ServerRequest
+from pgproxy.pool.pool import READ_ONLY_PARAMETERS, Pool, ServerRequest, pool_of
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError, fatal
@@ -228,7 +228,7 @@ class ClientSession(WireProtocol, ServerLink):
 
     def _give_back(self, server: ServerConnection) -> None:
         """Return a server whose client has gone: reuse it only if it is provably clean."""
-        pool = server.pool
+        pool = pool_of(server)
         flow = server.flow
         if server.closed:
             return
