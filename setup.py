@@ -19,6 +19,7 @@ from setuptools import setup
 COMPILED = [
     "pgproxy/wire.py",
     "pgproxy/backend.py",
+    "pgproxy/server_session.py",  # ServerConnection's base class: a native class needs native bases
     "pgproxy/client/stream.py",
     "pgproxy/client/units.py",
     "pgproxy/client/session.py",

@@ -21,14 +21,14 @@ from pgproxy import compiled, tls
 from pgproxy.auth import cbind
 from pgproxy.auth.credentials import PassThroughStore, UpstreamSecret, is_verifier
 from pgproxy.auth.query import AuthQuery
-from pgproxy.backend import UpstreamTls
 from pgproxy.client.session import ClientSession
 from pgproxy.config import Config, ConfigError, DatabaseConfig
-from pgproxy.pool.pool import Pool, PoolSettings
+from pgproxy.pool.pool import Pool, PoolSettings, pool_of
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.pubsub.listener import Listener
+from pgproxy.server_open import UpstreamTls
 from pgproxy.unixsocket import UnixListener, socket_path, upstream_socket
 from pgproxy.wire import log
 from pgproxy.workers.peers import CancelPeers
@@ -196,7 +196,7 @@ class Proxy:
         if server is None or server.flow.idle:
             return
         server.cancels_in_flight += 1
-        self.spawn(self._send_cancel(server.pool, server.pid, server.secret, server))
+        self.spawn(self._send_cancel(pool_of(server), server.pid, server.secret, server))
 
     async def _send_cancel(self, pool: Pool, pid: int, secret: bytes, server: Any) -> None:
         try:

@@ -1,7 +1,10 @@
-"""One upstream server connection: connect, authenticate, forward replies, run proxy work.
+"""One pooled upstream server connection, once open: whom it serves, and how its replies get there.
 
-Theory of operation. A server connection belongs to one pool for its whole life and is in one
-of three situations:
+The session itself (parameters, statements, protocol position) and the proxy's own queries on it
+are the ServerSession base class's (server_session.py); opening it is server_open.py's.
+
+Theory of operation. A server connection belongs to one pool, its ``ServerHome``, for its whole
+life and is in one of three situations:
 
 * **linked** to a client session (``client`` is set): its replies are forwarded to that client
   in runs of bytes; only ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse and
@@ -15,35 +18,29 @@ of three situations:
 
 Release decisions are taken after a whole chunk has been processed: bytes that follow the
 releasing ReadyForQuery in the same chunk are idle-time messages and must not reach the client.
+
+What keeps it honest: a server knows its client only as a ``ServerLink`` and its pool only as a
+``ServerHome``, both declared here, so this module imports neither (pgproxy.pool imports it,
+as does server_open.py, which opens servers and is never imported back).
 """
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import ssl
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from mypy_extensions import trait  # a marker for the optional mypyc build (setup.py)
 
-from pgproxy.auth.credentials import UpstreamSecret
-from pgproxy.auth.upstream import authenticate_upstream
-from pgproxy.params import ParamState
-from pgproxy.prepared import UNNAMED_UNKNOWN, ReplyFilter, ServerStatements
+from pgproxy.config import PoolMode
+from pgproxy.prepared import UNNAMED_UNKNOWN, ReplyFilter
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
-from pgproxy.protocol.flow import FlowError, ServerFlow
+from pgproxy.protocol.flow import FlowError
 from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT, length_at, type_table
-from pgproxy.unixsocket import upstream_socket
+from pgproxy.server_session import ServerSession
 from pgproxy.wire import WireProtocol, log
-
-if TYPE_CHECKING:
-    from pgproxy.pool.pool import Pool
 
 # Message types looked at, as framing.type_table()s.
 _INSPECTED: Final = (
@@ -107,38 +104,34 @@ class ServerLink:
         """An ErrorResponse passed by (only while the server's ``watch_tags`` is set)."""
 
 
-@dataclass(frozen=True)
-class UpstreamTls:
-    context: ssl.SSLContext
-    required: bool  # False: "prefer" (plaintext if the server says no)
+@trait
+class ServerHome:
+    """What a server needs from the pool it belongs to for its whole life (implemented by
+    pool.Pool, which backend.py never imports)."""
+
+    __slots__ = ()
+
+    # Attributes, not properties: ``mode`` is read for every client message (frontend.py).
+    name: str
+    mode: PoolMode
+
+    def release(self, server: ServerConnection) -> None:
+        """Take the server back from its client: it owes nothing to anyone."""
+        raise NotImplementedError
+
+    def discard(self, server: ServerConnection) -> None:
+        """Forget a server that is closed or about to be (idempotent)."""
+        raise NotImplementedError
+
+    def close_server(self, server: ServerConnection) -> None:
+        """Take the server out of use for good and close it."""
+        raise NotImplementedError
 
 
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+class ServerConnection(ServerSession):
+    """A server of one pool (``pool``), lent to one client at a time (``client``)."""
 
-
-@dataclass
-class InternalResult:
-    error: PgError | None = None
-    params: dict[str, str] = field(default_factory=dict)
-
-
-class _Internal:
-    __slots__ = ("future", "result")
-
-    def __init__(self, future: asyncio.Future[InternalResult] | None) -> None:
-        self.future = future
-        self.result = InternalResult()
-
-
-class ServerConnection(WireProtocol):
     __slots__ = (
-        "_fatal",
-        "_internal",
         "_need",
         "_partial",
         "_passthrough",
@@ -146,183 +139,29 @@ class ServerConnection(WireProtocol):
         "cancels_in_flight",
         "client",
         "created_at",
-        "flow",
         "idle_since",
-        "lost_callback",
-        "needs_unlisten",
-        "notification_sink",
-        "notifications_done",
-        "param_state",
-        "params",
-        "pid",
         "pool",
-        "proxy_set",
-        "ready",
         "replies",
-        "secret",
-        "statements",
         "watch_tags",
     )
 
-    def __init__(self, pool: Pool) -> None:
-        super().__init__()
+    def __init__(self, pool: ServerHome, max_prepared_statements: int) -> None:
+        super().__init__(max_prepared_statements)
         self.pool = pool
-        self.params: dict[str, str] = {}  # reported parameters, as the server last said
-        self.proxy_set: dict[str, str] = {}  # unreported parameters the proxy SET here
-        self.pid = 0
-        self.secret = b""
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
         self.client: ServerLink | None = None
-        self.flow = ServerFlow()
         self.cancels_in_flight = 0
-        self.ready = False  # handshake done
-        self._internal: deque[_Internal] = deque()
         self._partial = bytearray()
         self._need = 0
         self._passthrough = 0
-        self._fatal: PgError | None = None
-        # The listener connection routes notifications and its loss here; pooled servers don't.
-        self.notification_sink: Callable[[bytes], None] | None = None
-        self.notifications_done: Callable[[], None] | None = None  # after each read with some
-        self.lost_callback: Callable[[PgError], None] | None = None
-        # True once this server may be LISTENing (a forwarded LISTEN, a stray notification):
-        # it runs UNLISTEN * before anyone else gets it (PROTOCOL-NOTES 11).
-        self.needs_unlisten = False
         # Set while the linked client has LISTEN/UNLISTEN effects awaiting COMMIT or ROLLBACK.
         self.watch_tags = False
         self._stalled = False  # a ReadyForQuery waits, unread, for the client (a fence)
-        self.statements = ServerStatements(pool.settings.max_prepared_statements)
         self.replies = ReplyFilter()
-        # The client parameter state (params.ParamState) this server's parameters were last
-        # made to agree with; anything that may change them forgets it.
-        self.param_state: ParamState | None = None
 
     def __repr__(self) -> str:
         return f"<server pid={self.pid} pool={self.pool.name}>"
-
-    # --- opening -----------------------------------------------------------------------------
-
-    @classmethod
-    async def open(
-        cls,
-        pool: Pool,
-        host: str,
-        port: int,
-        params: dict[str, str],
-        password: UpstreamSecret | None,
-        tls: UpstreamTls | None = None,
-    ) -> ServerConnection:
-        """Connect and authenticate; raises PgError (with the server's SQLSTATE when it said no).
-
-        A ``host`` starting with ``/`` is a unix socket directory, as in libpq, and as libpq
-        does there, no TLS is tried on it (the bytes never leave the host)."""
-        loop = asyncio.get_running_loop()
-        path = upstream_socket(host, port)
-        try:
-            if path is not None:
-                _, conn = await loop.create_unix_connection(lambda: cls(pool), path)
-            else:
-                _, conn = await loop.create_connection(lambda: cls(pool), host, port)
-        except OSError as exc:
-            raise PgError(
-                errors.CONNECTION_FAILURE,
-                f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
-            ) from exc
-        try:
-            if tls is not None and path is None:
-                await conn._negotiate_tls(tls, host)
-            await conn._handshake(params, password)
-        except BaseException:
-            conn.abort()
-            raise
-        return conn
-
-    async def _negotiate_tls(self, tls: UpstreamTls, host: str) -> None:
-        self.write(m.ssl_request())
-        try:
-            answer = await self.read_byte()
-        except ConnectionError as exc:
-            raise PgError(
-                errors.CONNECTION_FAILURE, f"upstream closed during SSLRequest: {exc}"
-            ) from exc
-        if answer == b"S":
-            if self.has_buffered_input():
-                # Bytes sent before the handshake would be trusted as if encrypted
-                # (CVE-2021-23222 in libpq).
-                raise PgError(
-                    errors.PROTOCOL_VIOLATION, "received unencrypted data after SSL response"
-                )
-            name = None if _is_ip_address(host) else host  # SNI only for names
-            try:
-                await self.start_tls(tls.context, server_side=False, server_hostname=name or host)
-            except (ssl.SSLError, OSError, ConnectionError) as exc:
-                raise PgError(
-                    errors.CONNECTION_FAILURE, f"TLS handshake with upstream {host} failed: {exc}"
-                ) from exc
-        elif answer == b"N":
-            if tls.required:
-                raise PgError(
-                    errors.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                    f"upstream {host} does not support TLS, but server_tls_mode requires it",
-                )
-        else:
-            raise PgError(errors.PROTOCOL_VIOLATION, f"unexpected answer {answer!r} to SSLRequest")
-
-    async def _handshake(self, params: dict[str, str], password: UpstreamSecret | None) -> None:
-        self.write(m.startup_message(params))
-        try:
-            await authenticate_upstream(self, params["user"], password)
-            while True:
-                type_, body = await self.read_message(LARGE_MESSAGE_LIMIT)
-                if type_ == m.PARAMETER_STATUS:
-                    name, value = m.parse_parameter_status(body)
-                    self.params[name] = value
-                elif type_ == m.BACKEND_KEY_DATA:
-                    self.pid, self.secret = m.parse_backend_key_data(body)
-                elif type_ == m.READY_FOR_QUERY:
-                    break
-                elif type_ == m.ERROR_RESPONSE:
-                    raise PgError.from_fields(m.parse_error_fields(body))
-                elif type_ in (m.NOTICE_RESPONSE, m.NEGOTIATE_PROTOCOL_VERSION):
-                    continue
-                else:
-                    raise PgError(
-                        errors.PROTOCOL_VIOLATION,
-                        f"unexpected message {chr(type_)!r} from upstream during startup",
-                    )
-        except (ConnectionError, m.ProtocolError) as exc:
-            raise PgError(
-                errors.CONNECTION_FAILURE, f"upstream server closed the connection: {exc}"
-            ) from exc
-        self.ready = True
-        self.end_handshake()
-
-    # --- internal work -----------------------------------------------------------------------
-
-    def run_internal(self, sql: str) -> asyncio.Future[InternalResult]:
-        """Send ``sql`` as its own Query and get its outcome; its replies are swallowed.
-
-        Only call while the server owes its client nothing (between units).
-        """
-        fut: asyncio.Future[InternalResult] = asyncio.get_running_loop().create_future()
-        self._send_internal(_Internal(fut), sql)
-        return fut
-
-    def send_internal(self, sql: str) -> None:
-        """Like run_internal, for work nobody waits on (a failure is logged)."""
-        self._send_internal(_Internal(None), sql)
-
-    def _send_internal(self, item: _Internal, sql: str) -> None:
-        self._internal.append(item)
-        statements = self.statements  # a simple Query destroys the unnamed statement
-        statements.unnamed, statements.unnamed_unit = None, -1
-        self.param_state = None
-        self.write(m.query(sql))
-
-    @property
-    def busy_internally(self) -> bool:
-        return bool(self._internal)
 
     # --- streaming ---------------------------------------------------------------------------
 
@@ -571,28 +410,6 @@ class ServerConnection(WireProtocol):
         self.flow.server_copy_in()
         return True, b"", False
 
-    def _internal_message(self, type_: int, body: bytes) -> None:
-        item = self._internal[0]
-        if type_ == m.READY_FOR_QUERY:
-            self._internal.popleft()
-            self.flow.status = body[0] if body else m.IDLE
-            if item.future is not None and not item.future.done():
-                item.future.set_result(item.result)
-            elif item.result.error is not None:
-                log.warning("%r: internal query failed: %s", self, item.result.error.message)
-        elif type_ == m.PARAMETER_STATUS:
-            name, value = m.parse_parameter_status(body)
-            self.params[name] = value
-            item.result.params[name] = value
-        elif type_ == m.ERROR_RESPONSE:
-            err = PgError.from_fields(m.parse_error_fields(body))
-            if err.fatal:
-                self._fatal = err
-            elif item.result.error is None:
-                item.result.error = err
-        elif type_ == m.NOTIFICATION_RESPONSE:
-            self._stray_notification(body)
-
     def _idle_message(self, type_: int, body: bytes) -> None:
         if type_ == m.PARAMETER_STATUS:
             name, value = m.parse_parameter_status(body)
@@ -611,22 +428,6 @@ class ServerConnection(WireProtocol):
             log.warning("%r: unexpected message %r while idle; closing", self, chr(type_))
             self.pool.close_server(self)
 
-    def _stray_notification(self, body: bytes) -> None:
-        if self.notification_sink is not None:
-            self.notification_sink(body)
-        else:
-            self.needs_unlisten = True  # a leftover LISTEN; the listener path delivers
-
-    def abort_with(self, error: PgError) -> None:
-        """Drop the connection now; ``error`` is what its client or owner is told."""
-        self._fatal = error
-        self.abort()
-
-    def _protocol_failure(self, why: str) -> None:
-        log.error("%r: %s; closing", self, why)
-        self._fatal = PgError(errors.PROTOCOL_VIOLATION, why)
-        self.abort()
-
     # --- teardown ----------------------------------------------------------------------------
 
     def on_lost(self, exc: Exception | None) -> None:
@@ -635,10 +436,7 @@ class ServerConnection(WireProtocol):
             "server closed the connection unexpectedly",
             detail=str(exc) if exc else None,
         )
-        for item in self._internal:
-            if item.future is not None and not item.future.done():
-                item.future.set_exception(error)
-        self._internal.clear()
+        self._internal_lost(error)
         client = self.client
         self.client = None
         self.pool.discard(self)

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgproxy.auth.credentials import UpstreamSecret
-from pgproxy.backend import ServerConnection, UpstreamTls
+from pgproxy.backend import ServerConnection, ServerHome
 from pgproxy.config import DatabaseConfig, PoolMode
 from pgproxy.protocol import errors
 from pgproxy.protocol.errors import PgError
+from pgproxy.server_open import UpstreamTls, open_server
 from pgproxy.wire import log
 
 
@@ -38,7 +39,9 @@ class PoolSettings:
     tls: UpstreamTls | None = None
 
 
-class Pool:
+class Pool(ServerHome):
+    """The servers of one route; the ServerHome (backend.py) of each of them."""
+
     def __init__(
         self,
         name: str,
@@ -173,8 +176,9 @@ class Pool:
         params = {"user": self.upstream_user, "database": self.upstream_db, **self.startup}
         try:
             server = await asyncio.wait_for(
-                ServerConnection.open(
+                open_server(
                     self,
+                    self.settings.max_prepared_statements,
                     self.database.host,
                     self.database.port,
                     params,
@@ -357,6 +361,14 @@ class Pool:
             "active": len(self.active),
             "waiting": sum(1 for w in self.waiters if not w.done),
         }
+
+
+def pool_of(server: ServerConnection) -> Pool:
+    """The pool ``server`` belongs to, as a Pool (``server.pool`` is the ServerHome it needs)."""
+    pool = server.pool
+    if not isinstance(pool, Pool):
+        raise TypeError(f"{server!r} belongs to {pool!r}, not a Pool")
+    return pool
 
 
 Deliver = Callable[["ServerConnection | None", "BaseException | None"], None]

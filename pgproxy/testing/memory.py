@@ -82,7 +82,7 @@ def memory_proxy(servers: int, proxy_options: dict[str, Any] | None = None) -> t
 
 def add_server(pool: Pool, pid: int, keep: bool = False) -> ServerConnection:
     """A logged-in server, idle in ``pool``."""
-    server = ServerConnection(pool)
+    server = ServerConnection(pool, pool.settings.max_prepared_statements)
     server.connection_made(MemoryTransport(keep))  # type: ignore[arg-type]
     server.pid = pid
     server.params = dict(SERVER_PARAMS)

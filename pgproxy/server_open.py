@@ -1,0 +1,145 @@
+"""Opening an upstream server connection: connect, TLS negotiation, startup and authentication.
+
+Owns everything a :class:`~pgproxy.backend.ServerConnection` goes through before its first
+query: the socket (TCP or unix), the SSLRequest exchange, the StartupMessage, authentication
+(auth/upstream.py) and the startup replies up to the first ReadyForQuery (parameters, key
+data).
+
+Rules that keep it honest:
+* ``open_server`` returns a server that is ready (``ready`` set, handshake buffers ended) or
+  raises a PgError, having aborted the socket first: a half-open server never escapes.
+* It uses only what ServerConnection offers anyone (its WireProtocol reads and writes, its
+  public fields); backend.py never imports this module, so nothing here is on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+from dataclasses import dataclass
+
+from pgproxy.auth.credentials import UpstreamSecret
+from pgproxy.auth.upstream import authenticate_upstream
+from pgproxy.backend import ServerConnection, ServerHome
+from pgproxy.protocol import errors
+from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PgError
+from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT
+from pgproxy.unixsocket import upstream_socket
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    context: ssl.SSLContext
+    required: bool  # False: "prefer" (plaintext if the server says no)
+
+
+async def open_server(
+    home: ServerHome,
+    max_prepared_statements: int,
+    host: str,
+    port: int,
+    params: dict[str, str],
+    password: UpstreamSecret | None,
+    tls: UpstreamTls | None = None,
+) -> ServerConnection:
+    """Connect and authenticate a server for ``home``; raises PgError (with the server's
+    SQLSTATE when it said no).
+
+    A ``host`` starting with ``/`` is a unix socket directory, as in libpq, and as libpq
+    does there, no TLS is tried on it (the bytes never leave the host)."""
+    loop = asyncio.get_running_loop()
+    path = upstream_socket(host, port)
+
+    def server() -> ServerConnection:
+        return ServerConnection(home, max_prepared_statements)
+
+    try:
+        if path is not None:
+            _, conn = await loop.create_unix_connection(server, path)
+        else:
+            _, conn = await loop.create_connection(server, host, port)
+    except OSError as exc:
+        raise PgError(
+            errors.CONNECTION_FAILURE,
+            f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
+        ) from exc
+    try:
+        if tls is not None and path is None:
+            await _negotiate_tls(conn, tls, host)
+        await _handshake(conn, params, password)
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _negotiate_tls(conn: ServerConnection, tls: UpstreamTls, host: str) -> None:
+    conn.write(m.ssl_request())
+    try:
+        answer = await conn.read_byte()
+    except ConnectionError as exc:
+        raise PgError(
+            errors.CONNECTION_FAILURE, f"upstream closed during SSLRequest: {exc}"
+        ) from exc
+    if answer == b"S":
+        if conn.has_buffered_input():
+            # Bytes sent before the handshake would be trusted as if encrypted
+            # (CVE-2021-23222 in libpq).
+            raise PgError(errors.PROTOCOL_VIOLATION, "received unencrypted data after SSL response")
+        name = None if _is_ip_address(host) else host  # SNI only for names
+        try:
+            await conn.start_tls(tls.context, server_side=False, server_hostname=name or host)
+        except (ssl.SSLError, OSError, ConnectionError) as exc:
+            raise PgError(
+                errors.CONNECTION_FAILURE, f"TLS handshake with upstream {host} failed: {exc}"
+            ) from exc
+    elif answer == b"N":
+        if tls.required:
+            raise PgError(
+                errors.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                f"upstream {host} does not support TLS, but server_tls_mode requires it",
+            )
+    else:
+        raise PgError(errors.PROTOCOL_VIOLATION, f"unexpected answer {answer!r} to SSLRequest")
+
+
+async def _handshake(
+    conn: ServerConnection, params: dict[str, str], password: UpstreamSecret | None
+) -> None:
+    conn.write(m.startup_message(params))
+    try:
+        await authenticate_upstream(conn, params["user"], password)
+        while True:
+            type_, body = await conn.read_message(LARGE_MESSAGE_LIMIT)
+            if type_ == m.PARAMETER_STATUS:
+                name, value = m.parse_parameter_status(body)
+                conn.params[name] = value
+            elif type_ == m.BACKEND_KEY_DATA:
+                conn.pid, conn.secret = m.parse_backend_key_data(body)
+            elif type_ == m.READY_FOR_QUERY:
+                break
+            elif type_ == m.ERROR_RESPONSE:
+                raise PgError.from_fields(m.parse_error_fields(body))
+            elif type_ in (m.NOTICE_RESPONSE, m.NEGOTIATE_PROTOCOL_VERSION):
+                continue
+            else:
+                raise PgError(
+                    errors.PROTOCOL_VIOLATION,
+                    f"unexpected message {chr(type_)!r} from upstream during startup",
+                )
+    except (ConnectionError, m.ProtocolError) as exc:
+        raise PgError(
+            errors.CONNECTION_FAILURE, f"upstream server closed the connection: {exc}"
+        ) from exc
+    conn.ready = True
+    conn.end_handshake()
