@@ -179,8 +179,8 @@ def report(samples: list[Sample], args: argparse.Namespace, machine: str) -> str
         f"transaction of `pgbench -S -n -M <protocol> -c {args.clients} -t "
         f"{args.transactions}` (scale {SCALE}), pool size {args.pool_size}, transaction mode; "
         f"counted after {args.warmup} unmeasured transactions per client on the same pgproxy, "
-        "including the clients' logins; a fresh pgproxy per row and protocol. Deterministic up "
-        "to a fraction of a percent: other load on the machine does not change it.",
+        "including the clients' logins; a fresh pgproxy per row and protocol. Repeatable to "
+        "about 1%: other load on the machine does not change it.",
         "",
         "| build | " + " | ".join(args.protocol) + " |",
         "|---|" + "---:|" * len(args.protocol),
