@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -160,17 +161,17 @@ def clean_env() -> dict[str, str]:
 
 
 def start_server(
-    name: str, cmd: list[str], port: int, log: Path, cwd: Path = REPO
+    name: str, cmd: list[str], port: int, log: Path, cwd: Path = REPO, timeout: float = 30
 ) -> subprocess.Popen[bytes]:
     """Start a pooler in its own session (Ctrl-C reaches only us, and we stop it in order)
-    and wait until it accepts TCP connections. ``python -m pgproxy`` runs the pgproxy in
-    ``cwd``."""
+    and wait (up to ``timeout`` seconds) until it accepts TCP connections. ``python -m
+    pgproxy`` runs the pgproxy in ``cwd``."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd, cwd=cwd, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -226,10 +227,19 @@ def pgproxy_tree(compiled: bool) -> Path:
 
 
 def start_pgproxy(
-    tmp: Path, pg_port: int, pool_size: int, max_conn: int, workers: int = 1, compiled: bool = False
+    tmp: Path,
+    pg_port: int,
+    pool_size: int,
+    max_conn: int,
+    workers: int = 1,
+    compiled: bool = False,
+    wrapper: Sequence[str] = (),
+    timeout: float = 30,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """pgproxy; with ``workers`` > 1 the pool size and max_client_conn are totals, split
-    between the workers by pgproxy itself. ``compiled``: the build in COMPILED_TREE."""
+    between the workers by pgproxy itself. ``compiled``: the build in COMPILED_TREE.
+    ``wrapper``: a command that runs pgproxy's (e.g. valgrind and its options; the process
+    started is then the wrapper's); ``timeout``: seconds to wait for it to listen."""
     port = free_port()
     name = "pgproxy" if workers == 1 else f"pgproxy-{workers}w"
     cwd = pgproxy_tree(compiled)
@@ -242,8 +252,8 @@ def start_pgproxy(
         f"workers = {workers}\n"
         f'\n[databases."*"]\nurl = "postgresql://127.0.0.1:{pg_port}"\n'
     )
-    cmd = [sys.executable, "-m", "pgproxy", "--config", str(config)]
-    return start_server(name, cmd, port, tmp / f"{name}.log", cwd), port
+    cmd = [*wrapper, sys.executable, "-m", "pgproxy", "--config", str(config)]
+    return start_server(name, cmd, port, tmp / f"{name}.log", cwd, timeout), port
 
 
 def build_floor(tmp: Path) -> Path:

@@ -112,6 +112,28 @@ def test_quick_memory_benchmark_logs_everyone_in_and_traces() -> None:
     assert "**total** (all lines)" in proc.stdout, proc.stdout
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("callgrind_control") is None,
+    reason="valgrind not installed (apt-get install valgrind): bench.instructions runs pgproxy "
+    "under callgrind",
+)
+def test_tiny_instructions_benchmark_counts_a_plausible_figure() -> None:
+    """``bench.instructions`` at 2 clients x 20 transactions, simple protocol: pgproxy under
+    callgrind, a positive instruction count per transaction of a plausible size (the logins
+    are spread over only 20 transactions each, so it is above the 400-transaction figure)."""
+    proc = run_bench(
+        "bench.instructions", "--clients", "2", "--transactions", "20", "--warmup", "10",
+        "--protocol", "simple",
+    )  # fmt: skip
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| pgproxy |")]
+    assert rows, proc.stdout
+    per_tx = float(rows[0].split("|")[2].replace(",", ""))
+    # A C pooler needs ~5,000; pgproxy 20,000 (compiled) to 45,000 (pure) at 400 per client.
+    assert 5_000 < per_tx < 1_000_000, proc.stdout
+    assert "| pgproxy | simple | 40 |" in proc.stdout, proc.stdout
+
+
 def test_quick_hotpath_benchmark_runs_every_transaction() -> None:
     """bench.hotpath drives real sessions over in-memory transports; it raises if a
     transaction is lost or a reply does not reach its client."""
