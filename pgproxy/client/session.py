@@ -7,10 +7,11 @@ LISTEN fast path, notification delivery and the slow-consumer limits, the fence 
 a client's own notifications, the idle-in-transaction timer, cancel, and the teardown.
 
 Rule: one object in three files by linear inheritance (asyncpg's CoreProtocol/BaseProtocol
-shape): :class:`~pgproxy.client.stream.ClientStream` reads, :class:`~pgproxy.client.units.
-ClientUnits` decides per message, this class lives the session; no call between them costs a
-hop. The session stays the listener's subscriber, so fan-out reaches it directly. Teardown is
-in one place, :meth:`_end_transaction_state`, used by ``on_lost`` and ``server_lost``.
+shape): :class:`~pgproxy.client.units.ClientUnits` (who the client is and what each message
+does) <- :class:`~pgproxy.client.stream.ClientStream` (the read loop and ``mode``) <- this
+class (the session's life); no call between them costs a hop. The session stays the
+listener's subscriber, so fan-out reaches it directly. Teardown is in one place,
+:meth:`_end_transaction_state`, used by ``on_lost`` and ``server_lost``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pgproxy.client import stream
 from pgproxy.client.host import ProxyServices
 from pgproxy.client.login import log_in
 from pgproxy.client.settings import ClientSettings
+from pgproxy.client.stream import ClientStream
 from pgproxy.client.subscriptions import (
     Subscriptions,
     is_listening_channels_query,
@@ -34,7 +36,6 @@ from pgproxy.client.subscriptions import (
     subscription_query,
     subscription_tags,
 )
-from pgproxy.client.units import ClientUnits
 from pgproxy.pool.pool import Pool
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
@@ -54,7 +55,7 @@ class SessionHost(ProxyServices, Protocol):
     def register(self, client: ClientSession) -> tuple[int, bytes]: ...
 
 
-class ClientSession(ClientUnits):
+class ClientSession(ClientStream):
     __slots__ = ("_doomed", "_host", "_task", "connected_at", "local", "peer", "secret")
 
     def __init__(self, proxy: SessionHost, local: bool = False) -> None:

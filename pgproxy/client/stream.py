@@ -24,8 +24,7 @@ machine; it is not consulted at run time, where a table lookup would cost the ho
 ``server is not None`` exactly when the mode is LINKED.
 
 Byte counters refine a mode without being one: ``_passthrough`` (LINKED: the rest of a large
-message streams through), ``_drop`` (the rest of a message being discarded), ``_need`` (bytes
-that complete a message the proxy must see whole).
+message streams through), ``_drop`` (the rest of a message being discarded), ``_need``.
 """
 
 from __future__ import annotations
@@ -34,11 +33,10 @@ import asyncio
 from typing import Final
 
 from pgproxy import precheck
-from pgproxy.backend import ServerConnection, ServerLink
+from pgproxy.backend import ServerConnection
 from pgproxy.client.host import ProxyServices
-from pgproxy.client.pending import TransactionEffects
-from pgproxy.client.settings import ClientSettings
-from pgproxy.pool.pool import Pool, ServerRequest
+from pgproxy.client.units import ClientUnits
+from pgproxy.pool.pool import ServerRequest
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError, fatal
@@ -68,16 +66,13 @@ TRANSITIONS: Final = {
     (UNLINKED, LINKED): "a message needs a server and an idle one is free",
     (UNLINKED, WAITING): "no idle server (or a LISTEN waits for the listener)",
     (WAITING, LINKED): "the pool hands over a server",
-    (WAITING, UNLINKED): "the wait failed or was cancelled in a simple Query, or a LISTEN "
-    "was answered",
+    (WAITING, UNLINKED): "a simple Query's wait failed or was cancelled; a LISTEN answered",
     (WAITING, SKIPPING): "the wait failed or was cancelled in an extended-protocol unit",
     (LINKED, UNLINKED): "the server owes nothing (released), or died between units",
     (LINKED, SKIPPING): "the server died in an extended-protocol unit",
     (SKIPPING, UNLINKED): "the Sync that ends the failed unit",
-    **{
-        (mode, CLOSED): "the connection is lost"
-        for mode in (LOGIN, UNLINKED, WAITING, LINKED, SKIPPING)
-    },
+    **{(mode, CLOSED): "the connection is lost" for mode in (LOGIN, UNLINKED, WAITING)},
+    **{(mode, CLOSED): "the connection is lost" for mode in (LINKED, SKIPPING)},
 }
 
 _INBUF_PAUSE: Final = 256 * 1024  # stop reading a client that sends this much while it waits
@@ -91,9 +86,9 @@ _SESSION_NEED_WHOLE: Final = type_table(())  # session mode inspects nothing
 _WHOLE_QUERY_LIMIT: Final = 1024 * 1024
 
 
-class ClientStream(WireProtocol, ServerLink):
-    """The read loop, the link to a server, and the per-message decisions in transaction mode.
-    :class:`~pgproxy.client.session.ClientSession` completes the object."""
+class ClientStream(ClientUnits):
+    """The read loop and the link to a server, over :class:`~pgproxy.client.units.ClientUnits`
+    (what each message does); :class:`~pgproxy.client.session.ClientSession` completes it."""
 
     __slots__ = (
         "_drop",
@@ -103,28 +98,12 @@ class ClientStream(WireProtocol, ServerLink):
         "_need",
         "_passthrough",
         "_request",
-        "database",
         "mode",
-        "pending",
-        "pool",
-        "proxy",
-        "server",
-        "settings",
-        "user",
     )
 
     def __init__(self, proxy: ProxyServices) -> None:
-        super().__init__()
-        self.proxy = proxy
+        super().__init__(proxy)
         self.mode = LOGIN
-        self.server: ServerConnection | None = None
-        self.pool: Pool | None = None
-        self.user = ""
-        self.database = ""
-        self.settings = ClientSettings({}, {})  # replaced at login
-        # LISTEN/SET effects of the open transaction (None until the first one: most clients
-        # never LISTEN or SET in transaction mode).
-        self.pending: TransactionEffects | None = None
         self._inbuf = bytearray()
         self._inbuf_matters: bool | None = None  # might_matter of _inbuf's first message
         self._need = 0
@@ -133,25 +112,12 @@ class ClientStream(WireProtocol, ServerLink):
         self._request: ServerRequest | None = None  # waiting for a server
         self._idle_tx_timer: asyncio.TimerHandle | None = None
 
-    # --- what the session provides -----------------------------------------------------------
+    # --- what session.py provides (documented there) -------------------------------------------
 
     def _fast_path_allowed(self) -> bool:
-        """Whether LISTEN (and pg_listening_channels()) may be answered without a server."""
         raise NotImplementedError
 
     def _answer_without_server(self, body: bytes) -> bool | None:
-        """A Query the pre-check flagged, while unlinked: True answered, False answered
-        later (input is held in WAITING), None: it needs a server."""
-        raise NotImplementedError
-
-    def _inspect(
-        self, server: ServerConnection, type_: int, body: bytes, matters: bool | None
-    ) -> bytes | None:
-        """Transaction mode: note what a message does to the session; return what to send
-        instead of it (None: send it as it is)."""
-        raise NotImplementedError
-
-    def _query_forwarded(self, server: ServerConnection) -> None:
         raise NotImplementedError
 
     def _cancel_idle_tx_timer(self) -> None:

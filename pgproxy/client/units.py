@@ -18,28 +18,55 @@ import asyncio
 from typing import Final
 
 from pgproxy import precheck, sql
-from pgproxy.backend import ServerConnection
+from pgproxy.backend import ServerConnection, ServerLink
 from pgproxy.client.host import ProxyServices
 from pgproxy.client.pending import Effect, TransactionEffects
+from pgproxy.client.settings import ClientSettings
 from pgproxy.client.statements import ClientStatements
-from pgproxy.client.stream import ClientStream
 from pgproxy.client.subscriptions import Subscriptions
+from pgproxy.pool.pool import Pool
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
-from pgproxy.wire import log
+from pgproxy.wire import WireProtocol, log
 
 # Text no server can parse: sent in place of a refused statement, so the server raises the
 # error (a syntax error the proxy rewords) exactly where the statement's own would be.
 _PROVOKE: Final = "pgproxy_refused_statement"
 _S: Final = ord("S")
+_BEFORE_LOGIN: Final = ClientSettings({}, {})  # shared, and never changed: replaced at login
 
 
-class ClientUnits(ClientStream):
-    __slots__ = ("_state_logged", "may_stall", "stmts", "subs", "vpid")
+class ClientUnits(WireProtocol, ServerLink):
+    """Who the client is, what it holds, and what each of its messages does to that; the
+    base of :class:`~pgproxy.client.stream.ClientStream`, which walks the messages."""
+
+    __slots__ = (
+        "_state_logged",
+        "database",
+        "may_stall",
+        "pending",
+        "pool",
+        "proxy",
+        "server",
+        "settings",
+        "stmts",
+        "subs",
+        "user",
+        "vpid",
+    )
 
     def __init__(self, proxy: ProxyServices) -> None:
-        super().__init__(proxy)
+        super().__init__()
+        self.proxy = proxy
+        self.server: ServerConnection | None = None
+        self.pool: Pool | None = None
+        self.user = ""
+        self.database = ""
+        self.settings = _BEFORE_LOGIN
+        # LISTEN/SET effects of the open transaction (None until the first one: most clients
+        # never LISTEN or SET in transaction mode).
+        self.pending: TransactionEffects | None = None
         self.may_stall = False  # see ServerLink
         self.vpid = 0
         self.stmts: ClientStatements | None = None
