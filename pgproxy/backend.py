@@ -33,6 +33,7 @@ from typing import Final
 from mypy_extensions import trait  # a marker for the optional mypyc build (setup.py)
 
 from pgproxy.config import PoolMode
+from pgproxy.pool.stats import PoolStats
 from pgproxy.prepared import UNNAMED_UNKNOWN, ReplyFilter
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
@@ -111,9 +112,10 @@ class ServerHome:
 
     __slots__ = ()
 
-    # Attributes, not properties: ``mode`` is read for every client message (frontend.py).
+    # Attributes, not properties: ``mode`` is read for every client message (client/).
     name: str
     mode: PoolMode
+    stats: PoolStats  # the pool's traffic counters (pool/stats.py)
 
     def release(self, server: ServerConnection) -> None:
         """Take the server back from its client: it owes nothing to anyone."""
@@ -139,17 +141,23 @@ class ServerConnection(ServerSession):
         "cancels_in_flight",
         "client",
         "created_at",
+        "idle_in_tx",
         "idle_since",
+        "linked_at",
         "pool",
         "replies",
+        "stats",
         "watch_tags",
     )
 
     def __init__(self, pool: ServerHome, max_prepared_statements: int) -> None:
         super().__init__(max_prepared_statements)
         self.pool = pool
+        self.stats = pool.stats  # the pool's counters, bumped here without a trait call
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
+        self.linked_at = 0.0  # when the current client got it (0: not linked since release)
+        self.idle_in_tx = 0.0  # seconds of that link its client spent idle in a transaction
         self.client: ServerLink | None = None
         self.cancels_in_flight = 0
         self._partial = bytearray()
@@ -284,7 +292,9 @@ class ServerConnection(ServerSession):
         if client is not None and run_start < n:
             out.append(data[run_start:n] if run_start or n < len(data) else data)
         if out and owner is not None:  # the client linked when this read began
-            owner.server_output(b"".join(out) if len(out) > 1 else out[0])
+            output = b"".join(out) if len(out) > 1 else out[0]
+            self.stats.bytes_sent += len(output)
+            owner.server_output(output)
         if self.notifications_done is not None:
             self.notifications_done()
         if release:
@@ -324,7 +334,10 @@ class ServerConnection(ServerSession):
         if replies.rewrites:
             replies.unit_done(flow.done - 1)
         injected = client.on_ready(status)
-        client.server_output(data[:last] + injected + data[last:] if injected else data)
+        if injected:
+            data = data[:last] + injected + data[last:]
+        self.stats.bytes_sent += len(data)
+        client.server_output(data)
         if flow.idle and client.server_released():
             self.pool.release(self)
         return True
@@ -451,6 +464,8 @@ class ServerConnection(ServerSession):
 
     def link(self, client: ServerLink) -> None:
         self.client = client
+        self.linked_at = time.monotonic()
+        self.idle_in_tx = 0.0
         self.statements.unnamed_unit = -1  # the last client's units are all over: settled
         self.flow.reset()
         replies = self.replies

@@ -62,7 +62,7 @@ def _nothing(conn: psycopg.Connection, timeout: float = 0.3) -> None:
 
 
 def _pool_stats(proxy: ProxyThread) -> dict[str, dict[str, int]]:
-    return proxy.call(lambda p: {pool.name: pool.stats() for pool in p.pools.values()})
+    return proxy.call(lambda p: {pool.name: pool.counts() for pool in p.pools.values()})
 
 
 def _until_proxy_received(proxy: ProxyThread, count: int) -> None:

@@ -160,6 +160,7 @@ class ClientSession(ClientStream):
         out.append(m.backend_key_data(self.vpid, self.secret))
         out.append(m.ready_for_query(_IDLE))
         self.write(b"".join(out))
+        pool.stats.client_login_count += 1
         if pool.mode == "session":
             if server is None:
                 server = await pool.acquire(self.proxy.config.proxy.query_wait_timeout)
@@ -199,6 +200,7 @@ class ClientSession(ClientStream):
                 return out
             return out + subs.take_held()
         if server is not None and not server.flow.pending:
+            self._idle_tx_since = time.monotonic()
             timeout = self.proxy.config.proxy.idle_transaction_timeout
             if timeout > 0:
                 self._idle_tx_timer = asyncio.get_running_loop().call_later(

@@ -51,6 +51,7 @@ class ClientStatements:
         unit = server.flow.sent
         replies = server.replies
         cache = server.statements
+        server.stats.server_parse_count += 1  # forwarded, renamed or not
         if not name:
             self.unnamed = cache.unnamed = tail
             cache.unnamed_unit = unit
@@ -147,6 +148,7 @@ class ClientStatements:
             cache.unnamed = None
             return m.close("S", "")
         server.replies.expect(m.PARSE_COMPLETE, True, unit)
+        server.stats.server_parse_count += 1
         cache.unnamed = tail
         return m.message(m.PARSE, b"\0" + tail)
 
@@ -157,6 +159,7 @@ class ClientStatements:
             return b""
         out = _evict(server, server.statements.add(stmt.server_name), unit)
         server.replies.expect(m.PARSE_COMPLETE, True, unit)
+        server.stats.server_parse_count += 1
         return out + stmt.parse_message()
 
 

@@ -30,6 +30,7 @@ message streams through), ``_drop`` (the rest of a message being discarded), ``_
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Final
 
 from pgproxy import precheck
@@ -92,12 +93,14 @@ class ClientStream(ClientUnits):
 
     __slots__ = (
         "_drop",
+        "_idle_tx_since",
         "_idle_tx_timer",
         "_inbuf",
         "_inbuf_matters",
         "_need",
         "_passthrough",
         "_request",
+        "_wait_since",
         "mode",
     )
 
@@ -111,6 +114,10 @@ class ClientStream(ClientUnits):
         self._drop = 0  # bytes of a discarded message still to drop as they arrive
         self._request: ServerRequest | None = None  # waiting for a server
         self._idle_tx_timer: asyncio.TimerHandle | None = None
+        # When the client went idle inside a transaction (0: it is not): its reads then take
+        # the slow path, which ends the idle time (statistics, idle_transaction_timeout).
+        self._idle_tx_since = 0.0
+        self._wait_since = 0.0  # when it started waiting for a server
 
     # --- what session.py provides (documented there) -------------------------------------------
 
@@ -150,14 +157,14 @@ class ClientStream(ClientUnits):
     # --- streaming: client -> server ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.mode <= SKIPPING and self._idle_tx_timer is None and not self._inbuf:
+        if self.mode <= SKIPPING and not self._idle_tx_since and not self._inbuf:
             self._process(data)  # the common case, one Python call less
         else:
             WireProtocol.data_received(self, data)  # via stream_received
 
     def stream_received(self, data: bytes) -> None:
-        if self._idle_tx_timer is not None:
-            self._cancel_idle_tx_timer()
+        if self._idle_tx_since:
+            self._idle_tx_ended()
         if self.mode == CLOSED:
             return
         if self._inbuf:
@@ -214,6 +221,7 @@ class ClientStream(ClientUnits):
                         return
                 self._query_forwarded(server)
                 server.flow.client_message(m.QUERY)
+                server.stats.bytes_received += n
                 server.write(data)
                 return
         pos = 0
@@ -341,6 +349,7 @@ class ClientStream(ClientUnits):
 
     def _forward(self, server: ServerConnection | None, data: bytes, start: int, end: int) -> None:
         if server is not None and start < end:
+            server.stats.bytes_received += end - start
             server.write(data[start:end] if start or end < len(data) else data)
 
     def _stash(self, data: bytes, pos: int, need: int) -> None:
@@ -360,12 +369,15 @@ class ClientStream(ClientUnits):
             self._link(server)
             return server
         self.mode = WAITING
+        self._wait_since = time.monotonic()
         self._request = pool.request(self._server_ready, self.proxy.config.proxy.query_wait_timeout)
         return None
 
     def _server_ready(self, server: ServerConnection | None, error: BaseException | None) -> None:
         """The pool answered a request made by ``_try_link`` (maybe from inside a release)."""
         self._request = None
+        if self.pool is not None:
+            self.pool.stats.wait_time += int((time.monotonic() - self._wait_since) * 1_000_000)
         if server is None:
             if isinstance(error, PgError):
                 self._fail_unit(error)
@@ -409,6 +421,13 @@ class ClientStream(ClientUnits):
         """What WAITING waited for, other than a server, is done (a LISTEN's answer)."""
         self.mode = UNLINKED
         self._resume_input()
+
+    def _idle_tx_ended(self) -> None:
+        """The client spoke again after going idle inside a transaction."""
+        if self.server is not None:
+            self.server.idle_in_tx += time.monotonic() - self._idle_tx_since
+        self._idle_tx_since = 0.0
+        self._cancel_idle_tx_timer()
 
     def _fail_unit(self, error: PgError) -> None:
         """End the client's current unit with ``error``, as Postgres would end a failed one."""

@@ -109,6 +109,7 @@ class ClientUnits(WireProtocol, ServerLink):
             else:
                 portal, name_at = ("", 1) if body[:1] == b"\0" else m.read_cstring(body, 0)
                 name, rest_at = m.read_cstring(body, name_at)
+            server.stats.bind_count += 1
             if self.pending is not None:
                 self.pending.bound(portal, name)
             return self._statements().bind(server, body, name, name_at, rest_at)
@@ -187,6 +188,7 @@ class ClientUnits(WireProtocol, ServerLink):
         return None
 
     def _inspect_parse(self, server: ServerConnection, body: bytes) -> bytes | None:
+        server.stats.client_parse_count += 1
         name, tail_at = ("", 1) if body[:1] == b"\0" else m.read_cstring(body, 0)
         effects: list[Effect] = []
         notifies = False

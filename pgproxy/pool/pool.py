@@ -20,6 +20,7 @@ from typing import Any
 from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.backend import ServerConnection, ServerHome
 from pgproxy.config import DatabaseConfig, PoolMode
+from pgproxy.pool.stats import PoolStats
 from pgproxy.protocol import errors
 from pgproxy.protocol.errors import PgError
 from pgproxy.server_open import UpstreamTls, open_server
@@ -75,6 +76,7 @@ class Pool(ServerHome):
         # (name, value) pairs a server accepted -> the value it reported (None if unreported).
         self.validated: dict[tuple[str, str], str | None] = {}
         self.closing = False
+        self.stats = PoolStats()  # traffic since this pool was made (SHOW STATS, /metrics)
 
     def __repr__(self) -> str:
         return f"<pool {self.name} total={self.total} idle={len(self.idle)}>"
@@ -215,6 +217,8 @@ class Pool(ServerHome):
     def release(self, server: ServerConnection) -> None:
         """Take a server back from a client. It must owe nothing to anyone."""
         server.unlink()
+        if server.linked_at:  # the end of a client's use of it: count what it did
+            self._count_use(server)
         if server.closed:
             self.discard(server)
             return
@@ -241,6 +245,20 @@ class Pool(ServerHome):
         else:
             self.active.discard(server)
             self.idle.append(server)
+
+    def _count_use(self, server: ServerConnection) -> None:
+        """Add one server assignment to the statistics, once, at its release. Times are kept in
+        transaction mode only: in session mode the link lasts the whole session."""
+        stats = self.stats
+        flow = server.flow
+        stats.server_assignment_count += 1
+        stats.query_count += flow.done
+        stats.xact_count += flow.xacts
+        if self.mode == "transaction":
+            linked = server.idle_since - server.linked_at
+            stats.xact_time += int(linked * 1_000_000)
+            stats.query_time += int((linked - server.idle_in_tx) * 1_000_000)
+        server.linked_at = 0.0
 
     def give_back(
         self, server: ServerConnection, spawn: Callable[[Coroutine[Any, Any, Any]], None]
@@ -354,7 +372,8 @@ class Pool(ServerHome):
         for server in list(self.active):
             self.close_server(server)
 
-    def stats(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int]:
+        """How many servers there are, by state, and clients waiting (now)."""
         return {
             "total": self.total,
             "idle": len(self.idle),

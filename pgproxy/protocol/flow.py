@@ -48,6 +48,7 @@ class ServerFlow:
         "sent",
         "status",
         "unsynced",
+        "xacts",
     )
 
     def __init__(self) -> None:
@@ -56,6 +57,7 @@ class ServerFlow:
         # when ``sent == k`` belongs to unit k, which the server is running while ``done == k``.
         self.sent = 0
         self.done = 0
+        self.xacts = 0  # ReadyForQuery I since the link: transactions ended (for statistics)
         self.unsynced = False
         self.copy_in = False
         self.status = m.IDLE
@@ -90,6 +92,8 @@ class ServerFlow:
         self.pending.popleft()
         self.done += 1
         self.status = status
+        if status == m.IDLE:
+            self.xacts += 1
         if self.ended_ahead:
             self._forget_ended_before(self.done)
 
@@ -139,7 +143,7 @@ class ServerFlow:
         return not self.pending and not self.unsynced and not self.copy_in and self.status == m.IDLE
 
     def reset(self) -> None:
-        self.sent = self.done = 0
+        self.sent = self.done = self.xacts = 0
         if self.pending:  # usually empty: a truth test is cheaper than a method call
             self.pending.clear()
         if self.ended_ahead:
