@@ -28,6 +28,7 @@ COMPILED = [
     "pgproxy/client/subscriptions.py",
     "pgproxy/client/settings.py",
     "pgproxy/pool/pool.py",
+    "pgproxy/pool/waiters.py",  # ServerRequest: delivered from inside a release
     "pgproxy/protocol/flow.py",
     "pgproxy/protocol/framing.py",
     "pgproxy/protocol/messages.py",

@@ -14,15 +14,17 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from pgproxy import compiled, tls
 from pgproxy.auth import cbind
 from pgproxy.auth.credentials import PassThroughStore, UpstreamSecret, is_verifier
 from pgproxy.auth.query import AuthQuery
+from pgproxy.backend import ServerConnection
 from pgproxy.client.session import ClientSession
 from pgproxy.config import Config, ConfigError, DatabaseConfig
+from pgproxy.control import Control
 from pgproxy.pool.pool import Pool, PoolSettings, pool_of
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
@@ -64,6 +66,7 @@ class Proxy:
         # Credentials learnt from logins, per (upstream host, port, user).
         self.pass_through = PassThroughStore()
         self.auth_query = AuthQuery(self._auth_pool)
+        self.control = Control(self)  # drain, pause, resume, ... (console, signals, config)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -75,7 +78,9 @@ class Proxy:
             settings.listen_host,
             settings.listen_port,
             reuse_address=True,
-            reuse_port=self.peers is not None,  # only workers share the port
+            # Workers share the port; so do two pgproxies with so_reuseport (a restart beside
+            # a draining one).
+            reuse_port=self.peers is not None or settings.so_reuseport,
             backlog=4096,
         )
         if settings.unix_socket_dir:
@@ -101,6 +106,7 @@ class Proxy:
                 )
             log.info("pgproxy listening on %s", socket_path(settings.unix_socket_dir, self.port))
         self._janitor = loop.create_task(self._janitor_loop())
+        self.control.apply_config(self.config)
         log.info("pgproxy listening on %s:%d (%s mode, %s)", settings.listen_host, self.port,
                  settings.pool_mode, "compiled" if compiled() else "pure Python")  # fmt: skip
 
@@ -109,6 +115,23 @@ class Proxy:
         assert self._server is not None
         sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])
+
+    @property
+    def draining(self) -> bool:
+        return self.control.draining
+
+    @property
+    def sessions(self) -> Iterable[ClientSession]:
+        return self._sessions
+
+    def stop_accepting(self) -> None:
+        """Close the TCP listening socket: with SO_REUSEPORT the kernel gives new connections
+        to the other sockets on the port. The unix socket stays, for the admin console."""
+        if self._server is not None:
+            self._server.close()
+
+    def login_refusal(self, database: str) -> PgError | None:
+        return self.control.login_refusal(database)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -157,6 +180,7 @@ class Proxy:
         self._sessions.discard(client)
         if self.clients.get(client.vpid) is client:
             del self.clients[client.vpid]
+        self.control.session_closed()
 
     def register(self, client: ClientSession) -> tuple[int, bytes]:
         """A fresh (virtual pid, secret) for a client that has logged in.
@@ -193,8 +217,11 @@ class Proxy:
         if client.cancel_waiting():
             return
         server = client.server
-        if server is None or server.flow.idle:
-            return
+        if server is not None and not server.flow.idle:
+            self.cancel_server(server)
+
+    def cancel_server(self, server: ServerConnection) -> None:
+        """Ask Postgres to cancel what ``server`` is running."""
         server.cancels_in_flight += 1
         self.spawn(self._send_cancel(pool_of(server), server.pid, server.secret, server))
 
@@ -232,6 +259,8 @@ class Proxy:
                 severity="FATAL",
             )
         self.pools[(database, user)] = pool
+        if self.control.is_paused(database):
+            pool.hold()
         if pool.settings.min_size:
             self.spawn(pool.warm_up())
         return pool
@@ -400,6 +429,7 @@ class Proxy:
         self.client_tls = _client_tls(config)
         self.cert_binding = _cert_binding(config)
         self.config = config
+        self.control.apply_config(config)
         # Secrets, auth_user and upstreams may all have changed: nothing learnt or looked up
         # under the old settings is trusted under the new ones.
         self.pass_through.clear()

@@ -1,12 +1,14 @@
 """The pgproxy process: logging, the event loop, signals, and the worker role if it has one.
 
 Owns what happens between ``pgproxy.cli`` deciding to serve and the :class:`~pgproxy.app.Proxy`
-running: uvloop, SIGHUP (reload: an invalid file keeps the running configuration), SIGTERM and
-SIGINT (stop), and in a worker of a multi-process pgproxy the cancel channel to its peers and
-the supervisor's liveness pipe.
+running: uvloop, and PgBouncer's signals: SIGHUP reload (an invalid file keeps the running
+configuration), SIGTERM and SIGINT drain (each client closed at its next transaction boundary,
+``shutdown_timeout`` at most; a second one is immediate), SIGQUIT stop now, SIGUSR1/SIGUSR2
+pause/resume; and in a worker of a multi-process pgproxy the cancel channel to its peers and
+the supervisor's liveness pipe (the supervisor forwards the signals).
 
 Rule: signals are handled here and nowhere else; the proxy only offers the operations they
-trigger (``reload``, ``stop``).
+trigger (``reload``, ``control.drain``/``pause``/``resume``, ``stop``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from pgproxy.workers.supervisor import serve_supervisor
 def run(
     config: Config, reload: Callable[[], Config] | None = None, role: WorkerRole | None = None
 ) -> int:
-    """Run the proxy until SIGINT/SIGTERM; SIGHUP calls ``reload`` for a fresh config.
+    """Run the proxy until drained (SIGTERM, SIGINT) or stopped (SIGQUIT, a second SIGTERM);
+    SIGHUP calls ``reload`` for a fresh config; SIGUSR1/SIGUSR2 pause/resume every pool.
 
     ``role``: this process is one of several workers (``pgproxy.workers``)."""
     tag = "" if role is None else f"[worker {role.index}]"
@@ -72,14 +75,38 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
 
+    draining: list[asyncio.Task[None]] = []
+
+    async def drain_then_stop() -> None:
+        cut = await proxy.control.drain(proxy.config.proxy.shutdown_timeout)
+        log.info("drained%s", f" ({cut} cut at the timeout)" if cut else "")
+        stopping.set()
+
+    def drain() -> None:
+        """SIGTERM (and SIGINT, as PgBouncer's WAIT_FOR_SERVERS): close each client at its
+        next transaction boundary, then exit 0; a second one stops at once."""
+        if draining:
+            log.info("second shutdown signal: stopping now")
+            stopping.set()
+        else:
+            draining.append(loop.create_task(drain_then_stop()))
+
+    def pause() -> None:
+        proxy.spawn(proxy.control.pause())
+
     loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGTERM, drain)
+    loop.add_signal_handler(signal.SIGQUIT, stopping.set)  # immediate, as PgBouncer
+    loop.add_signal_handler(signal.SIGUSR1, pause)
+    loop.add_signal_handler(signal.SIGUSR2, proxy.control.resume)
     if role is None:
-        loop.add_signal_handler(signal.SIGINT, stopping.set)
+        loop.add_signal_handler(signal.SIGINT, drain)
     else:
         serve_supervisor(role, stopping.set)
     await stopping.wait()
     log.info("shutting down")
+    for task in draining:
+        task.cancel()
     await proxy.stop()
     if proxy.peers is not None:
         await proxy.peers.close()

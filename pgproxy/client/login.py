@@ -107,6 +107,9 @@ async def _authenticate(
         )
     _check_tls(conn, host, local, user)
     database = startup_params.get("database") or user
+    refusal = host.login_refusal(database)  # draining, or DISABLE
+    if refusal is not None:
+        raise refusal
     if startup_params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
         raise fatal(
             errors.FEATURE_NOT_SUPPORTED, "replication connections are not supported by pgproxy"

@@ -347,8 +347,34 @@ class ClientSession(ClientStream):
             self._doomed = doom  # ends at its next ReadyForQuery I, not mid-transaction
 
     def _end_doomed(self) -> None:
-        if self._doomed is not None:
+        """A doomed client is closed only between transactions: not while its server still
+        owes it replies (a pipeline) or a transaction is open (the next ReadyForQuery I
+        calls this again)."""
+        if self._doomed is not None and not self._in_a_transaction():
             self.fail(self._doomed)
+
+    def _in_a_transaction(self) -> bool:
+        server = self.server
+        if server is None:
+            return False
+        flow = server.flow
+        return bool(flow.pending) or flow.unsynced or flow.copy_in or flow.in_transaction
+
+    @property
+    def is_admin(self) -> bool:
+        """An admin console session (it stays through a drain)."""
+        return False
+
+    def close_at_boundary(self, error: PgError) -> None:
+        """Close with ``error`` now if the client is between transactions, else at the end
+        of its transaction or pipeline (drain). A client waiting for a server has started
+        nothing: it goes now, and reconnects elsewhere."""
+        if self.closed or self.is_admin:
+            return
+        if self.mode == stream.LINKED and self._in_a_transaction():
+            self._doomed = error
+            return
+        self.fail(error)
 
     # --- timers and cancel -------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from pgproxy import precheck
 from pgproxy.backend import ServerConnection
 from pgproxy.client.host import ProxyServices
 from pgproxy.client.units import ClientUnits
-from pgproxy.pool.pool import ServerRequest
+from pgproxy.pool.waiters import ServerRequest
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError, fatal

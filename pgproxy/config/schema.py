@@ -68,6 +68,11 @@ class ProxySettings:
     query_wait_timeout: float = 120.0
     client_login_timeout: float = 60.0
     idle_transaction_timeout: float = 0.0
+    # SIGTERM / SHUTDOWN: how long a drain waits for clients to reach a transaction boundary
+    # before cancelling what they run and closing them.
+    shutdown_timeout: float = 30.0
+    so_reuseport: bool = False  # share the listen port with another pgproxy (rolling restart)
+    paused: bool = False  # declarative PAUSE of every database (reloadable)
     server_connect_timeout: float = 15.0
     server_idle_timeout: float = 600.0
     server_lifetime: float = 3600.0

@@ -21,6 +21,7 @@ from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.backend import ServerConnection, ServerHome
 from pgproxy.config import DatabaseConfig, PoolMode
 from pgproxy.pool.stats import PoolStats
+from pgproxy.pool.waiters import Deliver, ServerRequest, chain, wake
 from pgproxy.protocol import errors
 from pgproxy.protocol.errors import PgError
 from pgproxy.server_open import UpstreamTls, open_server
@@ -76,6 +77,14 @@ class Pool(ServerHome):
         # (name, value) pairs a server accepted -> the value it reported (None if unreported).
         self.validated: dict[tuple[str, str], str | None] = {}
         self.closing = False
+        # PAUSE: no server is handed out or opened; idle and released ones wait in ``parked``.
+        self.paused = False
+        self._paused_at = 0.0
+        self.parked: list[ServerConnection] = []
+        self._quiet: list[asyncio.Future[None]] = []  # pause() callers: until none is in use
+        # RECONNECT: servers to close instead of reusing (and WAIT_CLOSE callers).
+        self.stale: set[ServerConnection] = set()
+        self._closed_stale: list[asyncio.Future[None]] = []
         self.stats = PoolStats()  # traffic since this pool was made (SHOW STATS, /metrics)
 
     def __repr__(self) -> str:
@@ -106,11 +115,11 @@ class Pool(ServerHome):
         elif self.closing:
             error = PgError(errors.ADMIN_SHUTDOWN, "pgproxy is shutting down", severity="FATAL")
             loop.call_soon(req.set_exception, error)
-        elif self.total < self.settings.size:
-            _chain(self._connect_for_use(), req)
+        elif self.total < self.settings.size and not self.paused:
+            chain(self._connect_for_use(), req)
         else:
             self.waiters.append(req)
-            if req.deadline < self._expiry_at:
+            if req.deadline < self._expiry_at and not self.paused:
                 self._schedule_expiry(req.deadline)
         return req
 
@@ -143,6 +152,8 @@ class Pool(ServerHome):
         """One timer per pool, not one per wait: fail every waiter past its deadline, then
         sleep until the next deadline."""
         self._expiry, self._expiry_at = None, math.inf
+        if self.paused:
+            return  # nothing fails while paused: resume() starts the clocks again
         now = self._loop.time()
         expired = [w for w in self.waiters if not w.done and w.deadline <= now]
         self.waiters = deque(w for w in self.waiters if not w.done and w.deadline > now)
@@ -207,11 +218,11 @@ class Pool(ServerHome):
 
     def _wake_waiter_to_connect(self) -> None:
         """A slot freed up without a server to hand over: let the oldest waiter connect."""
-        while self.waiters and self.total < self.settings.size:
+        while self.waiters and self.total < self.settings.size and not self.paused:
             req = self.waiters.popleft()
             if req.done:
                 continue
-            _chain(self._connect_for_use(), req)
+            chain(self._connect_for_use(), req)
             return
 
     def release(self, server: ServerConnection) -> None:
@@ -228,6 +239,7 @@ class Pool(ServerHome):
             not server.flow.idle
             or server.cancels_in_flight
             or (lifetime and server.idle_since - server.created_at > lifetime)  # unlink: now
+            or (self.stale and server in self.stale)  # RECONNECT
         ):
             self.close_server(server)
             return
@@ -235,6 +247,11 @@ class Pool(ServerHome):
             # Queued ahead of the next client's messages; its replies are swallowed in order.
             server.needs_unlisten = False
             server.send_internal("UNLISTEN *")
+        if self.paused:
+            self.active.discard(server)
+            self.parked.append(server)
+            self._check_quiet()
+            return
         while self.waiters:
             req = self.waiters.popleft()
             if not req.done:
@@ -304,15 +321,79 @@ class Pool(ServerHome):
         if server in self.idle:
             self.idle.remove(server)
             removed = True
+        if server in self.parked:
+            self.parked.remove(server)
+            removed = True
         if removed:
             self.total -= 1
             self._wake_waiter_to_connect()
+        if self.stale:
+            self.stale.discard(server)
+            if not self.stale:
+                wake(self._closed_stale)
+        elif self.closing and not self.total:
+            wake(self._closed_stale)
+        if self.paused:
+            self._check_quiet()
 
     def close_server(self, server: ServerConnection) -> None:
         """Take a server out of use for good: no client, no pool slot, socket closed."""
         server.unlink()
         self.discard(server)
         server.close()
+
+    # --- operator commands: PAUSE, RESUME, RECONNECT, WAIT_CLOSE ------------------------------
+
+    async def pause(self) -> None:
+        """Hand out and open no server until :meth:`resume`; returns once none is in use (the
+        transactions in flight have ended). Waiting clients wait, with their clocks stopped."""
+        self.hold()
+        if self.active:
+            quiet = self._loop.create_future()
+            self._quiet.append(quiet)
+            await quiet
+
+    def hold(self) -> None:
+        """The synchronous part of :meth:`pause`: from now on nothing is handed out."""
+        if not self.paused:
+            self.paused = True
+            self._paused_at = self._loop.time()
+            self.parked += self.idle
+            self.idle.clear()
+
+    def _check_quiet(self) -> None:
+        if not self.active:
+            wake(self._quiet)
+
+    def resume(self) -> None:
+        """Serve again: parked servers go to the waiters (oldest first), then idle."""
+        if not self.paused:
+            return
+        self.paused = False
+        wake(self._quiet)  # a PAUSE still waiting is overtaken
+        stopped = self._loop.time() - self._paused_at
+        for req in self.waiters:
+            req.deadline += stopped
+        parked, self.parked = self.parked, []
+        for server in parked:
+            self.active.add(server)
+            self.release(server)  # to the oldest waiter, else idle
+        self._wake_waiter_to_connect()
+        if self.waiters:
+            self._schedule_expiry(min(w.deadline for w in self.waiters))
+
+    def reconnect(self) -> None:
+        """Replace every server as it comes free: idle ones close now, busy ones at release."""
+        self.stale.update(self.active)
+        for server in [*self.idle, *self.parked]:
+            self.close_server(server)
+
+    async def wait_close(self) -> None:
+        """Until the servers a RECONNECT (or a reload retiring this pool) replaces are gone."""
+        if self.stale or (self.closing and self.total):
+            done = self._loop.create_future()
+            self._closed_stale.append(done)
+            await done
 
     # --- maintenance -------------------------------------------------------------------------
 
@@ -388,60 +469,3 @@ def pool_of(server: ServerConnection) -> Pool:
     if not isinstance(pool, Pool):
         raise TypeError(f"{server!r} belongs to {pool!r}, not a Pool")
     return pool
-
-
-Deliver = Callable[["ServerConnection | None", "BaseException | None"], None]
-
-
-class ServerRequest:
-    """One wait for a server (see ``Pool.request``)."""
-
-    __slots__ = ("_deliver", "deadline", "done")
-
-    def __init__(self, deliver: Deliver, deadline: float) -> None:
-        self._deliver: Deliver | None = deliver
-        self.deadline = deadline
-        self.done = False
-
-    def cancel(self) -> None:
-        """Give up: nothing will be delivered (the pool skips it when its turn comes). The
-        callback is dropped now, so a gone client is not kept alive by the queue."""
-        self.done = True
-        self._deliver = None
-
-    def set_result(self, server: ServerConnection) -> None:
-        deliver = self._deliver
-        if self.done or deliver is None:  # cancelled meanwhile: the server goes back
-            server.pool.release(server)
-            return
-        self.done, self._deliver = True, None
-        try:
-            deliver(server, None)
-        except Exception:  # never let one client's bug break the releasing server's stream
-            log.exception("delivering %r failed", server)
-
-    def set_exception(self, error: BaseException) -> None:
-        deliver = self._deliver
-        if self.done or deliver is None:
-            return
-        self.done, self._deliver = True, None
-        try:
-            deliver(None, error)
-        except Exception:
-            log.exception("delivering an error to a pool waiter failed")
-
-
-def _chain(task: asyncio.Future[ServerConnection], req: ServerRequest) -> None:
-    """Deliver a connect task's outcome to a waiter; if the waiter gave up, release the server."""
-
-    def done(t: asyncio.Future[ServerConnection]) -> None:
-        if t.cancelled():
-            req.cancel()
-            return
-        exc = t.exception()
-        if exc is not None:
-            req.set_exception(exc)
-        else:
-            req.set_result(t.result())
-
-    task.add_done_callback(done)

@@ -6,8 +6,10 @@ Workers never read the configuration file itself but a *snapshot* of it in the p
 directory, which the supervisor replaces only with a version it has validated: SIGHUP re-reads
 the file, and if it is valid swaps the snapshot and passes SIGHUP on to every worker (each
 re-reads the snapshot); a worker restarted later runs the same configuration as its siblings,
-never a half-edited file. SIGTERM/SIGINT stop every worker with SIGTERM (SIGKILL after
-``_STOP_TIMEOUT``) and exit 0; a worker that exits on its own is logged and restarted with
+never a half-edited file. SIGTERM/SIGINT drain every worker (SIGTERM; a second one is
+immediate), SIGQUIT stops them (SIGQUIT), SIGUSR1/SIGUSR2 are passed on (pause/resume); a
+worker still running ``shutdown_timeout + _STOP_MARGIN`` later is killed; the supervisor exits
+0. A worker that exits on its own is logged and restarted with
 exponential backoff. Each worker holds one end of a socketpair whose other end only the
 supervisor has: the worker reports "ready" on it (``serve_supervisor``), and EOF on it means
 the supervisor is gone (even by SIGKILL), so the worker shuts down instead of living on as an
@@ -49,7 +51,7 @@ _READY = b"R"
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 10.0
 _STABLE = 10.0  # a worker that ran this long restarts without backoff
-_STOP_TIMEOUT = 30.0
+_STOP_MARGIN = 10.0  # beyond shutdown_timeout, before a worker that has not exited is killed
 
 
 # --------------------------------------------------------------------------- worker side
@@ -84,7 +86,7 @@ def serve_supervisor(role: WorkerRole, on_lost: Callable[[], None]) -> None:
 # --------------------------------------------------------------------------- supervisor
 
 
-def _reserve(host: str, port: int) -> tuple[list[socket.socket], int]:
+def _reserve(host: str, port: int, share: bool = False) -> tuple[list[socket.socket], int]:
     """Bind (without listening) the listen address with SO_REUSEPORT, as the workers will.
 
     Fails now, with a clear error, if the address is taken (also by another pgproxy's
@@ -102,7 +104,9 @@ def _reserve(host: str, port: int) -> tuple[list[socket.socket], int]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             where = (*address[:1], port, *address[2:])
-            if port:  # taken by a listener, with or without SO_REUSEPORT: EADDRINUSE
+            # Taken by a listener, with or without SO_REUSEPORT: EADDRINUSE (unless sharing
+            # the port with another pgproxy was asked for: so_reuseport).
+            if port and not share:
                 with socket.socket(family, kind, proto) as probe:
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if family == socket.AF_INET6:
@@ -144,7 +148,7 @@ class _Supervisor:
         settings = self.config.proxy
         host, port = settings.listen_host, settings.listen_port
         try:
-            reserved, port = _reserve(host, port)
+            reserved, port = _reserve(host, port, settings.so_reuseport)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", host, port, exc)
             return 1
@@ -175,8 +179,8 @@ class _Supervisor:
             self.argv += ["--config", str(self._snapshot_path)]
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(sig, self._forward, sig)
         log.info("pgproxy supervisor (pid %d) starting %d workers on %s:%d", os.getpid(),
                  self.count, host, port)  # fmt: skip
         try:
@@ -188,10 +192,11 @@ class _Supervisor:
                 # worker accepts from any more; workers finish with the ones they have.
                 self.unix.close()
                 self.unix = None
-            self._signal_all(signal.SIGTERM)
-            _, late = await asyncio.wait(keepers, timeout=_STOP_TIMEOUT)
+            # The workers drain (SIGTERM, forwarded), for shutdown_timeout at most.
+            limit = self.config.proxy.shutdown_timeout + _STOP_MARGIN
+            _, late = await asyncio.wait(keepers, timeout=limit)
             if late:
-                log.error("%d worker(s) did not stop in %.0f s; killing", len(late), _STOP_TIMEOUT)
+                log.error("%d worker(s) did not stop in %.0f s; killing", len(late), limit)
                 self._signal_all(signal.SIGKILL)
                 await asyncio.wait(keepers)
             return 0
@@ -201,6 +206,16 @@ class _Supervisor:
             if self.unix is not None:
                 self.unix.close()
             shutil.rmtree(self.peer_dir, ignore_errors=True)
+
+    def _forward(self, sig: int) -> None:
+        """PgBouncer's signals, for every worker: SIGTERM and SIGINT drain (a second one is
+        immediate), SIGQUIT stops at once, SIGUSR1/SIGUSR2 pause/resume."""
+        if sig in (signal.SIGUSR1, signal.SIGUSR2):
+            self._signal_all(sig)
+            return
+        self.stopping.set()
+        # Workers ignore SIGINT (a terminal's Ctrl-C reaches them too): they drain on SIGTERM.
+        self._signal_all(signal.SIGQUIT if sig == signal.SIGQUIT else signal.SIGTERM)
 
     def _signal_all(self, sig: int) -> None:
         for proc in self.procs.values():
