@@ -37,17 +37,10 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import uvloop
 
-from bench.throughput import (
-    clean_env,
-    free_port,
-    machine_line,
-    percentile,
-    pgproxy_tree,
-    start_server,
-    stop_server,
-)
+from bench.throughput import machine_line, percentile, pgproxy_tree, start_server
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
+from pgproxy.testing.servers import clean_env, free_port, raise_nofile, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 CHANNEL = "bench"
@@ -707,16 +700,6 @@ def start_pgproxy(
     # RLIMIT_NOFILE is inherited: raise_nofile() already ran in this process.
     cmd = [sys.executable, "-m", "pgproxy", "--config", str(config)]
     return start_server("pgproxy", cmd, port, tmp / "pgproxy.log", cwd), port
-
-
-def raise_nofile() -> tuple[int, int]:
-    """Soft RLIMIT_NOFILE up to the hard limit; returns (soft, hard) now in effect."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 # --- report ----------------------------------------------------------------------------------

@@ -41,11 +41,12 @@ from pathlib import Path
 
 import uvloop
 
-from bench.fanout import cpu_s, psycopg_version, raise_nofile, rss_kb
-from bench.throughput import free_port, machine_line, percentile, start_server, stop_server
+from bench.fanout import cpu_s, psycopg_version, rss_kb
+from bench.throughput import machine_line, percentile, start_server
 from pgproxy.auth import scram, scram_client, scram_server
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
+from pgproxy.testing.servers import free_port, raise_nofile, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 USER = "bench"

@@ -27,7 +27,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from pgproxy.testing import servers
 from pgproxy.testing.cluster import PgCluster
+from pgproxy.testing.servers import clean_env, free_port, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"  # sbin is not always on PATH
@@ -149,48 +150,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env() -> dict[str, str]:
-    """Our environment without PG* variables, so libpq only uses what we pass."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-
-
 def start_server(
     name: str, cmd: list[str], port: int, log: Path, cwd: Path = REPO, timeout: float = 30
 ) -> subprocess.Popen[bytes]:
-    """Start a pooler in its own session (Ctrl-C reaches only us, and we stop it in order)
-    and wait (up to ``timeout`` seconds) until it accepts TCP connections. ``python -m
-    pgproxy`` runs the pgproxy in ``cwd``."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return proc
-        time.sleep(0.1)
-    stop_server(proc)
-    raise RuntimeError(f"{name} did not listen on port {port}:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (runuser + pgbouncer), SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
+    """:func:`pgproxy.testing.servers.start_server` run from this checkout by default, so that
+    ``python -m pgproxy`` runs the pgproxy in ``cwd``."""
+    return servers.start_server(name, cmd, port, log, cwd, timeout)
 
 
 def start_pgbouncer(

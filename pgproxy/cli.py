@@ -44,7 +44,8 @@ def _worker_role(text: str) -> WorkerRole:  # a named function: argparse errors 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgproxy",
-        description="PostgreSQL wire-protocol pooling proxy.",
+        description="PostgreSQL wire-protocol pooling proxy. "
+        "`pgproxy demo` shows what it is for (`pgproxy demo --help`).",
         epilog=(
             "Precedence: built-in defaults < config file < environment "
             "(PGPROXY_CONFIG, PGPROXY_LISTEN, PGPROXY_UPSTREAM, PGPROXY_WORKERS) < "
@@ -106,6 +107,10 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # `pgproxy demo`: the seed incident, with the demo extra
+        from pgproxy.demo.command import main as demo
+
+        return demo(argv[1:])
     args = build_arg_parser().parse_args(argv)
     try:
         config = config_from_args(args)

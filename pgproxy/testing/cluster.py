@@ -5,8 +5,8 @@ private ``postgres`` on a free port of 127.0.0.1 (never the system server on 543
 The cluster is tuned for speed, not durability (fsync=off, ...).
 
 When the current process runs as root, every PostgreSQL binary is run through
-``runuser -u postgres --`` (PostgreSQL refuses to run as root) and the temporary
-directory is handed over to the ``postgres`` OS user.
+``runuser -u postgres --`` (PostgreSQL refuses to run as root; ``os_user`` names another
+unprivileged OS user) and the temporary directory is handed over to that user.
 
 Roles created on first start (see the module constants)::
 
@@ -171,18 +171,20 @@ class PgCluster:
         settings: Mapping[str, str | int | float | bool] | None = None,
         base_dir: Path | None = None,
         bindir: Path | None = None,
+        os_user: str = _OS_USER_WHEN_ROOT,
     ) -> None:
         self.bindir: Path = bindir if bindir is not None else find_bindir()
+        self.os_user = os_user  # who runs PostgreSQL when we are root
         self.superuser: str = SUPERUSER
         self.settings: dict[str, str | int | float | bool] = {"max_connections": "100"}
         self.settings.update(settings or {})
         self._as_root = os.geteuid() == 0
         if self._as_root:
             try:
-                pwd.getpwnam(_OS_USER_WHEN_ROOT)
+                pwd.getpwnam(os_user)
             except KeyError:
                 raise PgClusterError(
-                    f"running as root needs an OS user {_OS_USER_WHEN_ROOT!r} to run PostgreSQL"
+                    f"running as root needs an OS user {os_user!r} to run PostgreSQL"
                 ) from None
         self.root_dir = Path(tempfile.mkdtemp(prefix="pgproxy-pg-", dir=base_dir)).resolve()
         self.data_dir: Path = self.root_dir / "data"
@@ -201,8 +203,9 @@ class PgCluster:
         self._destroyed = False
         self._atexit_registered = False
         if self._as_root:
+            group = pwd.getpwnam(os_user).pw_gid
             for d in (self.root_dir, self.socket_dir):
-                shutil.chown(d, _OS_USER_WHEN_ROOT, _OS_USER_WHEN_ROOT)
+                shutil.chown(d, os_user, group)
 
     # ------------------------------------------------------------------ helpers
 
@@ -212,7 +215,7 @@ class PgCluster:
     def _cmd(self, binary: str, *args: str) -> list[str]:
         cmd = [str(self.bindir / binary), *args]
         if self._as_root:
-            cmd = ["runuser", "-u", _OS_USER_WHEN_ROOT, "--", *cmd]
+            cmd = ["runuser", "-u", self.os_user, "--", *cmd]
         return cmd
 
     def _run(
@@ -318,7 +321,7 @@ class PgCluster:
         path = self.data_dir / "pgproxy_test.conf"
         path.write_text(text)
         if self._as_root:
-            shutil.chown(path, _OS_USER_WHEN_ROOT, _OS_USER_WHEN_ROOT)
+            shutil.chown(path, self.os_user, pwd.getpwnam(self.os_user).pw_gid)
         path.chmod(0o600)
 
     def is_running(self) -> bool:
