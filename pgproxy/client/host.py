@@ -16,6 +16,7 @@ from pgproxy.protocol import messages as m
 if TYPE_CHECKING:
     import ssl
 
+    from pgproxy.admin.snapshot import Snapshot
     from pgproxy.auth.credentials import PassThroughStore
     from pgproxy.auth.query import AuthQuery
     from pgproxy.config import Config
@@ -39,3 +40,5 @@ class ProxyServices(Protocol):
     def listener_for(self, pool: Pool) -> Listener: ...
     def existing_listener(self, pool: Pool) -> Listener | None: ...
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+    def snapshot(self) -> Snapshot: ...  # the admin console's (pgproxy.admin.commands)
+    def reload_config(self) -> None: ...
