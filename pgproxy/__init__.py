@@ -1,5 +1,7 @@
 """pgproxy: a PostgreSQL pooling proxy that multiplexes LISTEN/NOTIFY in transaction mode."""
 
+import functools
+
 
 def compiled() -> bool:
     """True if the hot modules run compiled with mypyc (PGPROXY_COMPILE=1, see setup.py)."""
@@ -8,6 +10,7 @@ def compiled() -> bool:
     return (backend.__file__ or "").endswith((".so", ".pyd"))
 
 
+@functools.cache
 def version() -> str:
     """pgproxy's version: the installed package's, else pyproject.toml's (a source checkout
     that was never pip-installed), else ``"unknown"``."""

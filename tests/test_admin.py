@@ -79,8 +79,18 @@ def test_psycopg_uses_the_extended_protocol(admin_proxy: ProxyThread) -> None:
 async def test_asyncpg_describes_then_executes_in_binary(admin_proxy: ProxyThread) -> None:
     con = await asyncpg.connect(admin_proxy.dsn(dbname="pgbouncer"))
     try:
+        async with await psycopg.AsyncConnection.connect(admin_proxy.dsn()) as app:
+            await app.execute("select repeat('x', 20000)")  # bytes_sent: a numeric > 10000
+        # Binary numeric, int4 and text decode to what the text format says.
+        async with await psycopg.AsyncConnection.connect(
+            admin_proxy.dsn(dbname="pgbouncer"), autocommit=True
+        ) as text:
+            cur = await text.execute("SHOW STATS_TOTALS")
+            assert [tuple(r) for r in await con.fetch("SHOW STATS_TOTALS")] == await cur.fetchall()
+            cur = await text.execute("SHOW LISTS")
+            assert [tuple(r) for r in await con.fetch("SHOW LISTS")] == await cur.fetchall()
         pools = await con.fetch("SHOW POOLS")
-        assert [r["database"] for r in pools] == ["pgbouncer"]
+        assert [r["database"] for r in pools] == ["pgbouncer", "postgres"]
         stats = await con.fetchrow("SHOW TOTALS")
         assert stats is not None and stats["name"] == "total_server_assignment_count"
         clients = await con.fetch("SHOW CLIENTS")
@@ -90,8 +100,9 @@ async def test_asyncpg_describes_then_executes_in_binary(admin_proxy: ProxyThrea
             "database",
             "server_assignment_count",
         ]
-        [console] = await statement.fetch()  # no pool yet: only the console's, as PgBouncer
+        console, app_db = await statement.fetch()  # the console's too, as PgBouncer's
         assert console["database"] == "pgbouncer" and console["xact_count"] == 0
+        assert app_db["bytes_sent"] > 20000
     finally:
         await con.close()
 

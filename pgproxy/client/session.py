@@ -219,7 +219,9 @@ class ClientSession(ClientStream):
         self.write(data)
 
     def feeder(self) -> WireProtocol | None:
-        return self.server
+        # The console's answers are fed by the client's own requests: one that does not read
+        # them is not read either until they drain.
+        return self if self.console is not None else self.server
 
     # --- just before each ReadyForQuery ------------------------------------------------------
 
