@@ -159,10 +159,11 @@ def start_server(
 
 
 def start_pgbouncer(
-    tmp: Path, pg_port: int, pool_size: int, max_conn: int
+    tmp: Path, pg_port: int, pool_size: int, max_conn: int, settings: str = ""
 ) -> tuple[subprocess.Popen[bytes], int]:
     """PgBouncer refuses to run as root, so as root it runs as ``postgres`` via runuser;
-    trust auth still needs the user listed in auth_file."""
+    trust auth still needs the user listed in auth_file. ``settings``: more lines for its
+    [pgbouncer] section (e.g. ``admin_users = postgres``)."""
     port = free_port()
     (tmp / "userlist.txt").write_text(f'"{USER}" ""\n')
     (tmp / "pgbouncer.ini").write_text(
@@ -171,7 +172,7 @@ def start_pgbouncer(
         f"auth_type = trust\nauth_file = {tmp}/userlist.txt\n"
         f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
         f"max_client_conn = {max_conn}\nlog_connections = 0\nlog_disconnections = 0\n"
-        f"pidfile = {tmp}/pgbouncer.pid\n"
+        f"pidfile = {tmp}/pgbouncer.pid\n{settings}"
     )
     cmd = [PGBOUNCER, str(tmp / "pgbouncer.ini")]
     if os.geteuid() == 0:

@@ -1,5 +1,8 @@
 """The proxy process: accepts clients, owns the pools, routes cancels, reaps, reloads.
 
+It also serves what the admin console shows: ``snapshot()`` (pgproxy.admin.capture reads it)
+and the readings its averages compare, taken every ``stats_period`` by a task of its own.
+
 Virtual backend PIDs are allocated above Linux' largest ``pid_max`` (2^22) so that a client's
 PID can never equal a real backend PID (PROTOCOL-NOTES 23); secrets are random and compared in
 constant time.
@@ -18,12 +21,15 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from pgproxy import compiled, tls
+from pgproxy.admin import capture
+from pgproxy.admin.periods import StatsPeriods
+from pgproxy.admin.snapshot import Snapshot
 from pgproxy.auth import cbind
 from pgproxy.auth.credentials import PassThroughStore, UpstreamSecret, is_verifier
 from pgproxy.auth.query import AuthQuery
 from pgproxy.backend import ServerConnection
 from pgproxy.client.session import ClientSession
-from pgproxy.config import Config, ConfigError, DatabaseConfig
+from pgproxy.config import RESTART_FIELDS, Config, ConfigError, DatabaseConfig
 from pgproxy.control import Control
 from pgproxy.pool.pool import Pool, PoolSettings, pool_of
 from pgproxy.protocol import errors
@@ -38,8 +44,6 @@ from pgproxy.workers.peers import CancelPeers
 _VPID_BASE = 1 << 22
 _VPID_SPAN = (1 << 31) - 1 - _VPID_BASE
 _JANITOR_INTERVAL = 1.0
-# Settings a running process cannot change: its sockets are bound once.
-_RESTART_FIELDS = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode")
 
 
 class Proxy:
@@ -47,6 +51,8 @@ class Proxy:
     # the cancel channel to the other workers, and the unix socket the supervisor bound.
     peers: CancelPeers | None = None
     inherited_unix: socket.socket | None = None
+    # Set by serve.py: loads the configuration again as SIGHUP does (the console's RELOAD).
+    loader: Callable[[], Config] | None = None
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -59,6 +65,8 @@ class Proxy:
         self._unix: UnixListener | None = None  # the socket file this process owns
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+        self.periods = StatsPeriods(time.monotonic())
         self._next_vpid = secrets.randbelow(_VPID_SPAN)
         self._sessions: set[ClientSession] = set()
         self.client_tls = _client_tls(config)
@@ -107,12 +115,15 @@ class Proxy:
             log.info("pgproxy listening on %s", socket_path(settings.unix_socket_dir, self.port))
         self._janitor = loop.create_task(self._janitor_loop())
         self.control.apply_config(self.config)
+        self._stats_task = loop.create_task(self._stats_loop())
         log.info("pgproxy listening on %s:%d (%s mode, %s)", settings.listen_host, self.port,
                  settings.pool_mode, "compiled" if compiled() else "pure Python")  # fmt: skip
 
     @property
     def port(self) -> int:
-        assert self._server is not None
+        """The port it listens on (before start(): the configured one)."""
+        if self._server is None:
+            return self.config.proxy.listen_port
         sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
@@ -140,8 +151,9 @@ class Proxy:
             self._unix_server.close()
         if self._unix is not None:
             self._unix.close()
-        if self._janitor is not None:
-            self._janitor.cancel()
+        for task in (self._janitor, self._stats_task):
+            if task is not None:
+                task.cancel()
         bye = m.error_response(
             PgError(
                 errors.ADMIN_SHUTDOWN,
@@ -186,7 +198,7 @@ class Proxy:
         """A fresh (virtual pid, secret) for a client that has logged in.
 
         Among N workers, worker i hands out ``base + serial * N + i`` (``vpid_owner``)."""
-        index, count = (self.peers.index, self.peers.count) if self.peers else (0, 1)
+        index, count = self.worker
         span = _VPID_SPAN // count
         while True:
             self._next_vpid = (self._next_vpid + 1) % span
@@ -419,11 +431,36 @@ class Proxy:
                 if pool.settings.min_size and pool.total < pool.settings.min_size:
                     self.spawn(pool.warm_up())
 
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.proxy.stats_period)
+            self.periods.roll(list(self.pools.values()), time.monotonic())
+
+    # --- the admin console -------------------------------------------------------------------
+
+    @property
+    def worker(self) -> tuple[int, int]:
+        """(index, count) of this process among the workers ((0, 1) without workers)."""
+        return (self.peers.index, self.peers.count) if self.peers is not None else (0, 1)
+
+    def snapshot(self) -> Snapshot:
+        return capture.take(self)
+
+    def reload_config(self) -> None:
+        """The console's RELOAD: what SIGHUP does, with the error told to the caller."""
+        if self.peers is not None:
+            raise ConfigError(
+                "with workers, RELOAD is not supported yet: send SIGHUP to the supervisor"
+            )
+        if self.loader is None:
+            raise ConfigError("this pgproxy was started without a configuration to reload")
+        self.reload(self.loader())
+
     def reload(self, config: Config) -> None:
         """Apply a new configuration: new logins use it; pools whose settings changed retire
         (idle servers close now, busy ones when their client lets go)."""
         old = self.config.proxy
-        for name in _RESTART_FIELDS:
+        for name in RESTART_FIELDS:
             if getattr(config.proxy, name) != getattr(old, name):
                 log.warning("proxy.%s takes effect when pgproxy restarts", name)
         self.client_tls = _client_tls(config)

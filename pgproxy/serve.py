@@ -53,6 +53,7 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
     except ConfigError as exc:
         log.error("config error: %s", exc)
         return 2
+    proxy.loader = load
     if role is not None:
         proxy.peers = CancelPeers(role)
         if role.unix_fd >= 0:

@@ -18,6 +18,7 @@ Rules that keep it honest:
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.protocol.flow import ServerFlow
 from pgproxy.wire import WireProtocol, log
+
+_SERIALS = itertools.count(1)
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ServerSession(WireProtocol):
         "proxy_set",
         "ready",
         "secret",
+        "serial",
         "statements",
     )
 
@@ -69,6 +73,7 @@ class ServerSession(WireProtocol):
         self.proxy_set: dict[str, str] = {}  # unreported parameters the proxy SET here
         self.pid = 0
         self.secret = b""
+        self.serial = next(_SERIALS)  # this process's number for it (the admin console's id)
         self.flow = ServerFlow()
         self.ready = False  # handshake done
         self._internal: deque[_Internal] = deque()

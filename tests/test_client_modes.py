@@ -8,6 +8,7 @@ the scenarios cover ``stream.TRANSITIONS`` exactly, so a new transition needs a 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from pgproxy.backend import ServerConnection
 from pgproxy.client import stream
 from pgproxy.client.session import ClientSession
-from pgproxy.client.stream import CLOSED, LINKED, LOGIN, SKIPPING, UNLINKED, WAITING
+from pgproxy.client.stream import ADMIN, CLOSED, LINKED, LOGIN, SKIPPING, UNLINKED, WAITING
 from pgproxy.protocol import messages as m
 from pgproxy.testing.memory import MemoryTransport, memory_client, memory_proxy
 
@@ -59,6 +60,19 @@ async def two_clients_one_server() -> tuple[ClientSession, ClientSession]:
     return a, b
 
 
+async def console_client() -> ClientSession:
+    """A client logged in to the admin console by its startup packet (trust, admin_users)."""
+    proxy, _ = memory_proxy(1, {"admin_users": ["admin"]})
+    client = ClientSession(proxy)  # type: ignore[arg-type]
+    client.connection_made(MemoryTransport(keep=True))  # type: ignore[arg-type]
+    client.data_received(m.startup_message({"user": "admin", "database": "pgbouncer"}))
+    for _ in range(20):
+        if client.mode != LOGIN:
+            break
+        await asyncio.sleep(0)
+    return client
+
+
 Scenario = Callable[[], Awaitable[None]]
 SCENARIOS: dict[tuple[int, int], Scenario] = {}
 
@@ -83,6 +97,16 @@ async def logged_in_in_session_mode() -> None:
     proxy, pool = memory_proxy(1, {"pool_mode": "session"})
     client = await memory_client(proxy, pool)
     assert client.mode == LINKED and client.server is not None
+
+
+@scenario(LOGIN, ADMIN)
+async def logged_in_to_the_admin_console() -> None:
+    client = await console_client()
+    assert client.mode == ADMIN and client.pool is None and client.server is None
+    assert types_of(sent(client))[0] == "R" and types_of(sent(client)) == []
+    client.data_received(m.query("SHOW VERSION"))  # every read goes to the console
+    assert types_of(sent(client)) == ["T", "D", "C", "Z"]
+    assert client.mode == ADMIN
 
 
 @scenario(UNLINKED, LINKED)
@@ -198,6 +222,16 @@ def _closing(start: int) -> Scenario:
 
 for _start in (LOGIN, UNLINKED, WAITING, LINKED, SKIPPING):
     SCENARIOS[(_start, CLOSED)] = _closing(_start)
+
+
+@scenario(ADMIN, CLOSED)
+async def the_console_client_leaves() -> None:
+    client = await console_client()
+    sent(client)
+    client.data_received(m.TERMINATE_MESSAGE)  # Terminate: the console is finished
+    assert client.closed and client.mode == ADMIN
+    client.connection_lost(None)
+    assert client.mode == CLOSED
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgproxy.protocol import errors, framing
+from pgproxy.protocol import errors, extended, framing
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 
@@ -510,7 +510,6 @@ def _bind_params(body: bytes) -> list[bytes | None]:
         else:
             out.append(body[pos : pos + n])
             pos += n
-    assert body[pos:] == b"\0\0"  # no result format codes
     return out
 
 
@@ -519,20 +518,30 @@ def _bind_params(body: bytes) -> list[bytes | None]:
     portal=PG_TEXT,
     statement=PG_TEXT,
     params=st.lists(st.one_of(st.none(), st.binary(max_size=20)), max_size=10),
+    formats=st.lists(st.sampled_from([0, 1]), max_size=5),
 )
-def test_bind_round_trips_names_and_values(
-    portal: str, statement: str, params: list[bytes | None]
+def test_bind_round_trips_names_values_and_formats(
+    portal: str, statement: str, params: list[bytes | None], formats: list[int]
 ) -> None:
-    type_, body = split(m.bind(portal, statement, params))
+    type_, body = split(m.bind(portal, statement, params, formats))
     assert type_ == ord("B")
-    assert m.parse_bind_names(body) == (portal, statement)
+    bind = extended.parse_bind(body)
+    assert (bind.portal, bind.statement, bind.params) == (portal, statement, len(params))
+    assert bind.formats == tuple(formats)
     assert _bind_params(body) == params
 
 
-@pytest.mark.parametrize("body", [b"", b"portal", b"portal\0stmt"])
-def test_bind_without_name_terminators_is_rejected(body: bytes) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"portal", b"portal\0stmt", b"\0\0\0\0\0\x01\xff\xff\xff\xfe\0\0", b"\0\0\xff\xff"],
+)
+def test_malformed_bind_is_rejected(body: bytes) -> None:
     with pytest.raises(m.ProtocolError):
-        m.parse_bind_names(body)
+        extended.parse_bind(body)
+
+
+def test_execute_round_trips() -> None:
+    assert extended.parse_execute(split(m.execute("p", 7))[1]) == ("p", 7)
 
 
 @pytest.mark.parametrize(("builder", "type_"), [(m.describe, "D"), (m.close, "C")])
@@ -684,7 +693,8 @@ PARSERS: list[Callable[[bytes], object]] = [
     m.parse_error_fields,
     m.parse_notification,
     m.parse_parse,
-    m.parse_bind_names,
+    extended.parse_bind,
+    extended.parse_execute,
     m.parse_describe_or_close,
 ]
 
@@ -719,6 +729,8 @@ STRICT_BODIES: list[tuple[Callable[[bytes], object], bytes]] = [
     (m.parse_notification, split(m.notification_response(7, "chan", "hello"))[1]),
     (m.parse_parse, split(m.parse("s1", "SELECT $1, $2", [23, 25]))[1]),
     (m.parse_describe_or_close, split(m.describe("S", "s1"))[1]),
+    (extended.parse_bind, split(m.bind("p", "s", [b"x", None], [1, 0]))[1]),
+    (extended.parse_execute, split(m.execute("p", 10))[1]),
     (m.parse_password, b"secret\0"),
     (m.parse_backend_key_data, split(m.backend_key_data(1, b"\0\0\0\0"))[1]),
 ]

@@ -5,7 +5,9 @@ SSLRequest/GSSENCRequest dance, a CancelRequest routed to its session, protocol 
 negotiation, ``client_tls_mode``, the hba decision, authentication (``pgproxy.auth.frontend``)
 with the stored secret or ``auth_query``, what a proved password teaches SCRAM/md5
 pass-through, and the parameters the client will see (startup values validated on a server
-once per pool, as Postgres rejects a bad one at connect time).
+once per pool, as Postgres rejects a bad one at connect time). A login to the admin console
+(database ``pgbouncer`` or ``pgproxy``) is authenticated the same way, never by auth_query,
+then allowed only to ``admin_users`` and ``stats_users``; its startup parameters are ignored.
 
 Rule: it runs over the connection as a :class:`~pgproxy.wire.WireProtocol` (a message channel)
 and the :class:`~pgproxy.client.host.ProxyServices`, and never takes the session: it returns a
@@ -18,11 +20,13 @@ import asyncio
 from dataclasses import dataclass
 
 from pgproxy import params, tls
+from pgproxy.admin.commands import console_role
 from pgproxy.auth import hba
 from pgproxy.auth.frontend import TRUST, authenticate_client
 from pgproxy.backend import ServerConnection
 from pgproxy.client.host import ProxyServices
 from pgproxy.client.settings import ClientSettings
+from pgproxy.config import CONSOLE_DATABASES, ProxySettings
 from pgproxy.params import READ_ONLY_PARAMETERS
 from pgproxy.pool.pool import Pool
 from pgproxy.protocol import errors
@@ -35,9 +39,10 @@ from pgproxy.wire import WireProtocol
 class Login:
     user: str
     database: str
-    pool: Pool
+    pool: Pool | None  # None: the admin console
     settings: ClientSettings
     server: ServerConnection | None  # a server the login used, to be linked or released
+    console: str | None = None  # the admin console's role (commands.ADMIN or STATS)
 
 
 async def log_in(conn: WireProtocol, host: ProxyServices, local: bool) -> Login | None:
@@ -107,7 +112,8 @@ async def _authenticate(
         )
     _check_tls(conn, host, local, user)
     database = startup_params.get("database") or user
-    refusal = host.login_refusal(database)  # draining, or DISABLE
+    # Draining, or DISABLE; the admin console stays open to operators through a drain.
+    refusal = None if database in CONSOLE_DATABASES else host.login_refusal(database)
     if refusal is not None:
         raise refusal
     if startup_params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
@@ -117,6 +123,7 @@ async def _authenticate(
     if host.client_count > config.proxy.max_client_conn:
         raise fatal(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
 
+    console = database in CONSOLE_DATABASES
     peer = conn.transport.get_extra_info("peername")
     method = hba.decide(
         config.hba,
@@ -160,6 +167,8 @@ async def _authenticate(
         # proved the password teaches anything: a trust login proved nothing, and must
         # never unlock what a stored md5 hash or SCRAM verifier can do upstream.
         host.pass_through.learn((db.host, db.port, user), secret, result.scram_client_key)
+    if console:  # db is None for its names: no auth_query ran, nothing was learnt
+        return _console_login(config.proxy, user, database, startup_params)
 
     pool = host.pool_for(database, user)
     startup_gucs = {
@@ -171,6 +180,21 @@ async def _authenticate(
         startup_gucs.update(params.parse_options(startup_params["options"]))
     settings, server = await _prepare_parameters(host, pool, startup_gucs)
     return Login(user, database, pool, settings, server)
+
+
+def _console_login(
+    settings: ProxySettings, user: str, database: str, startup_params: dict[str, str]
+) -> Login:
+    """An authenticated user asking for the admin console: in, if it is allowed there."""
+    role = console_role(settings.admin_users, settings.stats_users, user)
+    if role is None:
+        raise fatal(
+            errors.INVALID_AUTHORIZATION_SPECIFICATION,
+            f'user "{user}" is not allowed to use the pgproxy admin console',
+            hint="list it in proxy.admin_users or proxy.stats_users",
+        )
+    shown = {"application_name": startup_params.get("application_name", "")}
+    return Login(user, database, None, ClientSettings(shown, {}), None, role)
 
 
 def _check_tls(conn: WireProtocol, host: ProxyServices, local: bool, user: str) -> None:

@@ -1,7 +1,8 @@
 """One client's life: connection, login hand-off, ReadyForQuery duties, notifications, timers.
 
 Owns what happens around the read loop: the login task and its hand-off (the client's first
-ParameterStatus, BackendKeyData and ReadyForQuery), what goes just before each ReadyForQuery
+ParameterStatus, BackendKeyData and ReadyForQuery; to a pool, or to the admin console), the
+pool's answer to a wait for a server, what goes just before each ReadyForQuery
 (``on_ready``: settled transaction effects, parameter corrections, held notifications), the
 LISTEN fast path, notification delivery and the slow-consumer limits, the fence that attributes
 a client's own notifications, the idle-in-transaction timer, cancel, and the teardown.
@@ -23,10 +24,11 @@ from collections.abc import Coroutine
 from typing import Any, Final, Protocol
 
 from pgproxy import sql
+from pgproxy.admin.console import Console, greeting
 from pgproxy.backend import ServerConnection
 from pgproxy.client import stream
 from pgproxy.client.host import ProxyServices
-from pgproxy.client.login import log_in
+from pgproxy.client.login import Login, log_in
 from pgproxy.client.settings import ClientSettings
 from pgproxy.client.stream import ClientStream
 from pgproxy.client.subscriptions import (
@@ -41,7 +43,7 @@ from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError, fatal
 from pgproxy.pubsub.listener import Listener
-from pgproxy.wire import log
+from pgproxy.wire import WireProtocol, log
 
 _IDLE: Final = m.IDLE
 
@@ -125,7 +127,11 @@ class ClientSession(ClientStream):
                 if login is None:
                     return
                 self.user, self.database = login.user, login.database
-                await self._hand_off(login.pool, login.settings, login.server)
+                if login.console is not None:
+                    self._open_console(login)
+                else:
+                    assert login.pool is not None
+                    await self._hand_off(login.pool, login.settings, login.server)
             if self._task is asyncio.current_task():
                 self._task = None  # a finished task held by every idle client (~0.7 KiB)
         except PgError as exc:
@@ -151,15 +157,10 @@ class ClientSession(ClientStream):
         """Login succeeded: greet the client and start streaming. From the first write to the
         link nothing awaits (in transaction mode), so the server cannot be stranded."""
         self.pool, self.settings = pool, settings
-        out = [m.authentication_ok()]
         assert pool.server_params is not None
         shown = dict(pool.server_params)
         shown.update(settings.reported)
-        out += [m.parameter_status(k, v) for k, v in shown.items()]
-        self.vpid, self.secret = self._host.register(self)
-        out.append(m.backend_key_data(self.vpid, self.secret))
-        out.append(m.ready_for_query(_IDLE))
-        self.write(b"".join(out))
+        self._greet(shown)
         pool.stats.client_login_count += 1
         if pool.mode == "session":
             if server is None:
@@ -171,6 +172,56 @@ class ClientSession(ClientStream):
                 pool.release(server)
         log.debug("%r: logged in", self)
         self.end_handshake()
+
+    def _open_console(self, login: Login) -> None:
+        """Logged in to the admin console: it answers from now on (no pool, no server)."""
+        assert login.console is not None
+        self.settings = login.settings
+        self._greet(greeting(login.settings.reported.get("application_name", "")))
+        self.begin_console(Console(self.proxy, login.user, login.console))
+        log.debug("%r: logged in to the admin console", self)
+        self.end_handshake()
+
+    def _greet(self, parameters: dict[str, str]) -> None:
+        """AuthenticationOk, the parameters, a virtual PID and secret, ReadyForQuery."""
+        out = [m.authentication_ok()]
+        out += [m.parameter_status(k, v) for k, v in parameters.items()]
+        self.vpid, self.secret = self._host.register(self)
+        out.append(m.backend_key_data(self.vpid, self.secret))
+        out.append(m.ready_for_query(_IDLE))
+        self.write(b"".join(out))
+
+    # --- getting a server, and what the server sees of the session ---------------------------
+
+    def _server_ready(self, server: ServerConnection | None, error: BaseException | None) -> None:
+        """The pool answered a request made by ``_try_link`` (maybe from inside a release)."""
+        self._request = None
+        if self.pool is not None:
+            self.pool.stats.wait_time += int((time.monotonic() - self._wait_since) * 1_000_000)
+        if server is None:
+            if isinstance(error, PgError):
+                self._fail_unit(error)
+            else:
+                log.error("%r: getting a server failed: %r", self, error)
+                self.fail(fatal(errors.INTERNAL_ERROR, "internal error in pgproxy"))
+            return
+        if self.closed:
+            server.pool.release(server)
+            return
+        self._link(server)
+        self._resume_input()
+
+    def waiting_since(self) -> float:
+        """When it started waiting for a server (0: it is not waiting for one)."""
+        return self._wait_since if self._request is not None else 0.0
+
+    def server_output(self, data: bytes) -> None:
+        self.write(data)
+
+    def feeder(self) -> WireProtocol | None:
+        # The console's answers are fed by the client's own requests: one that does not read
+        # them is not read either until they drain.
+        return self if self.console is not None else self.server
 
     # --- just before each ReadyForQuery ------------------------------------------------------
 
@@ -321,6 +372,7 @@ class ClientSession(ClientStream):
             queued = self.transport.get_write_buffer_size()
             if queued and queued + len(data) > self.proxy.config.proxy.notify_buffer_size:
                 log.warning("%r: not reading notifications; disconnecting", self)
+                self._count_slow_consumer()
                 self.write(m.error_response(_overflow("it is not reading them").fields()))
                 self.reset()  # its buffer will never drain: do not wait for it
                 return
@@ -328,7 +380,13 @@ class ClientSession(ClientStream):
             return
         if not self._subscriptions().hold(data, self.proxy.config.proxy.notify_pending_limit):
             log.warning("%r: too many notifications held during a transaction", self)
+            self._count_slow_consumer()
             self.fail(_overflow("it stayed inside a transaction while they piled up"))
+
+    def _count_slow_consumer(self) -> None:
+        listener = self.subs.listener if self.subs is not None else None
+        if listener is not None:
+            listener.slow_consumers += 1
 
     def listener_lost(self, error: PgError) -> None:
         """The listener connection died: notifications may have been lost in the gap."""
@@ -363,7 +421,7 @@ class ClientSession(ClientStream):
     @property
     def is_admin(self) -> bool:
         """An admin console session (it stays through a drain)."""
-        return False
+        return self.mode == stream.ADMIN
 
     def close_at_boundary(self, error: PgError) -> None:
         """Close with ``error`` now if the client is between transactions, else at the end
@@ -377,6 +435,13 @@ class ClientSession(ClientStream):
         self.fail(error)
 
     # --- timers and cancel -------------------------------------------------------------------
+
+    def _idle_tx_ended(self) -> None:
+        """The client spoke again after going idle inside a transaction."""
+        if self.server is not None:
+            self.server.idle_in_tx += time.monotonic() - self._idle_tx_since
+        self._idle_tx_since = 0.0
+        self._cancel_idle_tx_timer()
 
     def _cancel_idle_tx_timer(self) -> None:
         if self._idle_tx_timer is not None:
@@ -394,6 +459,15 @@ class ClientSession(ClientStream):
                 "terminating connection due to idle-in-transaction timeout",
             )
         )
+
+    def cancel_waiting(self) -> bool:
+        """A cancel for a client still queued for a server: drop its request (57014)."""
+        request = self._request
+        if self.mode != stream.WAITING or request is None or request.done:
+            return False
+        request.cancel()
+        self._fail_unit(PgError(errors.QUERY_CANCELED, "canceling statement due to user request"))
+        return True
 
     def matches_secret(self, secret: bytes) -> bool:
         return hmac.compare_digest(self.secret, secret)

@@ -16,6 +16,8 @@ Theory of operation. A session is in exactly one ``mode``:
 * **SKIPPING**: an error the proxy made up (no server could be had, the server died, a cancel
   hit a queued request) ended the current unit; as Postgres after an extended-protocol error,
   messages are dropped up to the next Sync, which is answered with ReadyForQuery.
+* **ADMIN**: logged in to the admin console (database ``pgbouncer``/``pgproxy``): every read
+  goes to its :class:`~pgproxy.admin.console.Console`, which answers; no pool, no server.
 * **CLOSED**: the connection is gone.
 
 Rule (h11's): no other file sets ``mode``; every assignment here is one row of
@@ -34,6 +36,7 @@ import time
 from typing import Final
 
 from pgproxy import precheck
+from pgproxy.admin.console import Console
 from pgproxy.backend import ServerConnection
 from pgproxy.client.host import ProxyServices
 from pgproxy.client.units import ClientUnits
@@ -58,12 +61,14 @@ SKIPPING: Final = 2
 WAITING: Final = 3
 LOGIN: Final = 4
 CLOSED: Final = 5
-MODE_NAMES: Final = ("LINKED", "UNLINKED", "SKIPPING", "WAITING", "LOGIN", "CLOSED")
+ADMIN: Final = 6
+MODE_NAMES: Final = ("LINKED", "UNLINKED", "SKIPPING", "WAITING", "LOGIN", "CLOSED", "ADMIN")
 
 # Every transition: (from, to) -> the event that takes it.
 TRANSITIONS: Final = {
     (LOGIN, UNLINKED): "logged in (transaction mode)",
     (LOGIN, LINKED): "logged in with its server (session mode)",
+    (LOGIN, ADMIN): "logged in to the admin console",
     (UNLINKED, LINKED): "a message needs a server and an idle one is free",
     (UNLINKED, WAITING): "no idle server (or a LISTEN waits for the listener)",
     (WAITING, LINKED): "the pool hands over a server",
@@ -73,7 +78,7 @@ TRANSITIONS: Final = {
     (LINKED, SKIPPING): "the server died in an extended-protocol unit",
     (SKIPPING, UNLINKED): "the Sync that ends the failed unit",
     **{(mode, CLOSED): "the connection is lost" for mode in (LOGIN, UNLINKED, WAITING)},
-    **{(mode, CLOSED): "the connection is lost" for mode in (LINKED, SKIPPING)},
+    **{(mode, CLOSED): "the connection is lost" for mode in (LINKED, SKIPPING, ADMIN)},
 }
 
 _INBUF_PAUSE: Final = 256 * 1024  # stop reading a client that sends this much while it waits
@@ -101,6 +106,7 @@ class ClientStream(ClientUnits):
         "_passthrough",
         "_request",
         "_wait_since",
+        "console",
         "mode",
     )
 
@@ -118,6 +124,7 @@ class ClientStream(ClientUnits):
         # the slow path, which ends the idle time (statistics, idle_transaction_timeout).
         self._idle_tx_since = 0.0
         self._wait_since = 0.0  # when it started waiting for a server
+        self.console: Console | None = None  # in ADMIN mode: what answers it
 
     # --- what session.py provides (documented there) -------------------------------------------
 
@@ -127,10 +134,13 @@ class ClientStream(ClientUnits):
     def _answer_without_server(self, body: bytes) -> bool | None:
         raise NotImplementedError
 
-    def _cancel_idle_tx_timer(self) -> None:
+    def _idle_tx_ended(self) -> None:
         raise NotImplementedError
 
     def fail(self, error: PgError) -> None:
+        raise NotImplementedError
+
+    def _server_ready(self, server: ServerConnection | None, error: BaseException | None) -> None:
         raise NotImplementedError
 
     # --- the transitions that have no message of their own -----------------------------------
@@ -138,6 +148,11 @@ class ClientStream(ClientUnits):
     def begin_streaming(self) -> None:
         """Login is over (transaction mode): from now on bytes are walked here."""
         self.mode = UNLINKED
+
+    def begin_console(self, console: Console) -> None:
+        """Login to the admin console is over: from now on ``console`` answers every read."""
+        self.console = console
+        self.mode = ADMIN
 
     def stream_lost(self) -> ServerConnection | None:
         """The connection is gone: returns the server it held, if any."""
@@ -166,6 +181,13 @@ class ClientStream(ClientUnits):
         if self._idle_tx_since:
             self._idle_tx_ended()
         if self.mode == CLOSED:
+            return
+        if self.mode == ADMIN:
+            console = self.console
+            assert console is not None
+            self.write(console.feed(data))
+            if console.finished:
+                self.close()
             return
         if self._inbuf:
             self._inbuf += data
@@ -373,24 +395,6 @@ class ClientStream(ClientUnits):
         self._request = pool.request(self._server_ready, self.proxy.config.proxy.query_wait_timeout)
         return None
 
-    def _server_ready(self, server: ServerConnection | None, error: BaseException | None) -> None:
-        """The pool answered a request made by ``_try_link`` (maybe from inside a release)."""
-        self._request = None
-        if self.pool is not None:
-            self.pool.stats.wait_time += int((time.monotonic() - self._wait_since) * 1_000_000)
-        if server is None:
-            if isinstance(error, PgError):
-                self._fail_unit(error)
-            else:
-                log.error("%r: getting a server failed: %r", self, error)
-                self.fail(fatal(errors.INTERNAL_ERROR, "internal error in pgproxy"))
-            return
-        if self.closed:
-            server.pool.release(server)
-            return
-        self._link(server)
-        self._resume_input()
-
     def _resume_input(self) -> None:
         data = bytes(self._inbuf)
         self._inbuf.clear()
@@ -422,13 +426,6 @@ class ClientStream(ClientUnits):
         self.mode = UNLINKED
         self._resume_input()
 
-    def _idle_tx_ended(self) -> None:
-        """The client spoke again after going idle inside a transaction."""
-        if self.server is not None:
-            self.server.idle_in_tx += time.monotonic() - self._idle_tx_since
-        self._idle_tx_since = 0.0
-        self._cancel_idle_tx_timer()
-
     def _fail_unit(self, error: PgError) -> None:
         """End the client's current unit with ``error``, as Postgres would end a failed one."""
         if error.fatal:
@@ -455,23 +452,11 @@ class ClientStream(ClientUnits):
         if data:
             self._process(data)
 
-    def cancel_waiting(self) -> bool:
-        """A cancel for a client still queued for a server: drop its request (57014)."""
-        request = self._request
-        if self.mode != WAITING or request is None or request.done:
-            return False
-        request.cancel()
-        self._fail_unit(PgError(errors.QUERY_CANCELED, "canceling statement due to user request"))
-        return True
-
     def _ready_idle(self) -> bytes:
         """A ReadyForQuery I the proxy writes itself, with what must precede it."""
         return self.on_ready(m.IDLE) + m.ready_for_query(m.IDLE)
 
     # --- ServerLink: the server's side of the link -------------------------------------------
-
-    def server_output(self, data: bytes) -> None:
-        self.write(data)
 
     def server_released(self) -> bool:
         if self.pool is None or self.pool.mode == "session" or self._inbuf:
@@ -504,6 +489,3 @@ class ClientStream(ClientUnits):
             self.write(self._ready_idle())
         else:
             self.mode = SKIPPING
-
-    def feeder(self) -> WireProtocol | None:
-        return self.server

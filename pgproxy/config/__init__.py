@@ -18,7 +18,9 @@ one another directly, never this package, and the dependencies run one way:
 
 from pgproxy.config.loading import ENV_CONFIG, ENV_LISTEN, ENV_UPSTREAM, load_config
 from pgproxy.config.schema import (
+    CONSOLE_DATABASES,
     DEFAULT_UPSTREAM_URL,
+    RESTART_FIELDS,
     WILDCARD,
     AuthType,
     Config,
@@ -32,10 +34,12 @@ from pgproxy.config.validate import parse_config
 from pgproxy.config.values import as_workers
 
 __all__ = [
+    "CONSOLE_DATABASES",
     "DEFAULT_UPSTREAM_URL",
     "ENV_CONFIG",
     "ENV_LISTEN",
     "ENV_UPSTREAM",
+    "RESTART_FIELDS",
     "WILDCARD",
     "AuthType",
     "Config",

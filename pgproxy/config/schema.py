@@ -30,6 +30,11 @@ DEFAULT_UPSTREAM_URL = "postgresql://127.0.0.1:5432"
 DEFAULT_UPSTREAM_PORT = 5432
 DEFAULT_UPSTREAM_HOST = "127.0.0.1"
 WILDCARD = "*"
+# The admin console's virtual databases (pgproxy.admin): never routed upstream, so no
+# [databases] entry may take these names and the "*" wildcard never matches them.
+CONSOLE_DATABASES = ("pgbouncer", "pgproxy")
+# Settings a running process cannot change: its sockets are bound once, its workers started.
+RESTART_FIELDS = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "workers")
 
 MASK = "***"  # what a secret shows as: in reprs and in masked URLs (values.py)
 
@@ -99,6 +104,11 @@ class ProxySettings:
     auth_query_cache_ttl: float = 60.0
     auth_failure_delay: float = 0.0  # seconds before a failed login is answered (auth_delay)
     workers: int = 1  # processes sharing the listen port (pgproxy.workers); "auto" = CPUs
+    # The admin console (database "pgbouncer" or "pgproxy"): users who may run everything,
+    # and users who may only SHOW; everyone else is refused.
+    admin_users: tuple[str, ...] = ()
+    stats_users: tuple[str, ...] = ()
+    stats_period: int = 60  # seconds between the readings SHOW STATS' averages compare
 
 
 def is_secret_param(name: str) -> bool:
@@ -186,9 +196,12 @@ class Config:
         object.__setattr__(self, "users", MappingProxyType(dict(self.users)))
 
     def database_for(self, name: str) -> DatabaseConfig | None:
-        """The entry for client database ``name``: exact match, else ``"*"``, else None."""
+        """The entry for client database ``name``: exact match, else ``"*"``, else None (and
+        always None for the admin console's names, which are never routed upstream)."""
         db = self.databases.get(name)
-        return db if db is not None else self.databases.get(WILDCARD)
+        if db is not None or name in CONSOLE_DATABASES:
+            return db
+        return self.databases.get(WILDCARD)
 
     def pool_mode_for(self, db: DatabaseConfig, user: str) -> PoolMode:
         """User override beats database override beats the proxy default."""

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 from pgproxy.auth import hba
 from pgproxy.auth.hba import HbaRule
 from pgproxy.config.schema import (
+    CONSOLE_DATABASES,
     DEFAULT_AUTH_QUERY,
     DEFAULT_UPSTREAM_URL,
     WILDCARD,
@@ -32,6 +33,7 @@ from pgproxy.config.values import (
     as_bool,
     as_choice,
     as_int,
+    as_names,
     as_pool_mode,
     as_seconds,
     as_str,
@@ -60,7 +62,12 @@ def _key(*parts: str) -> str:
 _SECTIONS = ("proxy", "databases", "users", "hba")
 _LISTEN_FIELDS = ("listen_host", "listen_port")
 # Lower bounds for integer proxy settings; the rest default to >= 0.
-_PROXY_MINIMUMS = {"max_client_conn": 1, "default_pool_size": 1, "max_prepared_statements": 1}
+_PROXY_MINIMUMS = {
+    "max_client_conn": 1,
+    "default_pool_size": 1,
+    "max_prepared_statements": 1,
+    "stats_period": 1,
+}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _DATABASE_KEYS = (
     "url",
@@ -90,6 +97,8 @@ def _proxy_value(name: str, typ: Any, value: object, path: str) -> object:
         return as_choice(value, path, get_args(typ))
     if typ is bool:
         return as_bool(value, path)
+    if typ == tuple[str, ...]:
+        return as_names(value, path)
     if name == "unix_socket_mode":  # TOML writes it 0o777
         return as_int(value, path, maximum=0o777)
     if typ is int:
@@ -234,6 +243,11 @@ def build(data: Mapping[str, Any], source: Path | None, overrides: Overrides) ->
     for name, table in as_table(data.get("databases", {}), "databases").items():
         if not name:
             raise ConfigError('databases."": database name must not be empty')
+        if name in CONSOLE_DATABASES:
+            raise ConfigError(
+                f"{_key('databases', name)}: {name!r} is the admin console's database and is "
+                "never routed upstream; give the upstream database another name here"
+            )
         db_tables[name] = as_table(table, _key("databases", name))
     url_labels: dict[str, str] = {}
     if overrides.upstream is not None:

@@ -99,6 +99,27 @@ def as_int(value: object, path: str, *, minimum: int = 0, maximum: int | None = 
     return value
 
 
+def as_names(value: object, path: str) -> tuple[str, ...]:
+    """A list of names: a TOML array of strings, or one string of comma-separated names (as
+    PgBouncer writes ``admin_users``); blanks around names are dropped."""
+    if isinstance(value, str):
+        items: list[object] = list(value.split(","))
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(f"{path}: must be a list of names (got {_describe(value)})")
+    names: list[str] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"{path}[{index}]: must be a string (got {_describe(item)})")
+        name = item.strip()
+        if name and name not in names:
+            names.append(name)
+        elif not name and isinstance(value, list):
+            raise ConfigError(f"{path}[{index}]: must not be empty")
+    return tuple(names)
+
+
 def as_seconds(value: object, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{path}: must be a number of seconds (got {_describe(value)})")

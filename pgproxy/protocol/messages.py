@@ -1,8 +1,9 @@
 """Builders and parsers for the protocol messages the proxy inspects or makes up.
 
-Theory of operation: this module is the only place that knows a message's body layout. It is
-pure (bytes in, values out; values in, bytes out) so it can be tested with bytes alone. The hot
-path never decodes messages it merely forwards; it only calls a parser here for the few message
+Theory of operation: this module is the only place that knows a message's body layout (except
+reading Bind and Execute whole, which only the admin console does: ``extended.py``). It is pure
+(bytes in, values out; values in, bytes out) so it can be tested with bytes alone. The hot path
+never decodes messages it merely forwards; it only calls a parser here for the few message
 types whose content matters (see ``framing.py`` for how boundaries are found).
 
 Strings are decoded as UTF-8 with ``surrogateescape`` so that any byte sequence round-trips
@@ -341,24 +342,35 @@ def parse_command_complete(body: bytes) -> str:
 TEXT_OID = 25
 
 
-def row_description(columns: Sequence[tuple[str, int]]) -> bytes:
-    """RowDescription for computed text-format columns: (name, type OID) each."""
+def row_description(
+    columns: Sequence[tuple[str, int]],
+    sizes: Sequence[int] | None = None,
+    formats: Sequence[int] | None = None,
+) -> bytes:
+    """RowDescription for computed columns: (name, type OID) each, type sizes (default -1,
+    varlena) and format codes (default 0, text). Table OID and column number are 0."""
     body = _I16.pack(len(columns))
-    for name, type_oid in columns:
-        # table OID 0, column 0, type, typlen -1 (varlena), typmod -1, text format
-        body += _cstr(name) + struct.pack("!ihihih", 0, 0, type_oid, -1, -1, 0)
+    for i, (name, type_oid) in enumerate(columns):
+        size, fmt = sizes[i] if sizes else -1, formats[i] if formats else 0
+        body += _cstr(name) + struct.pack("!ihihih", 0, 0, type_oid, size, -1, fmt)
     return message(ROW_DESCRIPTION, body)
 
 
-def data_row(values: Sequence[str | None]) -> bytes:
+def data_row(values: Sequence[str | bytes | None]) -> bytes:
+    """DataRow: text values are encoded, bytes (binary-format values) sent as they are."""
     body = _I16.pack(len(values))
     for v in values:
         if v is None:
             body += _I32.pack(-1)
         else:
-            b = _enc(v)
+            b = _enc(v) if isinstance(v, str) else v
             body += _I32.pack(len(b)) + b
     return message(DATA_ROW, body)
+
+
+def parameter_description(oids: Sequence[int]) -> bytes:
+    oids_bytes = struct.pack(f"!{len(oids)}I", *oids)
+    return message(PARAMETER_DESCRIPTION, _I16.pack(len(oids)) + oids_bytes)
 
 
 SYNC_MESSAGE = message(SYNC)
@@ -369,6 +381,7 @@ PARSE_COMPLETE_MESSAGE = message(PARSE_COMPLETE)
 BIND_COMPLETE_MESSAGE = message(BIND_COMPLETE)
 CLOSE_COMPLETE_MESSAGE = message(CLOSE_COMPLETE)
 NO_DATA_MESSAGE = message(NO_DATA)
+PORTAL_SUSPENDED_MESSAGE = message(PORTAL_SUSPENDED)
 COPY_DONE_MESSAGE = message(COPY_DONE)
 
 
@@ -435,13 +448,6 @@ def parse_parse(body: bytes) -> tuple[str, str, list[int]]:
     return name, sql, oids
 
 
-def parse_bind_names(body: bytes) -> tuple[str, str]:
-    """Bind message: (portal name, statement name) — the rest is forwarded untouched."""
-    portal, pos = read_cstring(body, 0)
-    stmt, _ = read_cstring(body, pos)
-    return portal, stmt
-
-
 def parse_describe_or_close(body: bytes) -> tuple[int, str]:
     """Describe/Close: kind (``S`` statement or ``P`` portal) and name."""
     if len(body) < 2:
@@ -456,11 +462,14 @@ def parse(name: str, sql: str, oids: Sequence[int] = ()) -> bytes:
     return message(PARSE, body)
 
 
-def bind(portal: str, statement: str, params: Sequence[bytes | None] = ()) -> bytes:
+def bind(
+    portal: str, statement: str, params: Sequence[bytes | None] = (), formats: Sequence[int] = ()
+) -> bytes:
+    """Bind with text parameters and the given result format codes (default: all text)."""
     body = _cstr(portal) + _cstr(statement) + _I16.pack(0) + _I16.pack(len(params))
     for p in params:
         body += _I32.pack(-1) if p is None else _I32.pack(len(p)) + p
-    body += _I16.pack(0)
+    body += _I16.pack(len(formats)) + struct.pack(f"!{len(formats)}h", *formats)
     return message(BIND, body)
 
 

@@ -53,12 +53,14 @@ class Subscriber(Protocol):
 
 
 class _Channel:
-    __slots__ = ("members", "ready", "refs")
+    __slots__ = ("delivered", "members", "ready", "received", "refs")
 
     def __init__(self, ready: asyncio.Future[None]) -> None:
         self.refs = 0
         self.ready = ready  # completes when the upstream LISTEN is in effect
         self.members: set[Subscriber] = set()
+        self.received = 0  # notifications on it while it had members (the admin console)
+        self.delivered = 0  # ... times the members they were handed to
 
 
 class Listener:
@@ -76,7 +78,14 @@ class Listener:
         self._connecting: asyncio.Task[ServerConnection] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self.closing = False
-        self.notifications = 0  # received from upstream (for the admin view and tests)
+        # For the admin console (SHOW LISTENERS): notifications received from upstream, and
+        # handed to subscribers (one per subscriber), subscribers cut off for not reading
+        # them (counted by the session), successful reconnects, and the last failure.
+        self.notifications = 0
+        self.delivered = 0
+        self.slow_consumers = 0
+        self.reconnects = 0
+        self.last_error: str | None = None
         # Real backend PID -> virtual PID, only while that backend's client runs a fence.
         self._pid_map: dict[int, int] = {}
         # (channel, NotificationResponse) received during the current upstream read, handed
@@ -207,6 +216,7 @@ class Listener:
             if result.error is not None:
                 raise result.error
         except PgError as exc:
+            self.last_error = exc.message
             if not channel.ready.done():
                 channel.ready.set_exception(exc)
             return
@@ -303,6 +313,7 @@ class Listener:
         channel = self.channels.get(notification.channel)
         if channel is None or not channel.members:
             return
+        channel.received += 1
         virtual_pid = self._pid_map.get(notification.pid)
         if virtual_pid is not None:
             body = virtual_pid.to_bytes(4, "big") + body[4:]
@@ -317,11 +328,16 @@ class Listener:
         first = batch[0][0]
         if all(channel is first for channel, _ in batch):
             data = batch[0][1] if len(batch) == 1 else b"".join(message for _, message in batch)
+            handed = len(first.members) * len(batch)
+            first.delivered += handed
+            self.delivered += handed
             for client in list(first.members):
                 client.notify(data)
             return
         collected: dict[Subscriber, list[bytes]] = {}
         for channel, message in batch:
+            channel.delivered += len(channel.members)
+            self.delivered += len(channel.members)
             for client in channel.members:
                 collected.setdefault(client, []).append(message)
         for client, messages in collected.items():
@@ -332,6 +348,7 @@ class Listener:
         self.conn = None
         if self.closing:
             return
+        self.last_error = error.message
         log.warning("%r: listener connection lost: %s", self, error.message)
         loop = asyncio.get_running_loop()
         for channel in self.channels.values():
@@ -355,6 +372,7 @@ class Listener:
                 if result.error is not None:
                     raise result.error
             except (PgError, ConnectionError) as exc:
+                self.last_error = str(exc)
                 log.warning("%r: reconnect failed (%s); retrying in %.1fs", self, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -365,6 +383,7 @@ class Listener:
                     conn.send_internal(f"UNLISTEN {quote_ident(name)}")  # left meanwhile
                 elif not channel.ready.done():
                     channel.ready.set_result(None)
+            self.reconnects += 1
             log.info("%r: reconnected, %d channels listening again", self, len(names))
             return
 
@@ -375,6 +394,18 @@ class Listener:
         if self._pinger is not None:
             self._pinger.cancel()
         await self.pool.close()
+
+    def state(self) -> str:
+        """For the admin console: listening (connected, with channels), connected (none),
+        reconnecting (after a loss), connecting (the first time), or disconnected."""
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            return "listening" if self.channels else "connected"
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            return "reconnecting"
+        if self._connecting is not None and not self._connecting.done():
+            return "connecting"
+        return "disconnected"
 
     def stats(self) -> dict[str, int]:
         return {
