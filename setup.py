@@ -22,6 +22,7 @@ COMPILED = [
     "pgproxy/server_session.py",  # ServerConnection's base class: a native class needs native bases
     "pgproxy/client/stream.py",
     "pgproxy/client/units.py",
+    "pgproxy/client/listening.py",
     "pgproxy/client/session.py",
     "pgproxy/client/statements.py",
     "pgproxy/client/pending.py",

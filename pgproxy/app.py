@@ -35,9 +35,9 @@ from pgproxy.pool.pool import Pool, PoolSettings, pool_of
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
-from pgproxy.pubsub.listener import Listener
-from pgproxy.server_open import UpstreamTls
-from pgproxy.unixsocket import UnixListener, socket_path, upstream_socket
+from pgproxy.pubsub.listener import Listener, listener_key, new_listener
+from pgproxy.server_open import UpstreamTls, send_cancel
+from pgproxy.unixsocket import UnixListener, socket_path
 from pgproxy.wire import log
 from pgproxy.workers.peers import CancelPeers
 
@@ -61,6 +61,7 @@ class Proxy:
         self.clients: dict[int, ClientSession] = {}  # by virtual pid, logged-in clients
         self.client_count = 0
         self._server: asyncio.Server | None = None
+        self._port = config.proxy.listen_port
         self._unix_server: asyncio.Server | None = None
         self._unix: UnixListener | None = None  # the socket file this process owns
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -121,11 +122,12 @@ class Proxy:
 
     @property
     def port(self) -> int:
-        """The port it listens on (before start(): the configured one)."""
-        if self._server is None:
-            return self.config.proxy.listen_port
-        sock: socket.socket = self._server.sockets[0]
-        return int(sock.getsockname()[1])
+        """The port it listens on (before start(): the configured one; after a drain closed
+        the socket: the one it had)."""
+        if self._server is not None and self._server.sockets:
+            sock: socket.socket = self._server.sockets[0]
+            self._port = int(sock.getsockname()[1])
+        return self._port
 
     @property
     def draining(self) -> bool:
@@ -234,27 +236,16 @@ class Proxy:
 
     def cancel_server(self, server: ServerConnection) -> None:
         """Ask Postgres to cancel what ``server`` is running."""
-        server.cancels_in_flight += 1
-        self.spawn(self._send_cancel(pool_of(server), server.pid, server.secret, server))
-
-    async def _send_cancel(self, pool: Pool, pid: int, secret: bytes, server: Any) -> None:
-        try:
-            host, port = pool.database.host, pool.database.port
-            path = upstream_socket(host, port)
-            opening = (
-                asyncio.open_connection(host, port)
-                if path is None
-                else asyncio.open_unix_connection(path)
+        pool = pool_of(server)
+        server.cancels_in_flight += 1  # not reused before the cancel is through
+        self.spawn(
+            send_cancel(
+                server,
+                pool.database.host,
+                pool.database.port,
+                pool.settings.connect_timeout,
             )
-            reader, writer = await asyncio.wait_for(opening, pool.settings.connect_timeout or None)
-            writer.write(m.cancel_request(pid, secret))
-            await writer.drain()
-            await asyncio.wait_for(reader.read(), 10)  # the server closes when done
-            writer.close()
-        except (OSError, TimeoutError) as exc:
-            log.warning("cancel to %s:%d failed: %s", pool.database.host, pool.database.port, exc)
-        finally:
-            server.cancels_in_flight -= 1
+        )
 
     # --- pools -------------------------------------------------------------------------------
 
@@ -277,51 +268,15 @@ class Proxy:
             self.spawn(pool.warm_up())
         return pool
 
-    @staticmethod
-    def _listener_key(pool: Pool) -> tuple[str, int, str]:
-        """Notifications are per upstream database: one listener per (host, port, dbname)."""
-        return (pool.database.host, pool.database.port, pool.upstream_db)
-
     def existing_listener(self, pool: Pool) -> Listener | None:
-        return self.listeners.get(self._listener_key(pool))
+        return self.listeners.get(listener_key(pool))
 
     def listener_for(self, pool: Pool) -> Listener:
         """The listener of the upstream database ``pool`` connects to (made on first use)."""
-        db = pool.database
-        key = self._listener_key(pool)
+        key = listener_key(pool)
         listener = self.listeners.get(key)
         if listener is None:
-            settings = PoolSettings(
-                size=1,
-                min_size=0,
-                mode="transaction",
-                connect_timeout=self.config.proxy.server_connect_timeout,
-                idle_timeout=0,
-                lifetime=0,
-                reset_query="",
-                tls=pool.settings.tls,
-            )
-            startup = {
-                "application_name": "pgproxy-listener",
-                "client_encoding": "UTF8",
-                # A listener must never be timed out by the server (PROTOCOL-NOTES 35).
-                "options": "-c idle_session_timeout=0 -c statement_timeout=0",
-            }
-            listener_pool = Pool(
-                f"listener:{pool.upstream_db}",
-                db,
-                pool.upstream_db,
-                pool.upstream_user,
-                pool.password,
-                settings,
-                startup,
-                pass_through=pool.pass_through,
-            )
-            listener = self.listeners[key] = Listener(
-                listener_pool,
-                ping_interval=self.config.proxy.listener_ping_interval,
-                ping_timeout=self.config.proxy.listener_ping_timeout,
-            )
+            listener = self.listeners[key] = new_listener(pool, self.config.proxy)
         return listener
 
     def _new_pool(self, database: str, user: str) -> Pool | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from pgproxy.protocol import errors
@@ -59,6 +59,35 @@ class Control:
         self.disabled: set[str] = set()  # databases refusing new clients (DISABLE)
         self._paused_by_config = False
         self._sessions_changed = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        # How the process stops (``serve.py`` sets it; a proxy run by tests does not stop).
+        self.request_stop: Callable[[], None] = lambda: None
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    def shutdown(self, drain: bool) -> None:
+        """SIGTERM, SIGINT, ``SHUTDOWN WAIT_FOR_CLIENTS|WAIT_FOR_SERVERS``: drain, then stop.
+        SIGQUIT, ``SHUTDOWN``, or a second request while draining: stop now."""
+        if drain and self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_stop())
+        else:
+            log.info("stopping now")
+            self.request_stop()
+
+    async def _drain_then_stop(self) -> None:
+        cut = await self.drain(self._proxy.config.proxy.shutdown_timeout)
+        log.info("drained%s", f" ({cut} cut at the timeout)" if cut else "")
+        self.request_stop()
+
+    def stop_draining(self) -> None:
+        """The process stops: a drain still running is over."""
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+
+    def knows(self, database: str) -> bool:
+        """A database the config names, or one a client has used (through ``"*"``)."""
+        proxy = self._proxy
+        return database in proxy.config.databases or any(db == database for db, _ in proxy.pools)
 
     # --- pause / resume ----------------------------------------------------------------------
 

@@ -76,38 +76,26 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
 
-    draining: list[asyncio.Task[None]] = []
-
-    async def drain_then_stop() -> None:
-        cut = await proxy.control.drain(proxy.config.proxy.shutdown_timeout)
-        log.info("drained%s", f" ({cut} cut at the timeout)" if cut else "")
-        stopping.set()
-
-    def drain() -> None:
-        """SIGTERM (and SIGINT, as PgBouncer's WAIT_FOR_SERVERS): close each client at its
-        next transaction boundary, then exit 0; a second one stops at once."""
-        if draining:
-            log.info("second shutdown signal: stopping now")
-            stopping.set()
-        else:
-            draining.append(loop.create_task(drain_then_stop()))
+    control = proxy.control
+    control.request_stop = stopping.set
 
     def pause() -> None:
-        proxy.spawn(proxy.control.pause())
+        proxy.spawn(control.pause())
 
     loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGTERM, drain)
-    loop.add_signal_handler(signal.SIGQUIT, stopping.set)  # immediate, as PgBouncer
+    # SIGTERM (and SIGINT, as PgBouncer's WAIT_FOR_SERVERS): close each client at its next
+    # transaction boundary, then exit 0; a second one, or SIGQUIT, stops at once.
+    loop.add_signal_handler(signal.SIGTERM, control.shutdown, True)
+    loop.add_signal_handler(signal.SIGQUIT, control.shutdown, False)
     loop.add_signal_handler(signal.SIGUSR1, pause)
-    loop.add_signal_handler(signal.SIGUSR2, proxy.control.resume)
+    loop.add_signal_handler(signal.SIGUSR2, control.resume)
     if role is None:
-        loop.add_signal_handler(signal.SIGINT, drain)
+        loop.add_signal_handler(signal.SIGINT, control.shutdown, True)
     else:
         serve_supervisor(role, stopping.set)
     await stopping.wait()
     log.info("shutting down")
-    for task in draining:
-        task.cancel()
+    control.stop_draining()
     await proxy.stop()
     if proxy.peers is not None:
         await proxy.peers.close()

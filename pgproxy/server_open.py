@@ -27,6 +27,7 @@ from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT
 from pgproxy.unixsocket import upstream_socket
+from pgproxy.wire import log
 
 
 @dataclass(frozen=True)
@@ -143,3 +144,24 @@ async def _handshake(
         ) from exc
     conn.ready = True
     conn.end_handshake()
+
+
+async def send_cancel(server: ServerConnection, host: str, port: int, timeout: float) -> None:
+    """Ask Postgres to cancel what ``server`` runs (a CancelRequest on a connection of its
+    own, as libpq sends one); ``server.cancels_in_flight`` is decremented when done."""
+    try:
+        path = upstream_socket(host, port)
+        opening = (
+            asyncio.open_connection(host, port)
+            if path is None
+            else asyncio.open_unix_connection(path)
+        )
+        reader, writer = await asyncio.wait_for(opening, timeout or None)
+        writer.write(m.cancel_request(server.pid, server.secret))
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 10)  # the server closes when done
+        writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.warning("cancel to %s:%d failed: %s", host, port, exc)
+    finally:
+        server.cancels_in_flight -= 1

@@ -3,6 +3,7 @@ KILL_CLIENT, DISABLE/ENABLE and the declarative ``paused`` setting. Real Postgre
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -149,3 +150,71 @@ def test_paused_setting_pauses_and_resumes_on_reload(make_proxy: MakeProxy, pg: 
     _until_waiting(proxy, 1)
     proxy.call(lambda p: p.reload(parse_config(build_config(pg, proxy={"paused": False}))))
     assert held.result(10) == (1,)
+
+
+# --- the same through the admin console --------------------------------------------------------
+
+
+def _console(proxy: ProxyThread) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True)
+
+
+def test_console_pause_answers_once_the_transaction_ends_and_show_tells(
+    make_proxy: MakeProxy,
+) -> None:
+    proxy = make_proxy(proxy={"admin_users": ["postgres"], "default_pool_size": 1})
+    with psycopg.connect(proxy.dsn()) as busy, _console(proxy) as console:
+        busy.execute("select 1")
+        paused = _in_thread(lambda: _console(proxy).execute("PAUSE postgres").statusmessage)
+        held = _in_thread(_query(proxy))
+        _until_waiting(proxy, 1)
+        assert not paused.done()
+        busy.commit()
+        assert paused.result(10) == "PAUSE"
+        databases = {r[0]: r for r in console.execute("SHOW DATABASES").fetchall()}
+        columns = [c.name for c in console.execute("SHOW DATABASES").description or ()]
+        assert databases["postgres"][columns.index("paused")] == 1
+        assert not held.done()
+        console.execute("RESUME postgres")
+        assert held.result(10) == (1,)
+        console.execute("PAUSE")
+        assert ("paused", "yes") in console.execute("SHOW STATE").fetchall()
+        console.execute("RESUME")
+        assert ("paused", "no") in console.execute("SHOW STATE").fetchall()
+
+
+def test_console_disable_kill_client_and_unknown_database(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy(proxy={"admin_users": ["postgres"]})
+    with _console(proxy) as console, psycopg.connect(proxy.dsn(), autocommit=True) as victim:
+        console.execute("DISABLE postgres")
+        columns = [c.name for c in console.execute("SHOW DATABASES").description or ()]
+        rows = {r[0]: r for r in console.execute("SHOW DATABASES").fetchall()}
+        assert rows["postgres"][columns.index("disabled")] == 1
+        with pytest.raises(psycopg.OperationalError, match="is disabled"):
+            psycopg.connect(proxy.dsn())
+        console.execute("ENABLE postgres")
+        clients = console.execute("SHOW CLIENTS").fetchall()
+        columns = [c.name for c in console.execute("SHOW CLIENTS").description or ()]
+        ids = [
+            r[columns.index("id")] for r in clients if r[columns.index("database")] == "postgres"
+        ]
+        assert ids == [victim.info.backend_pid]
+        console.execute(f"KILL_CLIENT {ids[0]}")
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("select 1")
+        with pytest.raises(psycopg.errors.UndefinedObject, match="client not found"):
+            console.execute(f"KILL_CLIENT {ids[0]}")
+        with pytest.raises(psycopg.errors.InvalidCatalogName, match="no such database: nope"):
+            console.execute("PAUSE nope")
+
+
+def test_console_stays_open_through_a_drain(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy(proxy={"admin_users": ["postgres"]})
+    client = psycopg.connect(proxy.dsn(), autocommit=True)
+    with _console(proxy) as console, contextlib.closing(client):
+        client.execute("select 1")
+        console.execute("SHUTDOWN WAIT_FOR_CLIENTS")  # drains; no process to stop in a test
+        with pytest.raises(psycopg.OperationalError):
+            client.execute("select 1")
+        assert console.execute("SHOW VERSION").fetchone() is not None
+        assert proxy.call(lambda p: p.draining)

@@ -48,10 +48,22 @@ _SERVER_IDS = (1 << 22) - 1  # server ids stay below the first virtual PID
 _PEERCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 
+class ControlState(Protocol):
+    """What is read of ``pgproxy.control.Control``: what operators paused or disabled."""
+
+    paused_all: bool
+    paused: set[str]
+    disabled: set[str]
+
+
 class ProxyState(Protocol):
     """What is read of ``pgproxy.app.Proxy``."""
 
     config: Config
+
+    @property
+    def control(self) -> ControlState: ...
+
     pools: dict[tuple[str, str], Pool]
     clients: dict[int, ClientSession]
     listeners: dict[tuple[str, int, str], Listener]
@@ -90,7 +102,7 @@ def take(proxy: ProxyState) -> Snapshot:
     client_rows = [_client_row(c, proxy.port, wall(c.connected_at), now, mono) for c in clients]
     server_rows: list[SocketRow] = []
     for pool, (database, user) in pools.items():
-        for server in (*pool.active, *pool.idle):
+        for server in (*pool.active, *pool.idle, *pool.parked):
             row = _server_row(server, pool, server_id(server), linked_to.get(id(server), 0))
             row["database"], row["user"] = database, user
             row["connect_time"] = wall(server.created_at)
@@ -105,7 +117,7 @@ def take(proxy: ProxyState) -> Snapshot:
     pool_rows = [_pool_row(pool, key, proxy.periods, client_rows) for pool, key in pools.items()]
     pool_rows = cast(list[PoolRow], combine("pools", [pool_rows]))
     pool_rows.append(_console_pool(len(console)))
-    databases = _databases(config, pools, client_rows, proxy.port)
+    databases = _databases(config, pools, client_rows, proxy.port, proxy.control)
     users = _users(config, pools, client_rows)
     listeners = [_listener_row(key, listener) for key, listener in proxy.listeners.items()]
     channels = [
@@ -119,7 +131,7 @@ def take(proxy: ProxyState) -> Snapshot:
         taken_at=now,
         processes=1,
         stats_period=config.proxy.stats_period,
-        paused=0,
+        paused=int(proxy.control.paused_all),
         pools=sorted(pool_rows, key=lambda r: (r["database"], r["user"])),
         clients=sorted(client_rows, key=lambda r: (r["database"], r["user"], r["id"])),
         servers=sorted(server_rows, key=lambda r: (r["database"], r["user"], r["id"])),
@@ -178,7 +190,7 @@ def _client_row(
 
 
 def _server_row(server: ServerConnection, pool: Pool, ident: int, link: int) -> SocketRow:
-    if server in pool.idle:
+    if server in pool.idle or server in pool.parked:
         state = "idle"
     elif server.client is None and server.busy_internally:
         state = "tested"  # being cleaned (rollback, reset query) before reuse
@@ -255,7 +267,11 @@ def _console_pool(clients: int) -> PoolRow:
 
 
 def _databases(
-    config: Config, pools: Mapping[Pool, tuple[str, str]], clients: list[SocketRow], port: int
+    config: Config,
+    pools: Mapping[Pool, tuple[str, str]],
+    clients: list[SocketRow],
+    port: int,
+    control: ControlState,
 ) -> list[DatabaseRow]:
     """Configured databases, those the "*" entry made for clients (as PgBouncer's automatic
     databases), and the console's."""
@@ -272,6 +288,8 @@ def _databases(
         size, least = config.pool_size_for(db, ""), config.min_pool_size_for(db)
         row = _database_row(name, db.host, db.port, db.dbname or name, db.user, size, least,
                             db.pool_mode, lifetime, servers, users)  # fmt: skip
+        row["paused"] = int(control.paused_all or name in control.paused)
+        row["disabled"] = int(name in control.disabled)
         rows.append(row)
     users = sum(1 for c in clients if c["database"] == CONSOLE)
     rows.append(

@@ -4,8 +4,10 @@ Owns turning a statement's text into a :class:`Command` (what it is called, what
 returns, whether only ``admin_users`` may run it) and running it against a
 :class:`ConsoleHost`. The grammar is PgBouncer's: one command word and an optional argument
 (a word or a double-quoted name), case-insensitive, with an optional ``;``; or ``SET key =
-value``. Commands PgBouncer has and pgproxy does not do yet (PAUSE, KILL, SHUTDOWN...) are
-parsed into the table and fail with 0A000, so adding one is adding its runner.
+value``. The control commands (PAUSE, RESUME, RECONNECT, WAIT_CLOSE, KILL, KILL_CLIENT,
+DISABLE, ENABLE, SHUTDOWN) run :class:`Operations` (``pgproxy.control.Control``); those that
+wait (PAUSE, WAIT_CLOSE) return an awaitable the console's session awaits. SUSPEND (PgBouncer's
+socket hand-over) is not pgproxy's way to restart (see "Shutting down") and fails with 0A000.
 
 Rules: parsing raises what Postgres would raise at Parse (an unknown command), running what
 it would raise at Execute (permission, failure), so the simple and the extended protocol
@@ -17,9 +19,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from pgproxy import version
 from pgproxy.admin.snapshot import Snapshot
@@ -43,10 +45,28 @@ def console_role(
     return None
 
 
+class Operations(Protocol):
+    """The operator's commands (``pgproxy.control.Control`` provides them)."""
+
+    def knows(self, database: str) -> bool: ...
+    def pause(self, database: str | None = None) -> Coroutine[Any, Any, None]: ...
+    def resume(self, database: str | None = None) -> None: ...
+    def reconnect(self, database: str | None = None) -> None: ...
+    def wait_close(self, database: str | None = None) -> Coroutine[Any, Any, None]: ...
+    def kill(self, database: str | None = None) -> int: ...
+    def kill_client(self, vpid: int) -> bool: ...
+    def disable(self, database: str) -> None: ...
+    def enable(self, database: str) -> None: ...
+    def shutdown(self, drain: bool) -> None: ...
+
+
 class ConsoleHost(Protocol):
     """What the console needs from the proxy (``pgproxy.app.Proxy`` provides it)."""
 
     def snapshot(self) -> Snapshot: ...
+
+    @property
+    def control(self) -> Operations: ...
 
     def reload_config(self) -> None:
         """Load the configuration again and apply it; ConfigError if it is invalid."""
@@ -81,9 +101,9 @@ class Command:
     tag: str
     columns: tuple[Column, ...] | None  # None: no rows (Describe answers NoData)
     admin_only: bool
-    runner: Callable[[ConsoleHost], Result]
+    runner: Callable[[ConsoleHost], Result | Awaitable[Result]]
 
-    def run(self, host: ConsoleHost, role: str) -> Result:
+    def run(self, host: ConsoleHost, role: str) -> Result | Awaitable[Result]:
         if self.admin_only and role != ADMIN:
             raise PgError(
                 errors.INSUFFICIENT_PRIVILEGE,
@@ -137,18 +157,14 @@ _HELP: Final = """
 \tSHOW POOLS | STATS | STATS_TOTALS | STATS_AVERAGES | TOTALS
 \tSHOW CLIENTS | SERVERS | DATABASES | USERS | LISTS | STATE | CONFIG | VERSION
 \tSHOW LISTENERS | CHANNELS   (LISTEN/NOTIFY: listener connections, channels)
-\tRELOAD
-\tNot yet: PAUSE, RESUME, DISABLE, ENABLE, RECONNECT, KILL, KILL_CLIENT, SUSPEND,
-\tSHUTDOWN, WAIT_CLOSE, SET"""
+\tPAUSE [<db>] | RESUME [<db>] | RECONNECT [<db>] | WAIT_CLOSE [<db>] | KILL [<db>]
+\tKILL_CLIENT <id> | DISABLE <db> | ENABLE <db>
+\tSHUTDOWN [WAIT_FOR_CLIENTS | WAIT_FOR_SERVERS]   (both drain at transaction boundaries)
+\tRELOAD"""
 # SHOW commands of PgBouncer's that have no meaning here.
 _NOT_OURS: Final = frozenset(
     ("fds", "sockets", "active_sockets", "mem", "dns_hosts", "dns_zones", "peers", "peer_pools")
 )
-# Control commands pgproxy does not do yet.
-_CONTROL: Final = (
-    "pause", "resume", "disable", "enable", "reconnect", "kill", "kill_client", "suspend",
-    "shutdown", "wait_close",
-)  # fmt: skip
 # Parameters drivers may SET (the console ignores them) or SHOW.
 _SETTABLE: Final = frozenset(
     (
@@ -192,8 +208,90 @@ def _unsupported(what: str, when: str = "by pgproxy yet") -> Callable[[ConsoleHo
     return fail
 
 
-def _control(text: str, verb: str, arg: str) -> Command:
-    return Command(text, verb.upper(), None, True, _unsupported(verb.upper()))
+def _control(text: str, verb: str, arg: str) -> Command | None:
+    """PAUSE, RESUME, ... as PgBouncer spells them; None: not a valid use of the verb."""
+    make = _CONTROL.get(verb)
+    runner = make(arg) if make is not None else None
+    if runner is None:
+        return None
+    return Command(text, verb.upper(), None, True, runner)
+
+
+Runner = Callable[[ConsoleHost], Result | Awaitable[Result]]
+
+
+def _database(host: ConsoleHost, arg: str) -> str | None:
+    """The command's database (None: all of them); an unknown one is an error."""
+    if arg and not host.control.knows(arg):
+        raise PgError(errors.INVALID_CATALOG_NAME, f"no such database: {arg}")
+    return arg or None
+
+
+async def _after(wait: Awaitable[None], tag: str) -> Result:
+    await wait
+    return Result(tag)
+
+
+def _pause(arg: str) -> Runner:
+    return lambda host: _after(host.control.pause(_database(host, arg)), "PAUSE")
+
+
+def _wait_close(arg: str) -> Runner:
+    return lambda host: _after(host.control.wait_close(_database(host, arg)), "WAIT_CLOSE")
+
+
+def _on_database(tag: str, needs_name: bool) -> Callable[[str], Runner | None]:
+    """RESUME, RECONNECT, KILL [db]; DISABLE, ENABLE db: an operation that returns at once."""
+
+    def make(arg: str) -> Runner | None:
+        if needs_name and not arg:
+            return None
+
+        def run(host: ConsoleHost) -> Result:
+            getattr(host.control, tag.lower())(_database(host, arg))
+            return Result(tag)
+
+        return run
+
+    return make
+
+
+def _kill_client(arg: str) -> Runner | None:
+    if not arg.isdigit():
+        return None
+
+    def run(host: ConsoleHost) -> Result:
+        if not host.control.kill_client(int(arg)):
+            raise PgError(errors.UNDEFINED_OBJECT, f"client not found: {arg}")
+        return Result("KILL_CLIENT")
+
+    return run
+
+
+def _shutdown(arg: str) -> Runner | None:
+    mode = arg.lower()
+    if mode not in ("", "wait_for_clients", "wait_for_servers"):
+        return None
+
+    def run(host: ConsoleHost) -> Result:
+        host.control.shutdown(drain=bool(mode))  # both WAIT_FOR_* drain at boundaries
+        return Result("SHUTDOWN")
+
+    return run
+
+
+_CONTROL: Final[dict[str, Callable[[str], Runner | None]]] = {
+    "pause": _pause,
+    "wait_close": _wait_close,
+    "resume": _on_database("RESUME", False),
+    "reconnect": _on_database("RECONNECT", False),
+    "kill": _on_database("KILL", False),
+    "disable": _on_database("DISABLE", True),
+    "enable": _on_database("ENABLE", True),
+    "kill_client": _kill_client,
+    "shutdown": _shutdown,
+    "suspend": lambda _: _unsupported("SUSPEND", "by pgproxy: start a new one beside it"),
+}
 
 
 def _reload(text: str, verb: str, arg: str) -> Command | None:

@@ -11,13 +11,15 @@ error in an extended-protocol message every message is skipped up to the next Sy
 answers ReadyForQuery; Sync ends the implicit transaction and with it every portal; a simple
 Query replaces the unnamed statement. Nothing here does I/O or reads the proxy: ``feed``
 returns the bytes to write, and commands reach the proxy through their
-:class:`~pgproxy.admin.commands.ConsoleHost`.
+:class:`~pgproxy.admin.commands.ConsoleHost`. A command that waits (PAUSE, WAIT_CLOSE) leaves
+its awaitable in ``waiting``: the session awaits it and hands the outcome to ``resume``; the
+messages after it wait in the buffer meanwhile, so replies stay in order.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -72,12 +74,17 @@ class Console:
         self._skipping = False  # an extended-protocol message failed: skip up to Sync
         self._statements: dict[str, _Statement] = {}
         self._portals: dict[str, _Portal] = {}
+        # A command being awaited (by the session), what writes its reply, and the message
+        # type it came in (errors end a simple Query and skip an extended unit).
+        self.waiting: Awaitable[Result] | None = None
+        self._finish: Callable[[Result], list[bytes]] | None = None
+        self._waiting_type = 0
 
     def feed(self, data: bytes) -> bytes:
         self._buf += data
         out: list[bytes] = []
         buf = self._buf
-        while not self.finished and len(buf) >= 5:
+        while not self.finished and self.waiting is None and len(buf) >= 5:
             type_, length = buf[0], read_length(buf, 1)
             try:
                 check_frontend_header(type_, length)
@@ -129,11 +136,37 @@ class Console:
         except m.ProtocolError as exc:
             self._fail(out, fatal(errors.PROTOCOL_VIOLATION, str(exc)))
         except PgError as exc:
-            out.append(m.error_response(exc.fields()))
-            if type_ == m.QUERY or type_ == m.FUNCTION_CALL:
-                out.append(_READY)  # a simple-protocol unit is that one message
-            else:
-                self._skipping = True
+            self._error(type_, exc, out)
+
+    def _error(self, type_: int, exc: PgError, out: list[bytes]) -> None:
+        out.append(m.error_response(exc.fields()))
+        if type_ == m.QUERY or type_ == m.FUNCTION_CALL:
+            out.append(_READY)  # a simple-protocol unit is that one message
+        else:
+            self._skipping = True
+
+    def _run(
+        self, command: Command, type_: int, finish: Callable[[Result], list[bytes]]
+    ) -> list[bytes]:
+        """Run ``command``; its reply now, or (a command that waits) once ``resume``d."""
+        outcome = command.run(self._host, self.role)
+        if isinstance(outcome, Result):
+            return finish(outcome)
+        self.waiting, self._finish, self._waiting_type = outcome, finish, type_
+        return []
+
+    def resume(self, outcome: Result | PgError) -> bytes:
+        """The awaited command ended: its reply, then what the client sent meanwhile."""
+        finish, type_ = self._finish, self._waiting_type
+        assert finish is not None
+        self.waiting = self._finish = None
+        out: list[bytes] = []
+        if isinstance(outcome, PgError):
+            self._error(type_, outcome, out)
+        else:
+            out += finish(outcome)
+        out.append(self.feed(b""))
+        return b"".join(out)
 
     # --- simple query -----------------------------------------------------------------------
 
@@ -142,16 +175,18 @@ class Console:
         self._portals.pop("", None)
         command = commands.parse(text)
         if command is None:
-            out.append(m.EMPTY_QUERY_RESPONSE_MESSAGE)
-        else:
-            result = command.run(self._host, self.role)
+            out += (m.EMPTY_QUERY_RESPONSE_MESSAGE, _READY)
+            return
+
+        def reply(result: Result) -> list[bytes]:
             formats = [0] * len(command.columns or ())
-            out += _notices(result)
+            out = _notices(result)
             if command.columns is not None:
                 out.append(_row_description(command.columns, formats))
             out += _data_rows(result.rows or [], command.columns or (), formats)
-            out.append(m.command_complete(result.tag))
-        out.append(_READY)
+            return [*out, m.command_complete(result.tag), _READY]
+
+        out += self._run(command, m.QUERY, reply)
 
     # --- extended query ---------------------------------------------------------------------
 
@@ -213,11 +248,21 @@ class Console:
         if command is None:
             out.append(m.EMPTY_QUERY_RESPONSE_MESSAGE)
             return
-        result = portal.result
-        if result is None:
-            result = portal.result = command.run(self._host, self.role)
-            portal.rows = result.rows or []
-            out += _notices(result)
+        if portal.result is None:
+
+            def first(result: Result) -> list[bytes]:
+                portal.result, portal.rows = result, result.rows or []
+                return _notices(result) + self._rows(portal, max_rows)
+
+            out += self._run(command, m.EXECUTE, first)
+        else:
+            out += self._rows(portal, max_rows)
+
+    def _rows(self, portal: _Portal, max_rows: int) -> list[bytes]:
+        """The next ``max_rows`` rows of an executed portal (all: 0), and how it stands."""
+        command, result = portal.command, portal.result
+        assert command is not None and result is not None
+        out: list[bytes] = []
         start = portal.sent
         end = len(portal.rows) if max_rows <= 0 else min(len(portal.rows), start + max_rows)
         out += _data_rows(portal.rows[start:end], command.columns or (), portal.formats)
@@ -226,6 +271,7 @@ class Console:
             out.append(m.PORTAL_SUSPENDED_MESSAGE)
         else:
             out.append(m.command_complete(result.tag))
+        return out
 
 
 def _result_formats(codes: Sequence[int], columns: int) -> list[int]:

@@ -17,6 +17,7 @@ from pgproxy.protocol.errors import PgError
 if TYPE_CHECKING:
     import ssl
 
+    from pgproxy.admin.commands import Operations
     from pgproxy.admin.snapshot import Snapshot
     from pgproxy.auth.credentials import PassThroughStore
     from pgproxy.auth.query import AuthQuery
@@ -42,5 +43,11 @@ class ProxyServices(Protocol):
     def existing_listener(self, pool: Pool) -> Listener | None: ...
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
     def login_refusal(self, database: str) -> PgError | None: ...
-    def snapshot(self) -> Snapshot: ...  # the admin console's (pgproxy.admin.commands)
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def control(self) -> Operations:
+        ...
+        # the admin console's (pgproxy.admin.commands)
+
     def reload_config(self) -> None: ...

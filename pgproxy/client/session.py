@@ -1,18 +1,18 @@
-"""One client's life: connection, login hand-off, ReadyForQuery duties, notifications, timers.
+"""One client's life: connection, login hand-off, ReadyForQuery duties, drain, timers.
 
 Owns what happens around the read loop: the login task and its hand-off (the client's first
-ParameterStatus, BackendKeyData and ReadyForQuery; to a pool, or to the admin console), the
-pool's answer to a wait for a server, what goes just before each ReadyForQuery
-(``on_ready``: settled transaction effects, parameter corrections, held notifications), the
-LISTEN fast path, notification delivery and the slow-consumer limits, the fence that attributes
-a client's own notifications, the idle-in-transaction timer, cancel, and the teardown.
+ParameterStatus, BackendKeyData and ReadyForQuery; to a pool, or to the admin console, whose
+commands that wait it awaits), the pool's answer to a wait for a server, what goes just
+before each ReadyForQuery (``on_ready``: settled transaction effects, parameter corrections,
+held notifications, a doomed client's close), closing at a transaction boundary (drain), the
+idle-in-transaction timer, cancel, and the teardown.
 
-Rule: one object in three files by linear inheritance (asyncpg's CoreProtocol/BaseProtocol
+Rule: one object in four files by linear inheritance (asyncpg's CoreProtocol/BaseProtocol
 shape): :class:`~pgproxy.client.units.ClientUnits` (who the client is and what each message
-does) <- :class:`~pgproxy.client.stream.ClientStream` (the read loop and ``mode``) <- this
-class (the session's life); no call between them costs a hop. The session stays the
-listener's subscriber, so fan-out reaches it directly. Teardown is in one place,
-:meth:`_end_transaction_state`, used by ``on_lost`` and ``server_lost``.
+does) <- :class:`~pgproxy.client.stream.ClientStream` (the read loop and ``mode``) <-
+:class:`~pgproxy.client.listening.ClientListening` (LISTEN/NOTIFY) <- this class; no call
+between them costs a hop. Teardown is in one place, :meth:`_end_transaction_state`, used by
+``on_lost`` and ``server_lost``.
 """
 
 from __future__ import annotations
@@ -20,29 +20,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Coroutine
-from typing import Any, Final, Protocol
+from collections.abc import Awaitable
+from typing import Final, Protocol
 
-from pgproxy import sql
+from pgproxy.admin.commands import Result
 from pgproxy.admin.console import Console, greeting
 from pgproxy.backend import ServerConnection
 from pgproxy.client import stream
 from pgproxy.client.host import ProxyServices
+from pgproxy.client.listening import ClientListening
 from pgproxy.client.login import Login, log_in
 from pgproxy.client.settings import ClientSettings
-from pgproxy.client.stream import ClientStream
-from pgproxy.client.subscriptions import (
-    Subscriptions,
-    is_listening_channels_query,
-    listening_channels_reply,
-    subscription_query,
-    subscription_tags,
-)
 from pgproxy.pool.pool import Pool
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError, fatal
-from pgproxy.pubsub.listener import Listener
 from pgproxy.wire import WireProtocol, log
 
 _IDLE: Final = m.IDLE
@@ -57,8 +49,8 @@ class SessionHost(ProxyServices, Protocol):
     def register(self, client: ClientSession) -> tuple[int, bytes]: ...
 
 
-class ClientSession(ClientStream):
-    __slots__ = ("_doomed", "_host", "_task", "connected_at", "local", "peer", "secret")
+class ClientSession(ClientListening):
+    __slots__ = ("_host", "connected_at", "local", "peer", "secret")
 
     def __init__(self, proxy: SessionHost, local: bool = False) -> None:
         super().__init__(proxy)
@@ -67,8 +59,6 @@ class ClientSession(ClientStream):
         self.peer = ""
         self.local = local  # came through the unix-domain socket (told by its listener)
         self.connected_at = time.monotonic()
-        self._task: asyncio.Task[None] | None = None
-        self._doomed: PgError | None = None  # to be disconnected at its next ReadyForQuery I
 
     def __repr__(self) -> str:
         return f"<client {self.vpid} {self.user}@{self.database} {self.peer}>"
@@ -182,6 +172,32 @@ class ClientSession(ClientStream):
         log.debug("%r: logged in to the admin console", self)
         self.end_handshake()
 
+    def _console_read(self, data: bytes) -> None:
+        """What an admin console client sent: the console answers."""
+        console = self.console
+        assert console is not None
+        self.write(console.feed(data))
+        self._console_next(console)
+
+    def _console_next(self, console: Console) -> None:
+        """A command that waits (PAUSE, WAIT_CLOSE) answers from a task; later input waits
+        in the console meanwhile."""
+        waiting = console.waiting
+        if waiting is not None:
+            self.proxy.spawn(self._console_wait(console, waiting))
+        elif console.finished:
+            self.close()
+
+    async def _console_wait(self, console: Console, waiting: Awaitable[Result]) -> None:
+        outcome: Result | PgError
+        try:
+            outcome = await waiting
+        except PgError as exc:
+            outcome = exc
+        if not self.closed:
+            self.write(console.resume(outcome))
+            self._console_next(console)
+
     def _greet(self, parameters: dict[str, str]) -> None:
         """AuthenticationOk, the parameters, a virtual PID and secret, ReadyForQuery."""
         out = [m.authentication_ok()]
@@ -263,147 +279,6 @@ class ClientSession(ClientStream):
         self._end_transaction_state()
         super().server_lost(error)
 
-    # --- LISTEN without a server -------------------------------------------------------------
-
-    def _fast_path_allowed(self) -> bool:
-        """LISTEN can be answered here only where pglast reads the text as the server would."""
-        pool = self.pool
-        return (
-            self.settings.text_rules_ok()
-            and pool is not None
-            and pool.mode == "transaction"
-            and self._doomed is None
-        )
-
-    def _answer_without_server(self, body: bytes) -> bool | None:
-        if is_listening_channels_query(body):
-            listener = self.subs.listener if self.subs is not None else None
-            channels = sorted(listener.channels_of(self)) if listener is not None else []
-            self.write(listening_channels_reply(channels) + self._ready_idle())
-            return True
-        statements = subscription_query(body)
-        if statements is None:
-            return None
-        return self._subscribe(statements)
-
-    def _subscribe(self, statements: list[sql.Subscription]) -> bool:
-        """Answer a Query made only of LISTEN/UNLISTEN without a server, byte for byte.
-
-        The statements form one implicit transaction: their combined effect is applied all at
-        once, and only once every channel it adds is live upstream. True: answered now (the
-        usual case: other clients listen to those channels already). False: the answer waits
-        in a task for the upstream LISTEN; the client's input waits meanwhile.
-        """
-        assert self.pool is not None
-        listener = self.proxy.listener_for(self.pool)
-        self._subscriptions().listener = listener
-        wanted = sql.apply_effects(listener.channels_of(self), list(statements))
-        if listener.update_now(self, wanted):
-            self.write(subscription_tags(statements) + self._ready_idle())
-            return True
-        self._task = asyncio.get_running_loop().create_task(
-            self._answer_subscriptions(listener, statements, wanted)
-        )
-        return False
-
-    async def _answer_subscriptions(
-        self, listener: Listener, statements: list[sql.Subscription], wanted: set[str]
-    ) -> None:
-        try:
-            await listener.update(self, wanted)
-        except PgError as exc:
-            err = exc.with_severity("ERROR")
-            reply = m.error_response(err.fields())
-        else:
-            reply = subscription_tags(statements)
-        if self._task is asyncio.current_task():
-            self._task = None  # a finished task would stay with the client (~0.7 KiB)
-        self.write(reply + self._ready_idle())
-        self._waiting_answered()
-
-    # --- NOTIFY: attribution fence and delivery ----------------------------------------------
-
-    def wants_stall(self, status: int) -> bool:
-        """Hold a ReadyForQuery I after a possible NOTIFY until a listener fence completes.
-
-        Directly connected, a session gets its own notifications before that ReadyForQuery,
-        and their PID is its own; the fence makes both true through the proxy.
-        """
-        subs = self.subs
-        if subs is None:
-            self.may_stall = False
-            return False
-        stall = self._wants_stall(subs, status)
-        self.may_stall = subs.may_have_notified or subs.fence_done
-        return stall
-
-    def _wants_stall(self, subs: Subscriptions, status: int) -> bool:
-        if subs.fence_done:
-            subs.fence_done = False
-            return False
-        if status != _IDLE or not subs.may_have_notified:
-            return False
-        subs.may_have_notified = False
-        server, pool = self.server, self.pool
-        listener = self.proxy.existing_listener(pool) if pool is not None else None
-        if server is None or listener is None or not listener.channels:
-            subs.unmap_pid(self.vpid)
-            return False  # nobody listens on this database: nothing to attribute or deliver
-        subs.pid_mapped = None  # the fence unmaps it when it ends
-        self.proxy.spawn(self._fence(listener.fence(server.pid, self.vpid), server))
-        return True
-
-    async def _fence(self, fence: Coroutine[Any, Any, None], server: ServerConnection) -> None:
-        try:
-            await fence
-        except (PgError, ConnectionError) as exc:
-            log.warning("%r: listener fence failed: %s", self, exc)
-        self._subscriptions().fence_done = self.may_stall = True
-        server.resume_stream()
-
-    def notify(self, data: bytes) -> None:
-        """Notifications for this client (whole NotificationResponses, in order): written now
-        if it is between transactions, else held until its transaction ends."""
-        if self.closed or self._doomed is not None:
-            return
-        if self.mode == stream.UNLINKED:
-            # Only a client whose earlier output is still queued can be a slow reader (and
-            # only then is the setting looked up: this runs per client per notification).
-            queued = self.transport.get_write_buffer_size()
-            if queued and queued + len(data) > self.proxy.config.proxy.notify_buffer_size:
-                log.warning("%r: not reading notifications; disconnecting", self)
-                self._count_slow_consumer()
-                self.write(m.error_response(_overflow("it is not reading them").fields()))
-                self.reset()  # its buffer will never drain: do not wait for it
-                return
-            self.write(data)
-            return
-        if not self._subscriptions().hold(data, self.proxy.config.proxy.notify_pending_limit):
-            log.warning("%r: too many notifications held during a transaction", self)
-            self._count_slow_consumer()
-            self.fail(_overflow("it stayed inside a transaction while they piled up"))
-
-    def _count_slow_consumer(self) -> None:
-        listener = self.subs.listener if self.subs is not None else None
-        if listener is not None:
-            listener.slow_consumers += 1
-
-    def listener_lost(self, error: PgError) -> None:
-        """The listener connection died: notifications may have been lost in the gap."""
-        if self.proxy.config.proxy.listener_loss == "keep":
-            return
-        doom = fatal(
-            error.sqlstate if error.sqlstate[:2] in ("08", "57") else errors.CONNECTION_FAILURE,
-            f"pgproxy lost its listener connection: {error.message}",
-            hint="notifications sent meanwhile may be lost; reconnect and read the current state",
-        )
-        if self.subs is not None:
-            self.subs.drop_held()
-        if self.mode == stream.UNLINKED or self.mode == stream.SKIPPING:
-            self.fail(doom)
-        else:
-            self._doomed = doom  # ends at its next ReadyForQuery I, not mid-transaction
-
     def _end_doomed(self) -> None:
         """A doomed client is closed only between transactions: not while its server still
         owes it replies (a pipeline) or a transaction is open (the next ReadyForQuery I
@@ -471,11 +346,3 @@ class ClientSession(ClientStream):
 
     def matches_secret(self, secret: bytes) -> bool:
         return hmac.compare_digest(self.secret, secret)
-
-
-def _overflow(why: str) -> PgError:
-    return fatal(
-        errors.OUT_OF_MEMORY,
-        "pgproxy: notification buffer overflow, disconnecting",
-        detail=f"Notifications for this session exceeded the proxy's buffer because {why}.",
-    )

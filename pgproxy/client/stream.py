@@ -140,6 +140,9 @@ class ClientStream(ClientUnits):
     def fail(self, error: PgError) -> None:
         raise NotImplementedError
 
+    def _console_read(self, data: bytes) -> None:
+        raise NotImplementedError
+
     def _server_ready(self, server: ServerConnection | None, error: BaseException | None) -> None:
         raise NotImplementedError
 
@@ -183,11 +186,7 @@ class ClientStream(ClientUnits):
         if self.mode == CLOSED:
             return
         if self.mode == ADMIN:
-            console = self.console
-            assert console is not None
-            self.write(console.feed(data))
-            if console.finished:
-                self.close()
+            self._console_read(data)
             return
         if self._inbuf:
             self._inbuf += data
