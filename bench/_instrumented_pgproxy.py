@@ -2,10 +2,10 @@
 --config FILE`` runs ``pgproxy.cli.main`` unchanged, and
 
 * counts calls of ``hashlib.pbkdf2_hmac`` (pgproxy's SCRAM code looks it up at call time, so
-  the wrapper sees every derivation, in the event loop or a worker thread); SIGUSR2 writes the
-  count to ``<dir>/pbkdf2-<k>.count``;
-* with ``BENCH_TRACEMALLOC=1`` in the environment, runs under ``tracemalloc``; SIGUSR1 writes a
-  snapshot to ``<dir>/trace-<k>.snap``.
+  the wrapper sees every derivation, in the event loop or a worker thread); ``COUNT_SIGNAL``
+  writes the count to ``<dir>/pbkdf2-<k>.count``;
+* with ``BENCH_TRACEMALLOC=1`` in the environment, runs under ``tracemalloc``;
+  ``TRACE_SIGNAL`` writes a snapshot to ``<dir>/trace-<k>.snap``.
 
 ``<dir>`` is the config file's directory, ``k`` counts 0, 1, ... per signal. Files are written
 under a temporary name and renamed, so one that exists is complete. Tracing slows pgproxy down
@@ -26,6 +26,9 @@ from types import FrameType
 
 from pgproxy.cli import main
 
+# Real-time signals: pgproxy itself uses SIGUSR1/SIGUSR2 (PAUSE/RESUME, as PgBouncer).
+TRACE_SIGNAL = signal.SIGRTMIN + 1
+COUNT_SIGNAL = signal.SIGRTMIN + 2
 _lock = threading.Lock()
 _pbkdf2_calls = 0
 _original = hashlib.pbkdf2_hmac
@@ -60,11 +63,11 @@ def _write_count(path: Path) -> None:
 
 def _install(directory: Path) -> None:
     hashlib.pbkdf2_hmac = _counting_pbkdf2  # type: ignore[assignment]
-    signal.signal(signal.SIGUSR2, _writer(directory, "pbkdf2", _write_count))
+    signal.signal(COUNT_SIGNAL, _writer(directory, "pbkdf2", _write_count))
     if os.environ.get("BENCH_TRACEMALLOC") == "1":
         tracemalloc.start()
         signal.signal(
-            signal.SIGUSR1,
+            TRACE_SIGNAL,
             _writer(directory, "trace", lambda p: tracemalloc.take_snapshot().dump(str(p))),
         )
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench._instrumented_pgproxy import COUNT_SIGNAL, TRACE_SIGNAL
 from bench.fanout import cpu_s, psycopg_version, rss_kb
 from bench.throughput import machine_line, percentile, start_server
 from pgproxy.auth import scram, scram_client, scram_server
@@ -375,13 +376,13 @@ async def trace_memory(tmp: Path, cluster: PgCluster, n: int, concurrency: int) 
         warm = await login(port, PASSWORD)
         await close_all([warm])
         await settle()
-        await probe(proc.pid, signal.SIGUSR1, dumps[0])
+        await probe(proc.pid, TRACE_SIGNAL, dumps[0])
         clients, errors = await connect_many(port, PASSWORD, n, concurrency, "idle")
         try:
             if errors:
                 raise RuntimeError(f"{len(errors)} logins failed under tracemalloc: {errors[0]!r}")
             await settle()
-            await probe(proc.pid, signal.SIGUSR1, dumps[1])
+            await probe(proc.pid, TRACE_SIGNAL, dumps[1])
         finally:
             await close_all(clients)
     finally:
@@ -406,7 +407,7 @@ def _short(path: str) -> str:
     return path
 
 
-async def probe(pid: int, sig: signal.Signals, path: Path) -> None:
+async def probe(pid: int, sig: int, path: Path) -> None:
     """Signal the instrumented pgproxy and wait for the file it writes in answer."""
     os.kill(pid, sig)
     for _ in range(600):
@@ -418,7 +419,7 @@ async def probe(pid: int, sig: signal.Signals, path: Path) -> None:
 
 async def pbkdf2_count(pid: int, tmp: Path, k: int) -> int:
     path = tmp / f"pbkdf2-{k}"
-    await probe(pid, signal.SIGUSR2, path)
+    await probe(pid, COUNT_SIGNAL, path)
     return int(path.read_text())
 
 

@@ -118,12 +118,16 @@ async def test_stats_users_may_only_show() -> None:
         assert error(out)["C"] == "42501", text
 
 
-async def test_control_commands_are_parsed_but_not_done_yet() -> None:
+async def test_suspend_is_not_pgproxys_way_to_restart() -> None:
     con, _ = await console()
-    for text in ("PAUSE", "RESUME app", "KILL_CLIENT 12", "SHUTDOWN WAIT_FOR_CLIENTS"):
-        out = con.feed(m.query(text))
-        assert error(out)["C"] == "0A000", text
-        assert "not supported" in error(out)["M"]
+    out = con.feed(m.query("SUSPEND"))
+    assert error(out)["C"] == "0A000" and "not supported" in error(out)["M"]
+
+
+async def test_control_commands_need_a_valid_argument() -> None:
+    con, _ = await console()
+    for text in ("KILL_CLIENT twelve", "DISABLE", "SHUTDOWN NOW"):
+        assert error(con.feed(m.query(text)))["C"] == "08P01", text  # PgBouncer's "invalid"
 
 
 async def test_reload_reports_why_it_failed() -> None:

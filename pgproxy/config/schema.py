@@ -34,7 +34,9 @@ WILDCARD = "*"
 # [databases] entry may take these names and the "*" wildcard never matches them.
 CONSOLE_DATABASES = ("pgbouncer", "pgproxy")
 # Settings a running process cannot change: its sockets are bound once, its workers started.
-RESTART_FIELDS = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "workers")
+RESTART_FIELDS = (
+    "listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "workers", "so_reuseport",
+)  # fmt: skip
 
 MASK = "***"  # what a secret shows as: in reprs and in masked URLs (values.py)
 
