@@ -9,32 +9,17 @@ import argparse
 import dataclasses
 import os
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import get_args
 
+from pgproxy import version
 from pgproxy.config import Config, ConfigError, PoolMode, as_workers, load_config
 from pgproxy.workers.role import WORKER_FLAG, WorkerRole, per_worker
 
 __all__ = ["build_arg_parser", "config_from_args", "main"]
 
 ENV_WORKERS = "PGPROXY_WORKERS"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("pgproxy")
-    except metadata.PackageNotFoundError:
-        pass
-    # Running from a source checkout that was never pip-installed.
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    try:
-        with pyproject.open("rb") as f:
-            return str(tomllib.load(f)["project"]["version"])
-    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
-        return "unknown"
 
 
 def _worker_role(text: str) -> WorkerRole:  # a named function: argparse errors name it
@@ -73,7 +58,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(WORKER_FLAG, type=_worker_role, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    parser.add_argument("--version", action="version", version=f"pgproxy {_version()}")
+    parser.add_argument("--version", action="version", version=f"pgproxy {version()}")
     return parser
 
 
