@@ -23,13 +23,14 @@ from pgproxy.auth.credentials import PassThroughStore, UpstreamSecret, is_verifi
 from pgproxy.auth.query import AuthQuery
 from pgproxy.client.session import ClientSession
 from pgproxy.config import Config, ConfigError, DatabaseConfig
+from pgproxy.ops.service import Operations
 from pgproxy.pool.pool import Pool, PoolSettings, pool_of
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.pubsub.listener import Listener
 from pgproxy.server_open import UpstreamTls
-from pgproxy.unixsocket import UnixListener, socket_path, upstream_socket
+from pgproxy.unixsocket import UnixListener, open_upstream, socket_path
 from pgproxy.wire import log
 from pgproxy.workers.peers import CancelPeers
 
@@ -37,7 +38,13 @@ _VPID_BASE = 1 << 22
 _VPID_SPAN = (1 << 31) - 1 - _VPID_BASE
 _JANITOR_INTERVAL = 1.0
 # Settings a running process cannot change: its sockets are bound once.
-_RESTART_FIELDS = ("listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode")
+_RESTART_FIELDS = (
+    "listen_host",
+    "listen_port",
+    "unix_socket_dir",
+    "unix_socket_mode",
+    "metrics_listen",
+)
 
 
 class Proxy:
@@ -64,6 +71,9 @@ class Proxy:
         # Credentials learnt from logins, per (upstream host, port, user).
         self.pass_through = PassThroughStore()
         self.auth_query = AuthQuery(self._auth_pool)
+        # New clients are not wanted (/readyz fails); nothing sets it yet.
+        self.draining = False
+        self.ops = Operations(self)  # health, metrics and stats lines (pgproxy.ops)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -103,6 +113,7 @@ class Proxy:
         self._janitor = loop.create_task(self._janitor_loop())
         log.info("pgproxy listening on %s:%d (%s mode, %s)", settings.listen_host, self.port,
                  settings.pool_mode, "compiled" if compiled() else "pure Python")  # fmt: skip
+        await self.ops.start(reuse_port=self.peers is not None)
 
     @property
     def port(self) -> int:
@@ -111,6 +122,7 @@ class Proxy:
         return int(sock.getsockname()[1])
 
     async def stop(self) -> None:
+        await self.ops.stop()
         if self._server is not None:
             self._server.close()
         if self._unix_server is not None:
@@ -127,6 +139,7 @@ class Proxy:
             ).fields()
         )
         for client in list(self._sessions):
+            client.end_reason = "admin"  # what its logout line says
             client.write(bye)
             client.close()
         for listener in self.listeners.values():
@@ -200,13 +213,7 @@ class Proxy:
 
     async def _send_cancel(self, pool: Pool, pid: int, secret: bytes, server: Any) -> None:
         try:
-            host, port = pool.database.host, pool.database.port
-            path = upstream_socket(host, port)
-            opening = (
-                asyncio.open_connection(host, port)
-                if path is None
-                else asyncio.open_unix_connection(path)
-            )
+            opening = open_upstream(pool.database.host, pool.database.port)
             reader, writer = await asyncio.wait_for(opening, pool.settings.connect_timeout or None)
             writer.write(m.cancel_request(pid, secret))
             await writer.drain()
@@ -404,6 +411,7 @@ class Proxy:
         # under the old settings is trusted under the new ones.
         self.pass_through.clear()
         self.auth_query.reload()
+        self.ops.reload()
         for key, pool in list(self.pools.items()):
             fresh = self._new_pool(*key)
             if fresh is not None and fresh.same_route(pool):

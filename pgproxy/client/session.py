@@ -56,7 +56,16 @@ class SessionHost(ProxyServices, Protocol):
 
 
 class ClientSession(ClientStream):
-    __slots__ = ("_doomed", "_host", "_task", "connected_at", "local", "peer", "secret")
+    __slots__ = (
+        "_doomed",
+        "_host",
+        "_task",
+        "connected_at",
+        "end_reason",
+        "local",
+        "peer",
+        "secret",
+    )
 
     def __init__(self, proxy: SessionHost, local: bool = False) -> None:
         super().__init__(proxy)
@@ -67,6 +76,7 @@ class ClientSession(ClientStream):
         self.connected_at = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._doomed: PgError | None = None  # to be disconnected at its next ReadyForQuery I
+        self.end_reason = ""  # why the proxy ended it (its FATAL, "admin"); "": the client left
 
     def __repr__(self) -> str:
         return f"<client {self.vpid} {self.user}@{self.database} {self.peer}>"
@@ -87,6 +97,8 @@ class ClientSession(ClientStream):
 
     def on_lost(self, exc: Exception | None) -> None:
         self._host.client_closed(self)
+        if self.vpid:  # it had logged in
+            self._log_logout(exc)
         if self._task is not None and not self._task.done():
             self._task.cancel()
         server = self.stream_lost()
@@ -113,7 +125,29 @@ class ClientSession(ClientStream):
             return
         self.write(m.error_response(error.fields()))
         if error.fatal:
+            self.end_reason = self.end_reason or error.message
             self.close()
+
+    def _log_fields(self) -> dict[str, object]:
+        return {"user": self.user, "database": self.database, "addr": self.peer, "tls": self.tls}
+
+    def _log_logout(self, exc: Exception | None) -> None:
+        duration = time.monotonic() - self.connected_at
+        reason = self.end_reason or (f"connection lost: {exc}" if exc else "client closed")
+        log.info(
+            "logout: db=%s user=%s addr=%s duration=%.3fs reason=%s",
+            self.database,
+            self.user,
+            self.peer,
+            duration,
+            reason,
+            extra={
+                "event": "client_logout",
+                **self._log_fields(),
+                "duration_s": round(duration, 6),
+                "reason": reason,
+            },
+        )
 
     # --- login -------------------------------------------------------------------------------
 
@@ -169,7 +203,14 @@ class ClientSession(ClientStream):
             self.begin_streaming()
             if server is not None:
                 pool.release(server)
-        log.debug("%r: logged in", self)
+        log.info(
+            "login: db=%s user=%s addr=%s tls=%s",
+            self.database,
+            self.user,
+            self.peer,
+            "on" if self.tls else "off",
+            extra={"event": "client_login", **self._log_fields()},
+        )
         self.end_handshake()
 
     # --- just before each ReadyForQuery ------------------------------------------------------
@@ -321,6 +362,7 @@ class ClientSession(ClientStream):
             queued = self.transport.get_write_buffer_size()
             if queued and queued + len(data) > self.proxy.config.proxy.notify_buffer_size:
                 log.warning("%r: not reading notifications; disconnecting", self)
+                self.end_reason = "not reading notifications"
                 self.write(m.error_response(_overflow("it is not reading them").fields()))
                 self.reset()  # its buffer will never drain: do not wait for it
                 return
