@@ -193,7 +193,10 @@ def test_readyz_fails_while_the_upstream_is_down(ops: ProxyThread, pg: PgCluster
     wait_status(port, "/readyz", 200)
 
 
-def test_readyz_follows_a_port_that_opens(make_proxy: MakeProxy) -> None:
+def test_readyz_follows_a_port_that_opens(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="pgproxy")
     closed = free_port()
     proxy = make_proxy(
         proxy={"metrics_listen": "127.0.0.1:0"},
@@ -204,6 +207,9 @@ def test_readyz_follows_a_port_that_opens(make_proxy: MakeProxy) -> None:
     assert b"127.0.0.1:%d: " % closed in body
     with socket.create_server(("127.0.0.1", closed)):
         wait_status(port, "/readyz", 200)  # something answers there now
+    changes = [r.getMessage() for r in caplog.records if getattr(r, "upstream", None)]
+    assert changes[0].startswith(f"upstream 127.0.0.1:{closed} unreachable: ")
+    assert changes[1] == f"upstream 127.0.0.1:{closed} reachable"
 
 
 def test_readyz_fails_while_draining(ops: ProxyThread) -> None:

@@ -18,6 +18,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from pgproxy.testing.cluster import (
     PgCluster,
 )
 from tests.conftest import MakeProxy, pg_server_url
-from tests.support.process import ProcessOutput, free_port, pgproxy_output
+from tests.support.process import EOF, ProcessOutput, free_port, pgproxy_output
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -58,7 +59,7 @@ class Running:
         """SIGTERM, wait for the exit; every line it wrote."""
         self.out.proc.send_signal(signal.SIGTERM)
         assert self.out.proc.wait(timeout=30) == 0
-        self.out.wait_for("<EOF>")
+        self.out.wait_for(EOF)
         return self.out.since()
 
 
@@ -71,21 +72,18 @@ def config_text(pg: PgCluster, port: int, proxy: str = "", rest: str = "") -> st
 
 @pytest.fixture
 def start(pg: PgCluster, tmp_path: Path) -> Iterator[Any]:
-    with_stack: list[Any] = []
+    """``start(proxy_lines, other_sections)``: a pgproxy process, stopped after the test."""
+    with ExitStack() as stack:
 
-    def starter(proxy: str = "", rest: str = "") -> Running:
-        port = free_port()
-        config = tmp_path / f"pgproxy-{port}.toml"
-        config.write_text(config_text(pg, port, proxy, rest))
-        manager = pgproxy_output(config)
-        out = manager.__enter__()
-        with_stack.append(manager)
-        out.wait_for(r"pgproxy listening on 127\.0\.0\.1")
-        return Running(out, config, port)
+        def starter(proxy: str = "", rest: str = "") -> Running:
+            port = free_port()
+            config = tmp_path / f"pgproxy-{port}.toml"
+            config.write_text(config_text(pg, port, proxy, rest))
+            out = stack.enter_context(pgproxy_output(config))
+            out.wait_for(r"pgproxy listening on 127\.0\.0\.1")
+            return Running(out, config, port)
 
-    yield starter
-    for manager in reversed(with_stack):
-        manager.__exit__(None, None, None)
+        yield starter
 
 
 def records(lines: list[str]) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 from pgproxy.workers.role import per_worker
 from tests.conftest import pg_server_url
-from tests.support.process import ROOT, ProcessOutput
+from tests.support.process import ROOT, ProcessOutput, stop
 
 WORKERS = 2
 READY = re.compile(r"\[supervisor\]: worker (\d+) \(pid (\d+)\) ready")
@@ -88,13 +88,7 @@ def supervisor(tmp_path: Path, pg: PgCluster, extra: str = "") -> Iterator[Super
         yield sup
         seen.update(sup.workers.values())
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         for pid in seen:  # never leave a worker behind, whatever the test did
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)

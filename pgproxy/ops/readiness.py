@@ -83,18 +83,13 @@ class UpstreamProbe:
         results = {up: None if up in logged_in else next(errors) for up in upstreams}
         previous, self.results = self.results, results
         for up, error in results.items():
-            before = previous.get(up, None) if previous is not None else None
-            if error != before and (error is None or before is None):
-                log.info(
-                    "upstream %s %s",
-                    _name(up),
-                    "reachable" if error is None else f"unreachable: {error}",
-                    extra={
-                        "event": "upstream_reachable" if error is None else "upstream_down",
-                        "upstream": _name(up),
-                        "reason": error,
-                    },
-                )
+            # A change is news; on the first round (and for a new upstream) only a failure.
+            was_up = previous is None or previous.get(up) is None
+            if (error is None) != was_up:
+                state = "reachable" if error is None else f"unreachable: {error}"
+                event = "upstream_reachable" if error is None else "upstream_unreachable"
+                fields = {"event": event, "upstream": _name(up), "reason": error}
+                log.info("upstream %s %s", _name(up), state, extra=fields)
 
 
 async def _reach(upstream: Upstream) -> str | None:

@@ -48,13 +48,21 @@ def proxy_process(
                 time.sleep(0.05)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+EOF = "<EOF>"  # ProcessOutput's last line, once the output has ended
 
 
 class ProcessOutput:
@@ -105,9 +113,6 @@ class ProcessOutput:
             return [line for line in self.lines[mark:] if line != EOF]
 
 
-EOF = "<EOF>"  # the last line, once the output has ended
-
-
 @contextmanager
 def pgproxy_output(config: Path, *args: str) -> Iterator[ProcessOutput]:
     """``python -m pgproxy --config CONFIG ARGS`` with its output read as it comes; stopped
@@ -121,10 +126,4 @@ def pgproxy_output(config: Path, *args: str) -> Iterator[ProcessOutput]:
     try:
         yield ProcessOutput(proc)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
