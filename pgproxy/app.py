@@ -31,6 +31,7 @@ from pgproxy.backend import ServerConnection
 from pgproxy.client.session import ClientSession
 from pgproxy.config import RESTART_FIELDS, Config, ConfigError, DatabaseConfig
 from pgproxy.control import Control
+from pgproxy.ops.service import Operations
 from pgproxy.pool.pool import Pool, PoolSettings, pool_of
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
@@ -76,6 +77,7 @@ class Proxy:
         self.pass_through = PassThroughStore()
         self.auth_query = AuthQuery(self._auth_pool)
         self.control = Control(self)  # drain, pause, resume, ... (console, signals, config)
+        self.ops = Operations(self)  # health, metrics and stats lines (pgproxy.ops)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -119,6 +121,7 @@ class Proxy:
         self._stats_task = loop.create_task(self._stats_loop())
         log.info("pgproxy listening on %s:%d (%s mode, %s)", settings.listen_host, self.port,
                  settings.pool_mode, "compiled" if compiled() else "pure Python")  # fmt: skip
+        await self.ops.start(reuse_port=self.peers is not None)
 
     @property
     def port(self) -> int:
@@ -147,6 +150,7 @@ class Proxy:
         return self.control.login_refusal(database)
 
     async def stop(self) -> None:
+        await self.ops.stop()
         if self._server is not None:
             self._server.close()
         if self._unix_server is not None:
@@ -164,6 +168,7 @@ class Proxy:
             ).fields()
         )
         for client in list(self._sessions):
+            client.end_reason = "admin"  # what its logout line says
             client.write(bye)
             client.close()
         for listener in self.listeners.values():
@@ -426,6 +431,7 @@ class Proxy:
         # under the old settings is trusted under the new ones.
         self.pass_through.clear()
         self.auth_query.reload()
+        self.ops.reload()
         for key, pool in list(self.pools.items()):
             fresh = self._new_pool(*key)
             if fresh is not None and fresh.same_route(pool):

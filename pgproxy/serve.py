@@ -5,7 +5,8 @@ running: uvloop, and PgBouncer's signals: SIGHUP reload (an invalid file keeps t
 configuration), SIGTERM and SIGINT drain (each client closed at its next transaction boundary,
 ``shutdown_timeout`` at most; a second one is immediate), SIGQUIT stop now, SIGUSR1/SIGUSR2
 pause/resume; and in a worker of a multi-process pgproxy the cancel channel to its peers and
-the supervisor's liveness pipe (the supervisor forwards the signals).
+the supervisor's liveness pipe (the supervisor forwards the signals). The log's level and
+format (``pgproxy.ops.logs``) are set here, at start and again on SIGHUP.
 
 Rule: signals are handled here and nowhere else; the proxy only offers the operations they
 trigger (``reload``, ``control.drain``/``pause``/``resume``, ``stop``).
@@ -14,13 +15,14 @@ trigger (``reload``, ``control.drain``/``pause``/``resume``, ``stop``).
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import socket
 from collections.abc import Callable
 
 from pgproxy.app import Proxy
 from pgproxy.config import Config, ConfigError, load_config
+from pgproxy.ops import logs
+from pgproxy.ops.service import MetricsListenError
 from pgproxy.wire import log
 from pgproxy.workers.peers import CancelPeers
 from pgproxy.workers.role import WorkerRole
@@ -34,17 +36,18 @@ def run(
     SIGHUP calls ``reload`` for a fresh config; SIGUSR1/SIGUSR2 pause/resume every pool.
 
     ``role``: this process is one of several workers (``pgproxy.workers``)."""
-    tag = "" if role is None else f"[worker {role.index}]"
-    logging.basicConfig(
-        level=config.proxy.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
-    )
+    _configure_logging(config, role)
     if role is not None:  # Ctrl-C reaches the whole process group; the supervisor stops us
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     import uvloop
 
     load = reload or (lambda: load_config(config.source))
     return int(uvloop.run(_serve(config, load, role)))
+
+
+def _configure_logging(config: Config, role: WorkerRole | None) -> None:
+    process = "" if role is None else f"worker {role.index}"
+    logs.configure(config.proxy.log_level, config.proxy.log_format, process)
 
 
 async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | None = None) -> int:
@@ -63,8 +66,11 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
         if proxy.peers is not None:
             await proxy.peers.start(proxy.cancel_here)
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.proxy.listen_host,
-                  config.proxy.listen_port, exc)  # fmt: skip
+        if isinstance(exc, MetricsListenError):  # its message names the address
+            log.error("%s", exc.strerror)
+        else:
+            log.error("cannot listen on %s:%d: %s", config.proxy.listen_host,
+                      config.proxy.listen_port, exc)  # fmt: skip
         await proxy.stop()
         return 1
     loop = asyncio.get_running_loop()
@@ -72,7 +78,9 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
 
     def reload() -> None:
         try:
-            proxy.reload(load())
+            fresh = load()
+            proxy.reload(fresh)
+            _configure_logging(fresh, role)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
 

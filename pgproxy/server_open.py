@@ -26,7 +26,7 @@ from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.protocol.framing import LARGE_MESSAGE_LIMIT
-from pgproxy.unixsocket import upstream_socket
+from pgproxy.unixsocket import open_upstream, upstream_socket
 from pgproxy.wire import log
 
 
@@ -150,13 +150,7 @@ async def send_cancel(server: ServerConnection, host: str, port: int, timeout: f
     """Ask Postgres to cancel what ``server`` runs (a CancelRequest on a connection of its
     own, as libpq sends one); ``server.cancels_in_flight`` is decremented when done."""
     try:
-        path = upstream_socket(host, port)
-        opening = (
-            asyncio.open_connection(host, port)
-            if path is None
-            else asyncio.open_unix_connection(path)
-        )
-        reader, writer = await asyncio.wait_for(opening, timeout or None)
+        reader, writer = await asyncio.wait_for(open_upstream(host, port), timeout or None)
         writer.write(m.cancel_request(server.pid, server.secret))
         await writer.drain()
         await asyncio.wait_for(reader.read(), 10)  # the server closes when done

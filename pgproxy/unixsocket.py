@@ -16,6 +16,7 @@ and only if it is still the one this process bound.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -23,7 +24,7 @@ import os
 import socket
 import stat
 
-__all__ = ["UnixListener", "socket_path", "upstream_socket"]
+__all__ = ["UnixListener", "open_upstream", "socket_path", "upstream_socket"]
 
 _BACKLOG = 4096
 # sun_path holds 108 bytes with its terminating NUL on Linux.
@@ -39,6 +40,14 @@ def upstream_socket(host: str, port: int) -> str | None:
     """The socket to reach an upstream ``host`` through, if it is a socket directory (a host
     starting with ``/``, as in libpq); None for a network host."""
     return socket_path(host, port) if host.startswith("/") else None
+
+
+async def open_upstream(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain stream connection to an upstream: its unix socket or TCP, as ``host`` says."""
+    path = upstream_socket(host, port)
+    if path is None:
+        return await asyncio.open_connection(host, port)
+    return await asyncio.open_unix_connection(path)
 
 
 class UnixListener:

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,50 +32,20 @@ from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 from pgproxy.workers.role import per_worker
 from tests.conftest import pg_server_url
-from tests.support.process import ROOT
+from tests.support.process import ROOT, ProcessOutput, stop
 
 WORKERS = 2
 READY = re.compile(r"\[supervisor\]: worker (\d+) \(pid (\d+)\) ready")
 
 
-@dataclass
-class Supervisor:
+class Supervisor(ProcessOutput):
     """A running ``pgproxy`` with workers; ``lines`` is its output so far (all processes)."""
 
-    proc: subprocess.Popen[bytes]
-    config: Path
-    port: int = 0
-    lines: list[str] = field(default_factory=list)
-    changed: threading.Condition = field(default_factory=threading.Condition)
-    workers: dict[int, int] = field(default_factory=dict)  # index -> pid, as last seen ready
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self.changed:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.lines.append("<EOF>")
-            self.changed.notify_all()
-
-    def wait_for(self, pattern: str, after: int = 0, timeout: float = 15) -> re.Match[str]:
-        """The first line from index ``after`` on that matches ``pattern`` (waits for it)."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            seen = after
-            while True:
-                for line in self.lines[seen:]:
-                    found = regex.search(line)
-                    if found:
-                        return found
-                seen = len(self.lines)
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.lines and self.lines[-1] == "<EOF>"):
-                    tail = "\n".join(self.lines[-30:])
-                    raise AssertionError(f"no line matching {pattern!r}; output:\n{tail}")
-                self.changed.wait(left)
+    def __init__(self, proc: subprocess.Popen[bytes], config: Path) -> None:
+        super().__init__(proc)
+        self.config = config
+        self.port = 0
+        self.workers: dict[int, int] = {}  # index -> pid, as last seen ready
 
     def wait_ready(self, after: int = 0) -> None:
         """Until every worker has reported ready since line ``after``; records their pids."""
@@ -87,10 +56,6 @@ class Supervisor:
                 after = self.lines.index(found.string, after) + 1
             self.workers[int(found[1])] = int(found[2])
             pending.discard(int(found[1]))
-
-    def mark(self) -> int:
-        with self.changed:
-            return len(self.lines)
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
@@ -115,7 +80,6 @@ def supervisor(tmp_path: Path, pg: PgCluster, extra: str = "") -> Iterator[Super
         stderr=subprocess.STDOUT,
     )
     sup = Supervisor(proc, config)
-    threading.Thread(target=sup._pump, daemon=True).start()
     seen: set[int] = set()
     try:
         sup.port = int(sup.wait_for(r"starting \d+ workers on 127\.0\.0\.1:(\d+)")[1])
@@ -124,13 +88,7 @@ def supervisor(tmp_path: Path, pg: PgCluster, extra: str = "") -> Iterator[Super
         yield sup
         seen.update(sup.workers.values())
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         for pid in seen:  # never leave a worker behind, whatever the test did
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -158,6 +158,7 @@ class ClientListening(ClientStream):
             queued = self.transport.get_write_buffer_size()
             if queued and queued + len(data) > self.proxy.config.proxy.notify_buffer_size:
                 log.warning("%r: not reading notifications; disconnecting", self)
+                self.end_reason = "not reading notifications"
                 self._count_slow_consumer()
                 self.write(m.error_response(_overflow("it is not reading them").fields()))
                 self.reset()  # its buffer will never drain: do not wait for it

@@ -79,6 +79,8 @@ class ClientSession(ClientListening):
 
     def on_lost(self, exc: Exception | None) -> None:
         self._host.client_closed(self)
+        if self.vpid:  # it had logged in
+            self._log_logout(exc)
         if self._task is not None and not self._task.done():
             self._task.cancel()
         server = self.stream_lost()
@@ -105,7 +107,29 @@ class ClientSession(ClientListening):
             return
         self.write(m.error_response(error.fields()))
         if error.fatal:
+            self.end_reason = self.end_reason or error.message
             self.close()
+
+    def _log_fields(self) -> dict[str, object]:
+        return {"user": self.user, "database": self.database, "addr": self.peer, "tls": self.tls}
+
+    def _log_logout(self, exc: Exception | None) -> None:
+        duration = time.monotonic() - self.connected_at
+        reason = self.end_reason or (f"connection lost: {exc}" if exc else "client closed")
+        log.info(
+            "logout: db=%s user=%s addr=%s duration=%.3fs reason=%s",
+            self.database,
+            self.user,
+            self.peer,
+            duration,
+            reason,
+            extra={
+                "event": "client_logout",
+                **self._log_fields(),
+                "duration_s": round(duration, 6),
+                "reason": reason,
+            },
+        )
 
     # --- login -------------------------------------------------------------------------------
 
@@ -160,7 +184,14 @@ class ClientSession(ClientListening):
             self.begin_streaming()
             if server is not None:
                 pool.release(server)
-        log.debug("%r: logged in", self)
+        log.info(
+            "login: db=%s user=%s addr=%s tls=%s",
+            self.database,
+            self.user,
+            self.peer,
+            "on" if self.tls else "off",
+            extra={"event": "client_login", **self._log_fields()},
+        )
         self.end_handshake()
 
     def _open_console(self, login: Login) -> None:

@@ -44,6 +44,7 @@ class ClientUnits(WireProtocol, ServerLink):
     __slots__ = (
         "_state_logged",
         "database",
+        "end_reason",
         "may_stall",
         "pending",
         "pool",
@@ -69,6 +70,7 @@ class ClientUnits(WireProtocol, ServerLink):
         self.pending: TransactionEffects | None = None
         self.may_stall = False  # see ServerLink
         self.vpid = 0
+        self.end_reason = ""  # why the proxy ended it (its FATAL, "admin"); "": the client left
         self.stmts: ClientStatements | None = None
         self.subs: Subscriptions | None = None
         self._state_logged: set[str] | None = None  # kinds of untracked state logged once

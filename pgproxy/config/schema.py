@@ -25,6 +25,7 @@ ListenerLossPolicy = Literal["disconnect", "keep"]
 SessionStatePolicy = Literal["log", "error", "ignore"]
 TlsMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 AuthType = Literal["trust", "md5", "scram-sha-256"]
+LogFormat = Literal["text", "json"]
 
 DEFAULT_UPSTREAM_URL = "postgresql://127.0.0.1:5432"
 DEFAULT_UPSTREAM_PORT = 5432
@@ -36,6 +37,7 @@ CONSOLE_DATABASES = ("pgbouncer", "pgproxy")
 # Settings a running process cannot change: its sockets are bound once, its workers started.
 RESTART_FIELDS = (
     "listen_host", "listen_port", "unix_socket_dir", "unix_socket_mode", "workers", "so_reuseport",
+    "metrics_listen",
 )  # fmt: skip
 
 MASK = "***"  # what a secret shows as: in reprs and in masked URLs (values.py)
@@ -68,6 +70,8 @@ class ProxySettings:
     # ("" = no unix socket); its file mode, like PgBouncer's unix_socket_mode.
     unix_socket_dir: str = ""
     unix_socket_mode: int = 0o777
+    # The operators' HTTP listener (/healthz, /readyz, /metrics), "HOST:PORT"; "" = none.
+    metrics_listen: str = ""
     pool_mode: PoolMode = "transaction"
     max_client_conn: int = 1000
     default_pool_size: int = 20
@@ -86,6 +90,8 @@ class ProxySettings:
     server_reset_query: str = "DISCARD ALL"
     auth_type: AuthType = "trust"
     log_level: str = "info"
+    log_format: LogFormat = "text"  # "json": one object per line (pgproxy.ops.logs)
+    log_stats_period: float = 60.0  # seconds between "stats:" log lines; 0 = none
     notify_buffer_size: int = 1024 * 1024
     notify_pending_limit: int = 16 * 1024 * 1024
     listener_loss: ListenerLossPolicy = "disconnect"

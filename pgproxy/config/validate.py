@@ -108,6 +108,11 @@ def _proxy_value(name: str, typ: Any, value: object, path: str) -> object:
     if typ is str:
         if name == "log_level":
             return as_choice(value, path, _LOG_LEVELS, ignore_case=True)
+        if name == "metrics_listen":
+            text = as_str(value, path)
+            if text:
+                parse_listen(text, path)  # checked now; split where it is bound
+            return text
         return as_str(value, path)
     raise TypeError(f"ProxySettings.{name}: unsupported field type {typ!r}")
 

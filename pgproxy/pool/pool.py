@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class Pool(ServerHome):
         self.stale: set[ServerConnection] = set()
         self._closed_stale: list[asyncio.Future[None]] = []
         self.stats = PoolStats()  # traffic since this pool was made (SHOW STATS, /metrics)
+        self.last_login = 0.0  # when a server last logged in (monotonic; 0: never): /readyz
 
     def __repr__(self) -> str:
         return f"<pool {self.name} total={self.total} idle={len(self.idle)}>"
@@ -201,15 +203,44 @@ class Pool(ServerHome):
                 self.settings.connect_timeout or None,
             )
         except TimeoutError:
-            raise PgError(
+            error = PgError(
                 errors.CONNECTION_FAILURE,
                 f"could not connect to upstream server {self.database.host}:"
                 f"{self.database.port}: timeout after {self.settings.connect_timeout:g}s",
-            ) from None
+            )
+            self._log_connect_failure(error)
+            raise error from None
+        except PgError as exc:
+            self._log_connect_failure(exc)
+            raise
+        self.last_login = time.monotonic()
         if self.server_params is None:
             self.server_params = dict(server.params)
-        log.debug("%r: opened %r", self, server)
+        log.info(
+            "%r: opened %r",
+            self,
+            server,
+            extra={"event": "server_opened", "pid": server.pid, **self._log_fields()},
+        )
         return server
+
+    def _log_fields(self) -> dict[str, object]:
+        db = self.database
+        upstream = f"[{db.host}]:{db.port}" if ":" in db.host else f"{db.host}:{db.port}"
+        return {
+            "pool": self.name,
+            "database": self.upstream_db,
+            "user": self.upstream_user,
+            "upstream": upstream,
+        }
+
+    def _log_connect_failure(self, error: PgError) -> None:
+        log.warning(
+            "%r: connecting a server failed: %s",
+            self,
+            error.message,
+            extra={"event": "server_connect_failed", "reason": error.message, **self._log_fields()},
+        )
 
     def credentials(self) -> UpstreamSecret | None:
         if self.password is None and self.pass_through is not None:
@@ -241,7 +272,8 @@ class Pool(ServerHome):
             or (lifetime and server.idle_since - server.created_at > lifetime)  # unlink: now
             or (self.stale and server in self.stale)  # RECONNECT
         ):
-            self.close_server(server)
+            why = "cancel in flight" if server.cancels_in_flight else "lifetime"
+            self.close_for(server, why if server.flow.idle else "not idle when released")
             return
         if server.needs_unlisten:
             # Queued ahead of the next client's messages; its replies are swallowed in order.
@@ -258,7 +290,7 @@ class Pool(ServerHome):
                 req.set_result(server)  # stays active: handed straight to the waiter
                 return
         if self.closing:
-            self.close_server(server)
+            self.close_for(server, "pool closing")
         else:
             self.active.discard(server)
             self.idle.append(server)
@@ -287,7 +319,7 @@ class Pool(ServerHome):
             return
         if flow.pending or flow.unsynced or flow.copy_in:
             # Mid-query: its results would go nowhere and its state is unknown.
-            self.close_server(server)
+            self.close_for(server, "client left mid-query")
             return
         cleanup = []
         if flow.in_transaction:
@@ -307,13 +339,15 @@ class Pool(ServerHome):
                 if result.error is not None:
                     raise result.error
         except (PgError, ConnectionError) as exc:
-            log.info("%r: cleanup failed (%s); closing", server, exc)
-            self.close_server(server)
+            self.close_for(server, f"cleanup failed: {exc}")
             return
         self.release(server)
 
     def discard(self, server: ServerConnection) -> None:
         """Forget a server that is closed or about to be (idempotent)."""
+        self._forget(server, "connection lost")
+
+    def _forget(self, server: ServerConnection, reason: str) -> None:
         removed = False
         if server in self.active:
             self.active.discard(server)
@@ -325,6 +359,8 @@ class Pool(ServerHome):
             self.parked.remove(server)
             removed = True
         if removed:
+            fields = {"event": "server_closed", "pid": server.pid, "reason": reason}
+            log.info("%r: closed %r: %s", self, server, reason, extra=fields | self._log_fields())
             self.total -= 1
             self._wake_waiter_to_connect()
         if self.stale:
@@ -338,8 +374,12 @@ class Pool(ServerHome):
 
     def close_server(self, server: ServerConnection) -> None:
         """Take a server out of use for good: no client, no pool slot, socket closed."""
+        self.close_for(server, "closed by pgproxy")
+
+    def close_for(self, server: ServerConnection, reason: str) -> None:
+        """``close_server``, with the reason its log line gives."""
         server.unlink()
-        self.discard(server)
+        self._forget(server, reason)
         server.close()
 
     # --- operator commands: PAUSE, RESUME, RECONNECT, WAIT_CLOSE ------------------------------
@@ -408,7 +448,7 @@ class Pool(ServerHome):
                 and self.total > keep
             )
             if too_old or too_idle:
-                self.close_server(server)
+                self.close_for(server, "lifetime" if too_old else "idle timeout")
 
     async def warm_up(self) -> None:
         """Open servers until ``min_size`` exist (best effort; a pass-through pool waits until
@@ -439,7 +479,7 @@ class Pool(ServerHome):
         """Stop pooling: idle servers close now, busy ones when released (after waiters)."""
         self.closing = True
         for server in list(self.idle):
-            self.close_server(server)
+            self.close_for(server, "pool closing")
 
     async def close(self) -> None:
         self.retire()
@@ -451,7 +491,7 @@ class Pool(ServerHome):
         if self._expiry is not None:
             self._expiry.cancel()
         for server in list(self.active):
-            self.close_server(server)
+            self.close_for(server, "pool closing")
 
     def counts(self) -> dict[str, int]:
         """How many servers there are, by state, and clients waiting (now)."""

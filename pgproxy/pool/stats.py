@@ -4,13 +4,14 @@ Owns the running totals for one pool since it was created. They are bumped where
 happens anyway, on objects that exist anyway: a server holds its pool's :class:`PoolStats`
 and adds a transaction's figures once, when it is released (``Pool.release``); a client adds
 its bytes when it forwards them. Averages are never kept here: the console and metrics derive
-them from two readings ``stats_period`` apart.
+them from two readings ``stats_period`` apart (``averages``).
 
 Rule: plain integer fields, only ever increased; nothing here reads a clock.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 # The names, in SHOW STATS_TOTALS order (after ``database``).
@@ -49,3 +50,21 @@ class PoolStats:
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in FIELDS}
+
+
+def averages(new: Mapping[str, int], old: Mapping[str, int], seconds: float) -> dict[str, int]:
+    """PgBouncer's averages between two readings ``seconds`` apart (its ``calc_average``):
+    counts and bytes per second; ``xact_time`` and ``query_time`` µs per transaction and per
+    query, ``wait_time`` µs per server assignment; integers, rounded down."""
+    delta = {name: new[name] - old[name] for name in FIELDS}
+    out = {name: int(delta[name] / seconds) if seconds > 0 else 0 for name in FIELDS}
+    for time_field, per in _TIME_PER:
+        out[time_field] = delta[time_field] // delta[per] if delta[per] > 0 else 0
+    return out
+
+
+_TIME_PER: Final = (
+    ("xact_time", "xact_count"),
+    ("query_time", "query_count"),
+    ("wait_time", "server_assignment_count"),
+)

@@ -255,7 +255,7 @@ class Listener:
         _enable_keepalive(conn)
         if self.ping_interval > 0:
             self._pinger = asyncio.get_running_loop().create_task(self._ping(conn))
-        log.info("%r: connected (%r)", self, conn)
+        log.info("%r: connected (%r)", self, conn, extra=self._event("listener_connected"))
         return conn
 
     async def _ping(self, conn: ServerConnection) -> None:
@@ -350,7 +350,12 @@ class Listener:
         if self.closing:
             return
         self.last_error = error.message
-        log.warning("%r: listener connection lost: %s", self, error.message)
+        log.warning(
+            "%r: listener connection lost: %s",
+            self,
+            error.message,
+            extra=self._event("listener_lost", reason=error.message),
+        )
         loop = asyncio.get_running_loop()
         for channel in self.channels.values():
             if not channel.ready.done():
@@ -374,7 +379,13 @@ class Listener:
                     raise result.error
             except (PgError, ConnectionError) as exc:
                 self.last_error = str(exc)
-                log.warning("%r: reconnect failed (%s); retrying in %.1fs", self, exc, delay)
+                log.warning(
+                    "%r: reconnect failed (%s); retrying in %.1fs",
+                    self,
+                    exc,
+                    delay,
+                    extra=self._event("listener_reconnect_failed", reason=str(exc)),
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
@@ -385,8 +396,17 @@ class Listener:
                 elif not channel.ready.done():
                     channel.ready.set_result(None)
             self.reconnects += 1
-            log.info("%r: reconnected, %d channels listening again", self, len(names))
+            log.info(
+                "%r: reconnected, %d channels listening again",
+                self,
+                len(names),
+                extra=self._event("listener_reconnected", channels=len(names)),
+            )
             return
+
+    def _event(self, event: str, **fields: object) -> dict[str, object]:
+        """A log line's structured fields (JSON logs)."""
+        return {"event": event, "database": self.pool.upstream_db, **fields}
 
     async def close(self) -> None:
         self.closing = True

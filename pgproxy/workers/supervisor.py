@@ -40,6 +40,8 @@ from pathlib import Path
 
 from pgproxy.auth import scram
 from pgproxy.config import Config, ConfigError
+from pgproxy.config.values import parse_listen
+from pgproxy.ops import logs
 from pgproxy.unixsocket import UnixListener, socket_path
 from pgproxy.workers.role import WORKER_FLAG, WorkerRole
 
@@ -154,6 +156,19 @@ class _Supervisor:
             return 1
         if settings.listen_port == 0:
             self.argv += ["--listen", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        if settings.metrics_listen:
+            # Reserved as the listen address is; port 0 cannot be passed on to the workers.
+            metrics = settings.metrics_listen
+            try:
+                metrics_host, metrics_port = parse_listen(metrics, "proxy.metrics_listen")
+                if not metrics_port:
+                    raise OSError("workers need a fixed port to share")
+                reserved += _reserve(metrics_host, metrics_port)[0]
+            except OSError as exc:
+                log.error("cannot listen on %s (proxy.metrics_listen): %s", metrics, exc)
+                for sock in reserved:
+                    sock.close()
+                return 1
         if settings.unix_socket_dir:
             try:
                 self.unix = UnixListener(settings.unix_socket_dir, port, settings.unix_socket_mode)
@@ -251,6 +266,7 @@ class _Supervisor:
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
+        logs.configure(config.proxy.log_level, config.proxy.log_format, "supervisor")
         if config.proxy.workers != self.count:
             log.warning("workers = %d takes effect when pgproxy restarts (running %d)",
                         config.proxy.workers, self.count)  # fmt: skip
@@ -328,8 +344,5 @@ def supervise(config: Config, argv: Sequence[str], load: Callable[[Path | None],
     """Run ``config.proxy.workers`` workers (``argv`` = this command's arguments) until
     SIGTERM/SIGINT; ``load(path)`` loads the configuration as this command would, but from
     ``path`` instead of its file (None: as it is)."""
-    logging.basicConfig(
-        level=config.proxy.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[supervisor]: %(message)s",
-    )
+    logs.configure(config.proxy.log_level, config.proxy.log_format, "supervisor")
     return asyncio.run(_Supervisor(config, argv, load).run())

@@ -3,9 +3,11 @@ the test process)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,10 +48,82 @@ def proxy_process(
                 time.sleep(0.05)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+EOF = "<EOF>"  # ProcessOutput's last line, once the output has ended
+
+
+class ProcessOutput:
+    """A running process's output (stdout and stderr merged), line by line as it comes: a
+    thread reads it, so tests can wait for what happens inside the process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self.changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append(EOF)
+            self.changed.notify_all()
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = 15) -> re.Match[str]:
+        """The first line from index ``after`` on that matches ``pattern`` (waits for it)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            seen = after
+            while True:
+                for line in self.lines[seen:]:
+                    found = regex.search(line)
+                    if found:
+                        return found
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.lines and self.lines[-1] == EOF):
+                    tail = "\n".join(self.lines[-30:])
+                    raise AssertionError(f"no line matching {pattern!r}; output:\n{tail}")
+                self.changed.wait(left)
+
+    def mark(self) -> int:
+        """The index of the next line (for ``wait_for(after=...)``)."""
+        with self.changed:
+            return len(self.lines)
+
+    def since(self, mark: int = 0) -> list[str]:
+        with self.changed:
+            return [line for line in self.lines[mark:] if line != EOF]
+
+
+@contextmanager
+def pgproxy_output(config: Path, *args: str) -> Iterator[ProcessOutput]:
+    """``python -m pgproxy --config CONFIG ARGS`` with its output read as it comes; stopped
+    (SIGTERM, then SIGKILL) when the block ends. Waiting for it to be ready is the caller's."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgproxy", "--config", str(config), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield ProcessOutput(proc)
+    finally:
+        stop(proc)

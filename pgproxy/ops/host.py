@@ -1,0 +1,34 @@
+"""What the operators' side reads of the proxy, as a protocol (``pgproxy.app.Proxy`` has it).
+
+Rule: read-only views; nothing in ``pgproxy.ops`` changes the proxy through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pgproxy.config import Config
+    from pgproxy.pool.pool import Pool
+    from pgproxy.pubsub.listener import Listener
+
+
+class OpsHost(Protocol):
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def pools(self) -> Mapping[tuple[str, str], Pool]:
+        """Client pools by (database, user)."""
+        ...
+
+    @property
+    def listeners(self) -> Mapping[tuple[str, int, str], Listener]:
+        """One listener per upstream (host, port, dbname)."""
+        ...
+
+    @property
+    def draining(self) -> bool:
+        """No new clients wanted: readiness fails."""
+        ...
