@@ -36,7 +36,8 @@ from pgproxy.pool.pool import Pool, PoolSettings, pool_of
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
-from pgproxy.pubsub.listener import Listener, listener_key, new_listener
+from pgproxy.pubsub.listener import Listener
+from pgproxy.pubsub.registry import listener_key, new_listener
 from pgproxy.server_open import UpstreamTls, send_cancel
 from pgproxy.unixsocket import UnixListener, socket_path
 from pgproxy.wire import log

@@ -216,10 +216,14 @@ def test_readyz_follows_a_port_that_opens(
 def test_readyz_fails_while_draining(ops: ProxyThread) -> None:
     port = metrics_port(ops)
     wait_status(port, "/readyz", 200)
-    ops.call(lambda p: setattr(p, "draining", True))
-    assert get(port, "/readyz")[:3:2] == (503, b"draining\n")
-    ops.call(lambda p: setattr(p, "draining", False))
-    assert get(port, "/readyz")[0] == 200
+    with psycopg.connect(ops.dsn(), autocommit=True) as conn:
+        conn.execute("select 1")
+        # A drain, as SIGTERM starts one: readiness fails first, the idle client goes after.
+        ops.call(lambda p: p.control.drain(5), timeout=30)
+        assert get(port, "/readyz")[:3:2] == (503, b"draining\n")
+        assert get(port, "/healthz")[0] == 200  # alive, only not ready
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
 
 
 # --------------------------------------------------------------------------- metrics

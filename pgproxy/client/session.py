@@ -31,6 +31,7 @@ from pgproxy.client.host import ProxyServices
 from pgproxy.client.listening import ClientListening
 from pgproxy.client.login import Login, log_in
 from pgproxy.client.settings import ClientSettings
+from pgproxy.pool.giveback import give_back
 from pgproxy.pool.pool import Pool
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
@@ -90,7 +91,7 @@ class ClientSession(ClientListening):
         if subs is not None and subs.listener is not None:
             subs.listener.drop(self)
         if server is not None and self.pool is not None:
-            self.pool.give_back(server, self.proxy.spawn)
+            give_back(self.pool, server, self.proxy.spawn)
 
     def _end_transaction_state(self) -> None:
         """The server running this client's transaction is gone: nothing of it committed."""

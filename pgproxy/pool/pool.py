@@ -14,9 +14,8 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.backend import ServerConnection, ServerHome
@@ -308,40 +307,6 @@ class Pool(ServerHome):
             stats.xact_time += int(linked * 1_000_000)
             stats.query_time += int((linked - server.idle_in_tx) * 1_000_000)
         server.linked_at = 0.0
-
-    def give_back(
-        self, server: ServerConnection, spawn: Callable[[Coroutine[Any, Any, Any]], None]
-    ) -> None:
-        """Take back a server whose client has gone: reused only if provably clean (a rollback
-        and, in session mode, ``reset_query`` run first, in a task ``spawn`` starts)."""
-        flow = server.flow
-        if server.closed:
-            return
-        if flow.pending or flow.unsynced or flow.copy_in:
-            # Mid-query: its results would go nowhere and its state is unknown.
-            self.close_for(server, "client left mid-query")
-            return
-        cleanup = []
-        if flow.in_transaction:
-            cleanup.append("ROLLBACK")
-        if self.mode == "session" and self.settings.reset_query:
-            cleanup.append(self.settings.reset_query)
-        if not cleanup:
-            self.release(server)
-            return
-        server.unlink()
-        spawn(self._clean_and_release(server, cleanup))
-
-    async def _clean_and_release(self, server: ServerConnection, statements: list[str]) -> None:
-        try:
-            for sql in statements:
-                result = await server.run_internal(sql)
-                if result.error is not None:
-                    raise result.error
-        except (PgError, ConnectionError) as exc:
-            self.close_for(server, f"cleanup failed: {exc}")
-            return
-        self.release(server)
 
     def discard(self, server: ServerConnection) -> None:
         """Forget a server that is closed or about to be (idempotent)."""

@@ -27,9 +27,8 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from pgproxy.backend import ServerConnection
-from pgproxy.config import ProxySettings
 from pgproxy.params import quote_ident
-from pgproxy.pool.pool import Pool, PoolSettings
+from pgproxy.pool.pool import Pool
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
@@ -465,43 +464,3 @@ def _consume_exception(fut: asyncio.Future[Any]) -> None:
     """Failures are reported to whoever awaits; never log them as 'never retrieved'."""
     if not fut.cancelled():
         fut.exception()
-
-
-def listener_key(pool: Pool) -> tuple[str, int, str]:
-    """Notifications are per upstream database: one listener per (host, port, dbname)."""
-    return (pool.database.host, pool.database.port, pool.upstream_db)
-
-
-def new_listener(pool: Pool, settings: ProxySettings) -> Listener:
-    """The listener for the upstream database ``pool`` connects to: a pool of one of its own,
-    never timed out by the server (PROTOCOL-NOTES 35), named in pg_stat_activity."""
-    pool_settings = PoolSettings(
-        size=1,
-        min_size=0,
-        mode="transaction",
-        connect_timeout=settings.server_connect_timeout,
-        idle_timeout=0,
-        lifetime=0,
-        reset_query="",
-        tls=pool.settings.tls,
-    )
-    startup = {
-        "application_name": "pgproxy-listener",
-        "client_encoding": "UTF8",
-        "options": "-c idle_session_timeout=0 -c statement_timeout=0",
-    }
-    listener_pool = Pool(
-        f"listener:{pool.upstream_db}",
-        pool.database,
-        pool.upstream_db,
-        pool.upstream_user,
-        pool.password,
-        pool_settings,
-        startup,
-        pass_through=pool.pass_through,
-    )
-    return Listener(
-        listener_pool,
-        ping_interval=settings.listener_ping_interval,
-        ping_timeout=settings.listener_ping_timeout,
-    )
