@@ -7,19 +7,16 @@ in the event loop and protocol machinery.
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import get_args
 
 from pgproxy import version
-from pgproxy.config import Config, ConfigError, PoolMode, as_workers, load_config
+from pgproxy.config import Config, ConfigError, PoolMode, as_workers, env_table, load_config
 from pgproxy.workers.role import WORKER_FLAG, WorkerRole, per_worker
 
 __all__ = ["build_arg_parser", "config_from_args", "main"]
-
-ENV_WORKERS = "PGPROXY_WORKERS"
 
 
 def _worker_role(text: str) -> WorkerRole:  # a named function: argparse errors name it
@@ -33,8 +30,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "`pgproxy demo` shows what it is for (`pgproxy demo --help`).",
         epilog=(
             "Precedence: built-in defaults < config file < environment "
-            "(PGPROXY_CONFIG, PGPROXY_LISTEN, PGPROXY_UPSTREAM, PGPROXY_WORKERS) < "
-            "command-line options."
+            "(PGPROXY_CONFIG, DATABASE_URL, DATABASE_URLS, PGPROXY_LISTEN and PGPROXY_<SETTING> "
+            "for every [proxy] setting: see --env-table) < command-line options."
         ),
     )
     parser.add_argument(
@@ -59,6 +56,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(WORKER_FLAG, type=_worker_role, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument(
+        "--env-table",
+        action="store_true",
+        help="print the environment variables, their types and defaults (Markdown) and exit",
+    )
     parser.add_argument("--version", action="version", version=f"pgproxy {version()}")
     return parser
 
@@ -67,22 +69,16 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     """Load the config the parsed arguments describe; ``env`` defaults to os.environ.
 
     A worker (``--worker``) gets its share of the sizes (``pgproxy.workers.role.per_worker``)."""
-    environ = os.environ if env is None else env
     config = load_config(
         args.config,
         listen=args.listen,
         upstream=args.upstream,
         pool_mode=args.pool_mode,
-        env=environ,
+        env=env,
     )
-    workers = None
-    if getattr(args, "workers", None) is not None:
-        workers = (args.workers, "--workers")
-    elif environ.get(ENV_WORKERS):
-        workers = (environ[ENV_WORKERS], ENV_WORKERS)
-    if workers is not None:
-        text, label = workers
-        value = as_workers(int(text) if text.strip().isdigit() else text.strip(), label)
+    if getattr(args, "workers", None) is not None:  # PGPROXY_WORKERS is load_config's
+        text = args.workers.strip()
+        value = as_workers(int(text) if text.isdigit() else text, "--workers")
         config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, workers=value))
     role: WorkerRole | None = getattr(args, "worker", None)
     if role is None:
@@ -97,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo(argv[1:])
     args = build_arg_parser().parse_args(argv)
+    if args.env_table:
+        print(env_table(), end="")
+        return 0
     try:
         config = config_from_args(args)
     except ConfigError as exc:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from pgproxy.app import Proxy
 from pgproxy.config import Config, ConfigError, load_config
+from pgproxy.filewatch import FileWatch
 from pgproxy.ops import logs
 from pgproxy.ops.service import MetricsListenError
 from pgproxy.wire import log
@@ -75,8 +76,17 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
         return 1
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    # A change of the config file reloads as SIGHUP does (pgproxy.filewatch); in a worker the
+    # file is the supervisor's snapshot, and the supervisor watches the original.
+    watch = None
+    if config.source is not None and role is None:
+        watch = FileWatch(
+            config.source, lambda: proxy.config.proxy.config_watch_interval, lambda: reload()
+        ).start()
 
     def reload() -> None:
+        if watch is not None:
+            watch.mark()
         try:
             fresh = load()
             proxy.reload(fresh)
@@ -102,6 +112,8 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
     else:
         serve_supervisor(role, stopping.set)
     await stopping.wait()
+    if watch is not None:
+        watch.stop()
     log.info("shutting down")
     control.stop_draining()
     await proxy.stop()

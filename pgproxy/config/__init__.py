@@ -9,14 +9,17 @@ terminals and in logs.
 * ``schema``: the option types, defaults and dataclasses (``Config`` and its parts).
 * ``values``: checkers for single values, upstream URLs included.
 * ``validate``: whole documents and the rules that span keys (``parse_config``).
+* ``environment``: ``PGPROXY_<SETTING>``, ``DATABASE_URL(S)`` and their table (``env_table``).
 * ``loading``: the file, the environment and the arguments, in precedence order (``load_config``).
 
 The rule: this package re-exports its public names and holds nothing else; its modules import
 one another directly, never this package, and the dependencies run one way:
-``loading`` -> ``validate`` -> ``values`` -> ``schema``.
+``loading`` -> ``validate`` -> ``values`` -> ``schema``, and ``loading`` -> ``environment`` ->
+``schema``.
 """
 
-from pgproxy.config.loading import ENV_CONFIG, ENV_LISTEN, ENV_UPSTREAM, load_config
+from pgproxy.config.environment import ENV_CONFIG, ENV_LISTEN, ENV_UPSTREAM, env_table
+from pgproxy.config.loading import load_config
 from pgproxy.config.schema import (
     CONSOLE_DATABASES,
     DEFAULT_UPSTREAM_URL,
@@ -49,6 +52,7 @@ __all__ = [
     "ProxySettings",
     "UserConfig",
     "as_workers",
+    "env_table",
     "load_config",
     "parse_config",
 ]

@@ -1,10 +1,11 @@
 """Where settings come from, and which source wins.
 
-Lowest to highest precedence: built-in defaults, a TOML file, ``PGPROXY_*`` environment
-variables and explicit arguments (the CLI). Owns reading the file, the environment variable
-names and picking each override with the label its errors carry (``--listen`` or
-``PGPROXY_LISTEN``). The rule: this module only gathers inputs; everything it gathers is
-checked by ``validate.py``, so a reload (``load_config`` again) validates exactly like a start.
+Lowest to highest precedence: built-in defaults, a TOML file, environment variables
+(``environment.py``: ``PGPROXY_<SETTING>``, ``DATABASE_URL``, ``DATABASE_URLS``) and explicit
+arguments (the CLI). Owns reading the file and picking each override with the label its errors
+carry (``--listen`` or ``PGPROXY_LISTEN``). The rule: this module only gathers inputs;
+everything it gathers is checked by ``validate.py``, so a reload (``load_config`` again)
+validates exactly like a start.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pgproxy.config.environment import (
+    ENV_CONFIG,
+    ENV_LISTEN,
+    database_urls,
+    proxy_values,
+    star_url,
+)
 from pgproxy.config.schema import Config, ConfigError
 from pgproxy.config.validate import Overrides, build
-
-ENV_CONFIG = "PGPROXY_CONFIG"
-ENV_LISTEN = "PGPROXY_LISTEN"
-ENV_UPSTREAM = "PGPROXY_UPSTREAM"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -59,6 +63,9 @@ def load_config(
 ) -> Config:
     """Load defaults < TOML file < environment < keyword arguments.
 
+    ``PGPROXY_LISTEN`` wins over ``PGPROXY_LISTEN_HOST``/``PGPROXY_LISTEN_PORT``, and
+    ``--listen`` over all three.
+
     The file is ``path`` or else ``$PGPROXY_CONFIG``; with neither, only built-in
     defaults apply.  Keyword-argument errors are labelled with the matching CLI flag
     (``--listen`` ...) since that is where they normally come from.  Empty environment
@@ -71,7 +78,9 @@ def load_config(
     data = _read_toml(source) if source is not None else {}
     overrides = Overrides(
         listen=_pick(listen, "--listen", environ, ENV_LISTEN),
-        upstream=_pick(upstream, "--upstream", environ, ENV_UPSTREAM),
+        upstream=(upstream, "--upstream") if upstream is not None else star_url(environ),
         pool_mode=(pool_mode, "--pool-mode") if pool_mode is not None else None,
+        proxy=proxy_values(environ),
+        databases=database_urls(environ),
     )
     return build(data, source, overrides)

@@ -98,6 +98,9 @@ class ProxySettings:
     listener_ping_interval: float = 30.0
     listener_ping_timeout: float = 10.0
     max_prepared_statements: int = 200
+    # Seconds between checks of the config file for a change (its resolved path, inode, size
+    # or mtime: a ConfigMap update swaps a symlink), which reloads as SIGHUP does; 0 = off.
+    config_watch_interval: float = 5.0
     unsupported_session_state: SessionStatePolicy = "log"
     client_tls_mode: TlsMode = "disable"
     client_tls_cert_file: str = ""

@@ -32,6 +32,7 @@ from pgproxy.config.schema import (
 from pgproxy.config.values import (
     as_bool,
     as_choice,
+    as_host,
     as_int,
     as_names,
     as_pool_mode,
@@ -88,11 +89,18 @@ class Overrides:
     listen: tuple[str, str] | None = None
     upstream: tuple[str, str] | None = None
     pool_mode: tuple[str, str] | None = None
+    # From the environment (environment.py), over the file and under the fields above:
+    proxy: tuple[tuple[str, object, str], ...] = ()  # (setting, value, variable)
+    databases: tuple[tuple[str, str, str], ...] = ()  # (database, url, label)
 
 
 def _proxy_value(name: str, typ: Any, value: object, path: str) -> object:
     if name == "workers":
         return as_workers(value, path)
+    if name == "listen_port":  # from PGPROXY_LISTEN_PORT; a file writes listen = "HOST:PORT"
+        return as_int(value, path, maximum=65535)
+    if name == "listen_host":
+        return as_host(value, path)
     if get_origin(typ) is Literal:
         return as_choice(value, path, get_args(typ))
     if typ is bool:
@@ -119,9 +127,7 @@ def _proxy_value(name: str, typ: Any, value: object, path: str) -> object:
 
 def _parse_proxy(table: Mapping[str, Any], overrides: Overrides) -> ProxySettings:
     types = {f.name: f.type for f in dataclasses.fields(ProxySettings)}
-    for name in _LISTEN_FIELDS:
-        del types[name]
-    check_keys(table, ["listen", *types], "proxy")
+    check_keys(table, ["listen", *(name for name in types if name not in _LISTEN_FIELDS)], "proxy")
 
     values: dict[str, Any] = {}
     for name, value in table.items():
@@ -129,6 +135,8 @@ def _parse_proxy(table: Mapping[str, Any], overrides: Overrides) -> ProxySetting
             values["listen_host"], values["listen_port"] = parse_listen(value, "proxy.listen")
         else:
             values[name] = _proxy_value(name, types[name], value, _key("proxy", name))
+    for name, value, label in overrides.proxy:
+        values[name] = _proxy_value(name, types[name], value, label)
     if overrides.listen is not None:
         text, label = overrides.listen
         values["listen_host"], values["listen_port"] = parse_listen(text, label)
@@ -255,6 +263,9 @@ def build(data: Mapping[str, Any], source: Path | None, overrides: Overrides) ->
             )
         db_tables[name] = as_table(table, _key("databases", name))
     url_labels: dict[str, str] = {}
+    for name, url, label in overrides.databases:
+        db_tables[name] = {**db_tables.get(name, {}), "url": url}
+        url_labels[name] = label
     if overrides.upstream is not None:
         url, label = overrides.upstream
         db_tables[WILDCARD] = {**db_tables.get(WILDCARD, {}), "url": url}

@@ -166,6 +166,20 @@ def parse_listen(value: object, path: str) -> tuple[str, int]:
     return host, port
 
 
+def as_host(value: object, path: str) -> str:
+    """A host name or IP address to listen on, bare (IPv6 without brackets)."""
+    host = as_str(value, path, empty_ok=False)
+    ok = not any(c.isspace() or c in "[]/" for c in host)
+    if ok and ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ConfigError(f"{path}: must be a host name or an IP address (got {host!r})")
+    return host
+
+
 _SCRAM_RE = re.compile(
     r"SCRAM-SHA-256\$([0-9]+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)"
 )

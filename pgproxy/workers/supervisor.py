@@ -41,6 +41,7 @@ from pathlib import Path
 from pgproxy.auth import scram
 from pgproxy.config import Config, ConfigError
 from pgproxy.config.values import parse_listen
+from pgproxy.filewatch import FileWatch
 from pgproxy.ops import logs
 from pgproxy.unixsocket import UnixListener, socket_path
 from pgproxy.workers.role import WORKER_FLAG, WorkerRole
@@ -138,6 +139,9 @@ class _Supervisor:
         self.unix: UnixListener | None = None
         self.stopping = asyncio.Event()
         self.peer_dir = Path()
+        # The config file, watched here, not in workers: a change reloads as SIGHUP does.
+        self.watch: FileWatch | None = None
+        self.watch_interval = config.proxy.config_watch_interval
         # One mock-auth key for every worker, restarted ones included, so all announce the
         # same salts (an unknown user's salt must not vary by worker: user enumeration).
         # Kept as given when the operator set a valid one; a full restart makes a new one.
@@ -192,6 +196,8 @@ class _Supervisor:
                     self.unix.close()
                 return 2
             self.argv += ["--config", str(self._snapshot_path)]
+            self.watch = FileWatch(self.config.source, lambda: self.watch_interval, self.reload)
+            self.watch.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
@@ -216,6 +222,8 @@ class _Supervisor:
                 await asyncio.wait(keepers)
             return 0
         finally:
+            if self.watch is not None:
+                self.watch.stop()
             for sock in reserved:
                 sock.close()
             if self.unix is not None:
@@ -261,12 +269,15 @@ class _Supervisor:
         return config
 
     def reload(self) -> None:
+        if self.watch is not None:
+            self.watch.mark()
         try:
             config = self._snapshot() if self.config.source is not None else self.load(None)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         logs.configure(config.proxy.log_level, config.proxy.log_format, "supervisor")
+        self.watch_interval = config.proxy.config_watch_interval
         if config.proxy.workers != self.count:
             log.warning("workers = %d takes effect when pgproxy restarts (running %d)",
                         config.proxy.workers, self.count)  # fmt: skip

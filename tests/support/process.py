@@ -3,13 +3,14 @@ the test process)."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,13 +25,15 @@ def free_port() -> int:
 
 @contextmanager
 def proxy_process(
-    config: Path, port: int, timeout: float = 15
+    config: Path | None, port: int, timeout: float = 15, *, env: Mapping[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``python -m pgproxy --config CONFIG`` until the block ends; yields once it accepts
-    connections on ``port``; stops it (SIGTERM, then SIGKILL) afterwards."""
+    connections on ``port``; stops it (SIGTERM, then SIGKILL) afterwards. ``config`` None: no
+    ``--config``; ``env``: the process's whole environment (default: this one's)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pgproxy", "--config", str(config)],
+        [sys.executable, "-m", "pgproxy", *(["--config", str(config)] if config else [])],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -127,3 +130,14 @@ def pgproxy_output(config: Path, *args: str) -> Iterator[ProcessOutput]:
         yield ProcessOutput(proc)
     finally:
         stop(proc)
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    """This process's environment without pgproxy's configuration variables, plus ``variables``:
+    what a container that configures pgproxy by its environment alone would pass."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PGPROXY_") and k not in ("DATABASE_URL", "DATABASE_URLS")
+    }
+    return {**env, **variables}
