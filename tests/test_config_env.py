@@ -135,8 +135,13 @@ def test_text_converts_by_the_field_type() -> None:
             "DATABASE_URLS (a): database given twice",
         ),
         (
-            {"DATABASE_URLS": "a=http://h/a"},
-            "DATABASE_URLS (a): must be a 'postgresql://' or 'postgres://' URL (got scheme 'http')",
+            {"DATABASE_URLS": "a=postgresql://h/a,b=postgresql://h:x/b"},
+            "DATABASE_URLS (b): URL has an invalid port",
+        ),
+        (
+            {"DATABASE_URLS": "a=postgresql://h/a,b=http://h/b"},
+            "DATABASE_URLS: entry 2 must be NAME=URL (entries separated by commas, "
+            "e.g. app=postgresql://db1/app,*=postgresql://db2)",
         ),
         (
             {"DATABASE_URL": "postgresql://h1", "PGPROXY_UPSTREAM": "postgresql://h2"},
@@ -161,6 +166,7 @@ def test_passwords_in_database_urls_stay_out_of_errors() -> None:
         {"DATABASE_URL": f"postgresql://u:{SECRET}@h:x/db"},
         {"DATABASE_URLS": f"app=postgresql://u:{SECRET}@h:x/db"},
         {"DATABASE_URLS": f"app:{SECRET}"},
+        {"DATABASE_URLS": f"postgresql://u:{SECRET}@h/db?sslmode=require"},  # NAME= forgotten
     ):
         with pytest.raises(ConfigError) as info:
             load_config(env=env)

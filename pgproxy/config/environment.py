@@ -34,8 +34,8 @@ _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 # NAME=URL entries of DATABASE_URLS: a comma (or white space) ends one only where the next
-# entry begins, so a comma inside a URL's query string stays part of that URL.
-_URLS_SPLIT = re.compile(r"[,\s]+(?=[^,=\s]+=postgres(?:ql)?://)")
+# entry, NAME=SCHEME://, begins, so a comma inside a URL's query string stays part of it.
+_URLS_SPLIT = re.compile(r"[,\s]+(?=[^,=\s/]+=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 def variable(setting: str) -> str:
@@ -111,8 +111,9 @@ def database_urls(env: Mapping[str, str]) -> tuple[tuple[str, str, str], ...]:
     entries: list[tuple[str, str, str]] = []
     for number, entry in enumerate(_URLS_SPLIT.split(text), 1):
         name, sep, url = entry.strip().strip(",").partition("=")
-        name = name.strip()
-        if not sep or not name or not url:
+        name, url = name.strip(), url.strip()
+        # No NAME= at all (a URL whose query has a '='): nothing of the entry is shown.
+        if not sep or not name or not url.startswith(("postgresql://", "postgres://")):
             raise ConfigError(
                 f"{ENV_DATABASE_URLS}: entry {number} must be NAME=URL "
                 "(entries separated by commas, e.g. app=postgresql://db1/app,*=postgresql://db2)"
