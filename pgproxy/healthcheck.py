@@ -55,10 +55,8 @@ def probe_http(
 def main() -> int:
     try:
         settings = load_config().proxy
-        # metrics_listen arrives with the HTTP listener; until then every probe is TCP.
-        metrics = str(getattr(settings, "metrics_listen", ""))
-        if metrics:
-            problem = probe_http(*parse_listen(metrics, "metrics_listen"))
+        if settings.metrics_listen:
+            problem = probe_http(*parse_listen(settings.metrics_listen, "metrics_listen"))
         else:
             problem = probe_tcp(settings.listen_host, settings.listen_port)
     except ConfigError as exc:

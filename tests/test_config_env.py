@@ -29,7 +29,7 @@ SAMPLES = {
     "auth_user": "lookup",  # needs a password method: the base environment sets md5
     "unix_socket_mode": "0700",
     "workers": "auto",
-    "metrics_listen": "127.0.0.1:9127",  # the HTTP listener's setting, once merged
+    "metrics_listen": "127.0.0.1:9127",
 }
 BASE = {"PGPROXY_AUTH_TYPE": "md5"}
 

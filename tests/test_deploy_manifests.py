@@ -117,9 +117,6 @@ def test_deployment_replicas_probes_and_grace_period(objects: Mapping[str, Objec
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = container[probe]["httpGet"]
         assert (get["path"], _port(container, get["port"])) == (path, 9127), probe
-    # The drain (shutdown_timeout) ends before the kubelet's SIGKILL, with 5 s to exit.
-    shutdown_timeout = float(_env(objects)["PGPROXY_SHUTDOWN_TIMEOUT"])
-    assert _pod(objects)["terminationGracePeriodSeconds"] == shutdown_timeout + 5 == 35
     assert "lifecycle" not in container  # the preStop sleep is opt-in:
     assert re.search(r"# +preStop:\n# +exec:\n# +command: \[\"sleep\", \"5\"\]",
                      re.sub(r"\n +", "\n", (DIR / "deployment.yaml").read_text()))  # fmt: skip
@@ -163,7 +160,12 @@ def test_the_configmap_is_a_valid_pgproxy_configuration(
     path.write_text(objects["ConfigMap"]["data"]["pgproxy.toml"])
     env = {**objects["Secret"]["stringData"], **_env(objects)}
     config = load_config(path, env=env)
-    assert (config.proxy.listen_host, config.proxy.listen_port) == ("0.0.0.0", 6432)
+    settings, container = config.proxy, _container(objects)
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", _port(container, "postgres"))
+    assert settings.metrics_listen == f"0.0.0.0:{_port(container, 'metrics')}"
+    # The drain (shutdown_timeout) ends before the kubelet's SIGKILL, with 5 s to exit.
+    assert _pod(objects)["terminationGracePeriodSeconds"] == settings.shutdown_timeout + 5 == 35
+    assert settings.paused is False  # the declarative knob is there, off
     assert config.databases["*"].host == "postgres"
 
 

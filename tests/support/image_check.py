@@ -2,7 +2,8 @@
 
 Owns the checks on the image as users run it: configured by its environment alone, then by a
 mounted ConfigMap-like directory that changes under it; queried with psql, LISTEN/NOTIFY with
-psycopg; its UID, its read-only root filesystem, its HEALTHCHECK, and SIGTERM. The rule:
+psycopg; its UID, its read-only root filesystem, its probes and HEALTHCHECK, and SIGTERM's
+drain. The rule:
 everything is real (podman with runc and host networking as /work/shared/CONTAINERS-HERE.md
 describes, a throwaway cluster from pgproxy.testing), each check is reported by name, a failed
 one does not stop the others, and the last line is the count CI reads:
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +125,17 @@ def serves(dsn: str) -> bool:
         return False
 
 
+def http_status(port: int, path: str) -> int:
+    """The status of ``GET path`` on the container's HTTP listener (0: no answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
 def eventually(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -175,13 +189,15 @@ def check_image(report: Report, image: str) -> None:
 def check_environment_only(
     report: Report, image: str, pg: PgCluster, made: list[Container]
 ) -> None:
-    port = free_port()
+    port, metrics = free_port(), free_port()
     box = Container(
         image,
         f"pgproxy-image-env-{os.getpid()}",
         port,
         "-e",
         f"DATABASE_URL=postgresql://127.0.0.1:{pg.port}",
+        "-e",
+        f"PGPROXY_METRICS_LISTEN=0.0.0.0:{metrics}",
     )
     made.append(box)
     if not report.check(
@@ -244,8 +260,33 @@ def check_environment_only(
         result = podman("healthcheck", "run", box.name, check=False)
         assert result.returncode == 0, result
 
-    report.check("HEALTHCHECK passes", healthcheck)
-    report.check("SIGTERM ends it with exit code 0", box.stop_with_sigterm)
+    def probes() -> None:
+        assert http_status(metrics, "/healthz") == 200
+        eventually(lambda: http_status(metrics, "/readyz") == 200, "/readyz never answered 200")
+
+    report.check("/healthz and /readyz answer 200 (PGPROXY_METRICS_LISTEN)", probes)
+    report.check("HEALTHCHECK passes (GET /healthz)", healthcheck)
+
+    def drain() -> None:
+        with psycopg.connect(box.dsn("postgres")) as conn:
+            conn.execute("select 1")  # a transaction in progress
+            podman("kill", "--signal", "TERM", box.name)
+            eventually(lambda: http_status(metrics, "/readyz") == 503, "/readyz stayed ready")
+            assert conn.execute("select 2").fetchone() == (2,)  # the transaction goes on
+            conn.commit()
+            try:
+                conn.execute("select 3")
+                raise AssertionError("the client was not closed after its transaction")
+            except psycopg.OperationalError as exc:
+                assert exc.sqlstate in (None, "57P01"), exc
+        code = podman("wait", box.name, timeout=STOP_TIMEOUT).stdout.strip()
+        assert code == "0", f"exit code {code}:\n{box.logs()[-2000:]}"
+
+    report.check(
+        "SIGTERM drains: /readyz 503 at once, the open transaction commits, its client is "
+        "closed, exit code 0",
+        drain,
+    )
 
 
 def _toml(pg: PgCluster, name: str) -> str:
