@@ -30,6 +30,7 @@ COMPILED = [
     "pgproxy/client/settings.py",
     "pgproxy/pool/pool.py",
     "pgproxy/pool/waiters.py",  # ServerRequest: delivered from inside a release
+    "pgproxy/pool/stats.py",  # counters bumped per transaction: native attributes
     "pgproxy/protocol/flow.py",
     "pgproxy/protocol/framing.py",
     "pgproxy/protocol/messages.py",

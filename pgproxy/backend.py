@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from time import monotonic  # a global, not a module attribute: read once per transaction
 from typing import Final
 
 from mypy_extensions import trait  # a marker for the optional mypyc build (setup.py)
@@ -464,8 +465,7 @@ class ServerConnection(ServerSession):
 
     def link(self, client: ServerLink) -> None:
         self.client = client
-        self.linked_at = time.monotonic()
-        self.idle_in_tx = 0.0
+        self.linked_at = monotonic()
         self.statements.unnamed_unit = -1  # the last client's units are all over: settled
         self.flow.reset()
         replies = self.replies

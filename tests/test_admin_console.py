@@ -286,7 +286,7 @@ async def test_snapshots_of_several_processes_merge_exactly() -> None:
             server = client.server
             assert server is not None
             server.data_received(m.command_complete("SELECT 1") + m.ready_for_query())
-        pool.stats.xact_time = transactions * 1000
+        pool.stats.xact_seconds = transactions / 1000  # 1 ms each
         proxy.periods.roll([pool], proxy.periods._read_at + 2.0)  # a 2 s period
         snaps.append(json.loads(json.dumps(proxy.snapshot())))  # as another process sends it
     merged = merge(snaps)

@@ -23,7 +23,7 @@ def test_reset_of_a_reported_parameter_is_corrected_to_the_startup_value() -> No
     settings.server_reported("TimeZone", "UTC")
     change = settings.apply([sql.SetParameter("timezone", None)])
     assert not change.changed  # reported parameters follow by ParameterStatus
-    assert settings.has_corrections
+    assert settings.corrections_due
     out, changed = settings.corrections()
     assert out == m.parameter_status("TimeZone", "Europe/Paris")
     assert changed and settings.reported["TimeZone"] == "Europe/Paris"

@@ -55,7 +55,7 @@ class ClientListening(ClientStream):
         """LISTEN can be answered here only where pglast reads the text as the server would."""
         pool = self.pool
         return (
-            self.settings.text_rules_ok()
+            (self.settings.text_ok or self.settings.text_rules_ok())
             and pool is not None
             and pool.mode == "transaction"
             and self._doomed is None

@@ -243,9 +243,12 @@ class ClientSession(ClientListening):
 
     def _server_ready(self, server: ServerConnection | None, error: BaseException | None) -> None:
         """The pool answered a request made by ``_try_link`` (maybe from inside a release)."""
-        self._request = None
-        if self.pool is not None:
-            self.pool.stats.wait_time += int((time.monotonic() - self._wait_since) * 1_000_000)
+        request, self._request = self._request, None
+        if request is not None and self.pool is not None:
+            # A server handed over by a release was just stamped (idle_since): no clock read.
+            now = server.idle_since if server is not None else time.monotonic()
+            if now > request.started:
+                self.pool.stats.wait_seconds += now - request.started
         if server is None:
             if isinstance(error, PgError):
                 self._fail_unit(error)
@@ -261,7 +264,8 @@ class ClientSession(ClientListening):
 
     def waiting_since(self) -> float:
         """When it started waiting for a server (0: it is not waiting for one)."""
-        return self._wait_since if self._request is not None else 0.0
+        request = self._request
+        return request.started if request is not None else 0.0
 
     def server_output(self, data: bytes) -> None:
         self.write(data)
@@ -284,7 +288,7 @@ class ClientSession(ClientListening):
             self._settle_pending(pending, status)
         out = b""
         settings = self.settings
-        if settings.has_corrections:
+        if settings.corrections_due:
             out, changed = settings.corrections()
             if changed and server is not None:
                 server.param_state = None

@@ -31,9 +31,10 @@ class ClientSettings:
         "_resets",
         "_startup_reported",
         "_startup_unreported",
-        "_text_rules_ok",
+        "corrections_due",
         "reported",
         "state",
+        "text_ok",
         "unreported",
     )
 
@@ -49,7 +50,10 @@ class ClientSettings:
         # The interned snapshot of reported + unreported (None: changed, to be recomputed).
         self.state: params.ParamState | None = None
         # Whether pglast reads this client's text as the server would (None: work it out).
-        self._text_rules_ok: bool | None = None
+        self.text_ok: bool | None = None
+        # A RESET passed: ParameterStatus corrections may be due at the next ReadyForQuery (an
+        # attribute, not a property: the session reads it before every ReadyForQuery).
+        self.corrections_due = False
 
     def snapshot(self) -> params.ParamState:
         state = self.state
@@ -60,10 +64,10 @@ class ClientSettings:
     def text_rules_ok(self) -> bool:
         """UTF-8 and standard strings: the text the LISTEN fast path parses means what the
         server would read."""
-        ok = self._text_rules_ok
+        ok = self.text_ok
         if ok is None:  # once per parameter change
             reported = self.reported
-            ok = self._text_rules_ok = (
+            ok = self.text_ok = (
                 reported.get("standard_conforming_strings", "on") == "on"
                 and reported.get("client_encoding", "UTF8").upper() in _UTF8_NAMES
             )
@@ -77,7 +81,7 @@ class ClientSettings:
         """The linked server announced a ParameterStatus the client sees."""
         if name not in READ_ONLY_PARAMETERS:
             self.reported[name] = value
-            self.state = self._text_rules_ok = None
+            self.state = self.text_ok = None
 
     def apply(self, effects: list[sql.Subscription | sql.SettingEffect]) -> SettingsChange:
         """A unit with these effects committed: session SETs of unreported parameters now
@@ -112,22 +116,20 @@ class ClientSettings:
                         self.unreported.pop(name, None)
                     change.proxy_set[name] = None
         if change.changed:
-            self.state = self._text_rules_ok = None
+            self.state = self.text_ok = None
         return change
 
     def _reset_set(self) -> set[str]:
+        self.corrections_due = True
         if self._resets is None:
             self._resets = set()
         return self._resets
-
-    @property
-    def has_corrections(self) -> bool:
-        return bool(self._resets) or bool(self._fixes)
 
     def corrections(self) -> tuple[bytes, bool]:
         """Before a ReadyForQuery: ParameterStatus messages that put right what the server
         reported after a RESET (the client's default is its startup value, which a pooled
         server does not know), and whether this client's snapshot changed."""
+        self.corrections_due = False
         changed = False
         if self._resets:
             for name in self._resets:
@@ -138,7 +140,7 @@ class ClientSettings:
                         self._fixes = {}
                     self._fixes[name] = startup
             self._resets.clear()
-            self.state = self._text_rules_ok = None
+            self.state = self.text_ok = None
             changed = True
         out = b""
         if self._fixes:

@@ -32,7 +32,6 @@ message streams through), ``_drop`` (the rest of a message being discarded), ``_
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Final
 
 from pgproxy import precheck
@@ -105,7 +104,6 @@ class ClientStream(ClientUnits):
         "_need",
         "_passthrough",
         "_request",
-        "_wait_since",
         "console",
         "mode",
     )
@@ -123,7 +121,6 @@ class ClientStream(ClientUnits):
         # When the client went idle inside a transaction (0: it is not): its reads then take
         # the slow path, which ends the idle time (statistics, idle_transaction_timeout).
         self._idle_tx_since = 0.0
-        self._wait_since = 0.0  # when it started waiting for a server
         self.console: Console | None = None  # in ADMIN mode: what answers it
 
     # --- what session.py provides (documented there) -------------------------------------------
@@ -390,7 +387,6 @@ class ClientStream(ClientUnits):
             self._link(server)
             return server
         self.mode = WAITING
-        self._wait_since = time.monotonic()
         self._request = pool.request(self._server_ready, self.proxy.config.proxy.query_wait_timeout)
         return None
 

@@ -1,4 +1,4 @@
-"""A pool's traffic counters, as PgBouncer's SHOW STATS_TOTALS defines them (times in µs).
+"""A pool's traffic counters, as PgBouncer's SHOW STATS_TOTALS defines them.
 
 Owns the running totals for one pool since it was created. They are bumped where the work
 happens anyway, on objects that exist anyway: a server holds its pool's :class:`PoolStats`
@@ -6,7 +6,9 @@ and adds a transaction's figures once, when it is released (``Pool.release``); a
 its bytes when it forwards them. Averages are never kept here: the console and metrics derive
 them from two readings ``stats_period`` apart (``averages``).
 
-Rule: plain integer fields, only ever increased; nothing here reads a clock.
+Rule: fields only ever increased; nothing here reads a clock. Times are kept as float seconds
+(the hot path adds differences of clock readings, with no conversion) and shown as µs
+integers by :meth:`PoolStats.as_dict`, the one reading everyone uses.
 """
 
 from __future__ import annotations
@@ -32,24 +34,55 @@ FIELDS: Final = (
 
 
 class PoolStats:
-    __slots__ = FIELDS
+    __slots__ = (
+        "bind_count",
+        "bytes_received",
+        "bytes_sent",
+        "client_login_count",
+        "client_parse_count",
+        "idle_in_transaction_seconds",
+        "more_queries",
+        "more_xacts",
+        "server_assignment_count",
+        "server_parse_count",
+        "wait_seconds",
+        "xact_seconds",
+    )
 
     def __init__(self) -> None:
         self.server_assignment_count = 0  # a client got a server
-        self.xact_count = 0  # transactions ended (ReadyForQuery I after a unit)
-        self.query_count = 0  # units answered (ReadyForQuery), as PgBouncer counts queries
+        # Queries (units answered: ReadyForQuery, as PgBouncer counts them) and transactions
+        # (ReadyForQuery I) beyond one of each per assignment, the common case: they are
+        # counted as the assignments' and these, so that it costs one write, not three.
+        self.more_queries = 0
+        self.more_xacts = 0
         self.bytes_received = 0  # from clients, forwarded to servers
         self.bytes_sent = 0  # from servers, forwarded to clients
-        self.xact_time = 0  # µs a server spent linked to a client (transaction mode)
-        self.query_time = 0  # µs of that not spent idle in a transaction
-        self.wait_time = 0  # µs clients waited for a server
+        self.xact_seconds = 0.0  # a server spent linked to a client (transaction mode)
+        self.idle_in_transaction_seconds = 0.0  # of that, its client idle in a transaction
+        self.wait_seconds = 0.0  # clients waited for a server
         self.client_parse_count = 0  # Parse messages from clients
         self.server_parse_count = 0  # Parse messages the proxy sent servers
         self.bind_count = 0  # Bind messages from clients
         self.client_login_count = 0  # logins completed
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in FIELDS}
+        """The totals under PgBouncer's names, times in µs."""
+        return {
+            "server_assignment_count": self.server_assignment_count,
+            "xact_count": self.server_assignment_count + self.more_xacts,
+            "query_count": self.server_assignment_count + self.more_queries,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "xact_time": int(self.xact_seconds * 1_000_000),
+            # Both added at the same release, so this never decreases.
+            "query_time": int((self.xact_seconds - self.idle_in_transaction_seconds) * 1_000_000),
+            "wait_time": int(self.wait_seconds * 1_000_000),
+            "client_parse_count": self.client_parse_count,
+            "server_parse_count": self.server_parse_count,
+            "bind_count": self.bind_count,
+            "client_login_count": self.client_login_count,
+        }
 
 
 def averages(new: Mapping[str, int], old: Mapping[str, int], seconds: float) -> dict[str, int]:

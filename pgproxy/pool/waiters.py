@@ -22,11 +22,14 @@ Deliver = Callable[["ServerConnection | None", "BaseException | None"], None]
 class ServerRequest:
     """One wait for a server (see ``Pool.request``)."""
 
-    __slots__ = ("_deliver", "deadline", "done")
+    __slots__ = ("_deliver", "deadline", "done", "started")
 
-    def __init__(self, deliver: Deliver, deadline: float) -> None:
+    def __init__(self, deliver: Deliver, deadline: float, started: float) -> None:
         self._deliver: Deliver | None = deliver
         self.deadline = deadline
+        # When the wait began, on the loop's clock (monotonic, as ``time.monotonic``): the
+        # pool's time, already read for the deadline, so a wait costs no clock reading more.
+        self.started = started
         self.done = False
 
     def cancel(self) -> None:

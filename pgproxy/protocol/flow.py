@@ -30,6 +30,7 @@ from typing import Final
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.framing import type_table
 
+_IDLE: Final = m.IDLE
 _RFQ_PRODUCERS: Final = type_table((m.QUERY, m.SYNC, m.FUNCTION_CALL))
 _EXTENDED: Final = type_table((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE))
 
@@ -92,7 +93,7 @@ class ServerFlow:
         self.pending.popleft()
         self.done += 1
         self.status = status
-        if status == m.IDLE:
+        if status == _IDLE:
             self.xacts += 1
         if self.ended_ahead:
             self._forget_ended_before(self.done)
