@@ -348,7 +348,7 @@ def _listener_row(key: tuple[str, int, str], listener: Listener) -> ListenerRow:
         backend_pid=conn.pid if conn is not None and not conn.closed else None,
         channels=len(listener.channels), subscribers=len(listener.subscriptions),
         notifications_received=listener.notifications,
-        notifications_delivered=listener.delivered,
+        notifications_delivered=listener.delivered, notifications_dropped=listener.dropped,
         slow_consumer_disconnects=listener.slow_consumers, reconnects=listener.reconnects,
         last_error=listener.last_error,
     )  # fmt: skip
