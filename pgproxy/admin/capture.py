@@ -130,6 +130,7 @@ def take(proxy: ProxyState) -> Snapshot:
         version=version(),
         taken_at=now,
         processes=1,
+        workers=count,
         stats_period=config.proxy.stats_period,
         paused=int(proxy.control.paused_all),
         pools=sorted(pool_rows, key=lambda r: (r["database"], r["user"])),

@@ -132,7 +132,8 @@ class ConfigRow(TypedDict):
 class Snapshot(TypedDict):
     version: str
     taken_at: float  # Unix time
-    processes: int
+    processes: int  # whose figures these are (merged: the workers that answered)
+    workers: int  # how many worker processes the proxy has (1: no workers)
     stats_period: int
     paused: int
     pools: list[PoolRow]
@@ -186,6 +187,7 @@ def merge(snapshots: Sequence[Snapshot]) -> Snapshot:
         version=first["version"],
         taken_at=max(s["taken_at"] for s in snapshots),
         processes=sum(s["processes"] for s in snapshots),
+        workers=first["workers"],
         stats_period=first["stats_period"],
         paused=max(s["paused"] for s in snapshots),
         pools=pools,

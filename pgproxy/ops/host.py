@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from pgproxy.admin.snapshot import Snapshot
     from pgproxy.config import Config
     from pgproxy.pool.pool import Pool
     from pgproxy.pubsub.listener import Listener
@@ -31,4 +32,8 @@ class OpsHost(Protocol):
     @property
     def draining(self) -> bool:
         """No new clients wanted: readiness fails."""
+        ...
+
+    def snapshot(self) -> Snapshot:
+        """What the admin console shows of this process."""
         ...

@@ -76,7 +76,8 @@ class Operations:
         return Response(200 if ready else 503, (why + "\n").encode())
 
     def _metrics(self) -> Response:
-        return Response(200, render_metrics(self.host), CONTENT_TYPE)
+        channels = self.host.config.proxy.metrics_channel_labels
+        return Response(200, render_metrics(self.host.snapshot(), channels), CONTENT_TYPE)
 
 
 def _healthz() -> Response:
