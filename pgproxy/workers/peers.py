@@ -64,6 +64,7 @@ class Peers:
         self.index = role.index
         self.count = role.count
         self._server: asyncio.AbstractServer | None = None
+        self._answering: set[asyncio.Task[object]] = set()  # requests being answered
 
     @property
     def others(self) -> list[int]:
@@ -78,9 +79,13 @@ class Peers:
         """Answer the other workers' requests from ``host``."""
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._answering.add(task)
             try:
                 await _answer(host, reader, writer)
             finally:
+                self._answering.discard(task)
                 writer.close()
 
         path = self._path(self.index)
@@ -89,6 +94,8 @@ class Peers:
         self._server = await asyncio.start_unix_server(serve, path)
 
     async def close(self) -> None:
+        for task in list(self._answering):
+            task.cancel()  # a forwarded PAUSE may wait for ever: the process is stopping
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
