@@ -1,7 +1,9 @@
 """The proxy process: accepts clients, owns the pools, routes cancels, reaps, reloads.
 
-It also serves what the admin console shows: ``snapshot()`` (pgproxy.admin.capture reads it)
-and the readings its averages compare, taken every ``stats_period`` by a task of its own.
+It also serves what the admin console and /metrics show: ``snapshot()`` (pgproxy.admin.capture
+reads it), with workers ``gather_snapshot()`` and ``everywhere()`` (pgproxy.admin.whole: the
+whole proxy), and the readings its averages compare, taken every ``stats_period`` by a task
+of its own.
 
 Virtual backend PIDs are allocated above Linux' largest ``pid_max`` (2^22) so that a client's
 PID can never equal a real backend PID (PROTOCOL-NOTES 23); secrets are random and compared in
@@ -17,11 +19,12 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from pgproxy import compiled, tls
-from pgproxy.admin import capture
+from pgproxy.admin import capture, whole
+from pgproxy.admin.commands import Result
 from pgproxy.admin.periods import StatsPeriods
 from pgproxy.admin.snapshot import Snapshot
 from pgproxy.auth import cbind
@@ -41,7 +44,7 @@ from pgproxy.pubsub.registry import listener_key, new_listener
 from pgproxy.server_open import UpstreamTls, send_cancel
 from pgproxy.unixsocket import UnixListener, socket_path
 from pgproxy.wire import log
-from pgproxy.workers.peers import CancelPeers
+from pgproxy.workers.peers import Peers
 
 _VPID_BASE = 1 << 22
 _VPID_SPAN = (1 << 31) - 1 - _VPID_BASE
@@ -50,8 +53,8 @@ _JANITOR_INTERVAL = 1.0
 
 class Proxy:
     # In a worker of a multi-process pgproxy (pgproxy.workers), set by serve.py before start():
-    # the cancel channel to the other workers, and the unix socket the supervisor bound.
-    peers: CancelPeers | None = None
+    # the channel to the other workers, and the unix socket the supervisor bound.
+    peers: Peers | None = None
     inherited_unix: socket.socket | None = None
     # Set by serve.py: loads the configuration again as SIGHUP does (the console's RELOAD).
     loader: Callable[[], Config] | None = None
@@ -406,6 +409,20 @@ class Proxy:
 
     def snapshot(self) -> Snapshot:
         return capture.take(self)
+
+    async def gather_snapshot(self) -> Snapshot:
+        """The whole proxy's snapshot: with workers, this one's and the others' merged."""
+        own = self.snapshot()
+        return own if self.peers is None else await whole.gather(own, self.peers)
+
+    def everywhere(self, verb: str, arg: str) -> Awaitable[Result]:
+        """A console control command run on every worker, answered once all have run it."""
+        assert self.peers is not None
+        return whole.everywhere(self.control, self.peers, verb, arg)
+
+    def perform(self, verb: str, arg: str) -> Awaitable[str]:
+        """A control command another worker's console sent here (``pgproxy.workers.peers``)."""
+        return whole.here(self.control, verb, arg)
 
     def reload_config(self) -> None:
         """The console's RELOAD: what SIGHUP does, with the error told to the caller."""

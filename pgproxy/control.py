@@ -62,6 +62,9 @@ class Control:
         self._drain_task: asyncio.Task[None] | None = None
         # How the process stops (``serve.py`` sets it; a proxy run by tests does not stop).
         self.request_stop: Callable[[], None] = lambda: None
+        # In a worker, how the console's SHUTDOWN stops every worker (``serve.py``: a signal
+        # to the supervisor, which passes it on); None: this process is the whole proxy.
+        self.stop_workers: Callable[[bool], None] | None = None
 
     # --- shutdown ----------------------------------------------------------------------------
 
@@ -73,6 +76,13 @@ class Control:
         else:
             log.info("stopping now")
             self.request_stop()
+
+    def shutdown_all(self, drain: bool) -> None:
+        """The console's SHUTDOWN [WAIT_FOR_*]: the whole proxy stops, every worker."""
+        if self.stop_workers is not None:
+            self.stop_workers(drain)
+        else:
+            self.shutdown(drain)
 
     async def _drain_then_stop(self) -> None:
         cut = await self.drain(self._proxy.config.proxy.shutdown_timeout)

@@ -4,8 +4,9 @@ Owns what happens between ``pgproxy.cli`` deciding to serve and the :class:`~pgp
 running: uvloop, and PgBouncer's signals: SIGHUP reload (an invalid file keeps the running
 configuration), SIGTERM and SIGINT drain (each client closed at its next transaction boundary,
 ``shutdown_timeout`` at most; a second one is immediate), SIGQUIT stop now, SIGUSR1/SIGUSR2
-pause/resume; and in a worker of a multi-process pgproxy the cancel channel to its peers and
-the supervisor's liveness pipe (the supervisor forwards the signals). The log's level and
+pause/resume; and in a worker of a multi-process pgproxy the channel to its peers (cancels,
+snapshots, control commands) and the supervisor's liveness pipe (the supervisor forwards the
+signals; the console's SHUTDOWN signals the supervisor). The log's level and
 format (``pgproxy.ops.logs``) are set here, at start and again on SIGHUP.
 
 Rule: signals are handled here and nowhere else; the proxy only offers the operations they
@@ -25,7 +26,7 @@ from pgproxy.filewatch import FileWatch
 from pgproxy.ops import logs
 from pgproxy.ops.service import MetricsListenError
 from pgproxy.wire import log
-from pgproxy.workers.peers import CancelPeers
+from pgproxy.workers.peers import Peers
 from pgproxy.workers.role import WorkerRole
 from pgproxy.workers.supervisor import serve_supervisor
 
@@ -59,13 +60,13 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
         return 2
     proxy.loader = load
     if role is not None:
-        proxy.peers = CancelPeers(role)
+        proxy.peers = Peers(role)
         if role.unix_fd >= 0:
             proxy.inherited_unix = socket.socket(fileno=role.unix_fd)
     try:
         await proxy.start()
         if proxy.peers is not None:
-            await proxy.peers.start(proxy.cancel_here)
+            await proxy.peers.start(proxy)
     except OSError as exc:
         if isinstance(exc, MetricsListenError):  # its message names the address
             log.error("%s", exc.strerror)
@@ -110,7 +111,7 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
     if role is None:
         loop.add_signal_handler(signal.SIGINT, control.shutdown, True)
     else:
-        serve_supervisor(role, stopping.set)
+        control.stop_workers = serve_supervisor(role, stopping.set)
     await stopping.wait()
     if watch is not None:
         watch.stop()

@@ -301,6 +301,7 @@ async def test_snapshots_of_several_processes_merge_exactly() -> None:
     assert len(ids) == 2
     [lists] = [views.TABLES["lists"].rows(merged)]
     assert ("used_clients", 2) in lists
+    assert ("pools", 2) in lists and ("databases", 2) in lists  # bench, the console's: once
 
 
 def test_console_names_are_never_routed_upstream() -> None:

@@ -130,6 +130,7 @@ def take(proxy: ProxyState) -> Snapshot:
         version=version(),
         taken_at=now,
         processes=1,
+        workers=count,
         stats_period=config.proxy.stats_period,
         paused=int(proxy.control.paused_all),
         pools=sorted(pool_rows, key=lambda r: (r["database"], r["user"])),
@@ -348,7 +349,7 @@ def _listener_row(key: tuple[str, int, str], listener: Listener) -> ListenerRow:
         backend_pid=conn.pid if conn is not None and not conn.closed else None,
         channels=len(listener.channels), subscribers=len(listener.subscriptions),
         notifications_received=listener.notifications,
-        notifications_delivered=listener.delivered,
+        notifications_delivered=listener.delivered, notifications_dropped=listener.dropped,
         slow_consumer_disconnects=listener.slow_consumers, reconnects=listener.reconnects,
         last_error=listener.last_error,
     )  # fmt: skip

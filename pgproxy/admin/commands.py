@@ -8,6 +8,9 @@ value``. The control commands (PAUSE, RESUME, RECONNECT, WAIT_CLOSE, KILL, KILL_
 DISABLE, ENABLE, SHUTDOWN) run :class:`Operations` (``pgproxy.control.Control``); those that
 wait (PAUSE, WAIT_CLOSE) return an awaitable the console's session awaits. SUSPEND (PgBouncer's
 socket hand-over) is not pgproxy's way to restart (see "Shutting down") and fails with 0A000.
+With ``workers = N`` the console answers for the whole proxy, whichever worker it is on: a
+SHOW awaits the host's ``gather_snapshot`` (every worker's snapshot, merged), a control
+command its ``everywhere`` (run on every worker; :func:`perform` is what each one runs).
 
 Rules: parsing raises what Postgres would raise at Parse (an unknown command), running what
 it would raise at Execute (permission, failure), so the simple and the extended protocol
@@ -25,7 +28,7 @@ from typing import Any, Final, Protocol
 
 from pgproxy import version
 from pgproxy.admin.snapshot import Snapshot
-from pgproxy.admin.views import TABLES, Column, Row
+from pgproxy.admin.views import TABLES, Column, Row, Table
 from pgproxy.config import ConfigError
 from pgproxy.protocol import errors
 from pgproxy.protocol.errors import PgError
@@ -57,16 +60,31 @@ class Operations(Protocol):
     def kill_client(self, vpid: int) -> bool: ...
     def disable(self, database: str) -> None: ...
     def enable(self, database: str) -> None: ...
-    def shutdown(self, drain: bool) -> None: ...
+    def shutdown_all(self, drain: bool) -> None: ...
 
 
 class ConsoleHost(Protocol):
     """What the console needs from the proxy (``pgproxy.app.Proxy`` provides it)."""
 
-    def snapshot(self) -> Snapshot: ...
+    def snapshot(self) -> Snapshot:
+        """This process's."""
+        ...
+
+    @property
+    def worker(self) -> tuple[int, int]:
+        """(index, count) of this process among the workers ((0, 1) without workers)."""
+        ...
+
+    def gather_snapshot(self) -> Awaitable[Snapshot]:
+        """The whole proxy's: every worker's that answers in time, merged."""
+        ...
 
     @property
     def control(self) -> Operations: ...
+
+    def everywhere(self, verb: str, arg: str) -> Awaitable[Result]:
+        """Run a control command on every worker; its result once all have run it."""
+        ...
 
     def reload_config(self) -> None:
         """Load the configuration again and apply it; ConfigError if it is invalid."""
@@ -179,8 +197,10 @@ def _show(text: str, verb: str, arg: str) -> Command | None:
     table = TABLES.get(name)
     if table is not None:
 
-        def rows(host: ConsoleHost) -> Result:
-            return Result("SHOW", table.rows(host.snapshot()))
+        def rows(host: ConsoleHost) -> Result | Awaitable[Result]:
+            if host.worker[1] == 1:
+                return Result("SHOW", table.rows(host.snapshot()))
+            return _gathered(host, table)
 
         return Command(text, "SHOW", table.columns, False, rows)
     if name == "help":
@@ -201,28 +221,60 @@ def _show(text: str, verb: str, arg: str) -> Command | None:
     return None
 
 
-def _unsupported(what: str, when: str = "by pgproxy yet") -> Callable[[ConsoleHost], Result]:
-    def fail(_: ConsoleHost) -> Result:
+async def _gathered(host: ConsoleHost, table: Table) -> Result:
+    """A SHOW of the whole proxy (``workers = N``), with a notice if a worker is missing."""
+    snapshot = await host.gather_snapshot()
+    missing = snapshot["workers"] - snapshot["processes"]
+    notices: tuple[str, ...] = ()
+    if missing:
+        notices = (
+            f"{missing} of {snapshot['workers']} workers did not answer in time: their "
+            "clients, servers and counters are missing from this answer",
+        )
+    return Result("SHOW", table.rows(snapshot), notices)
+
+
+def _unsupported(what: str, when: str = "by pgproxy yet") -> Callable[[object], Result]:
+    def fail(_: object) -> Result:
         raise PgError(errors.FEATURE_NOT_SUPPORTED, f"{what} is not supported {when}")
 
     return fail
 
 
 def _control(text: str, verb: str, arg: str) -> Command | None:
-    """PAUSE, RESUME, ... as PgBouncer spells them; None: not a valid use of the verb."""
+    """PAUSE, RESUME, ... as PgBouncer spells them; None: not a valid use of the verb.
+
+    With ``workers = N`` the command runs on every worker and answers once all have run it
+    (SHUTDOWN asks the supervisor, which stops every worker as its signals do)."""
     make = _CONTROL.get(verb)
-    runner = make(arg) if make is not None else None
-    if runner is None:
+    action = make(arg) if make is not None else None
+    if action is None:
         return None
-    return Command(text, verb.upper(), None, True, runner)
+
+    def run(host: ConsoleHost) -> Result | Awaitable[Result]:
+        if host.worker[1] == 1 or verb in _ONE_PROCESS:
+            return action(host.control)
+        return host.everywhere(verb, arg)
+
+    return Command(text, verb.upper(), None, True, run)
 
 
-Runner = Callable[[ConsoleHost], Result | Awaitable[Result]]
+def perform(ops: Operations, verb: str, arg: str) -> Result | Awaitable[Result]:
+    """Control command ``verb`` ``arg`` run in this process (a worker runs what another
+    worker's console forwards with this); PgError if it is not one, or fails."""
+    make = _CONTROL.get(verb)
+    action = make(arg) if make is not None else None
+    if action is None:
+        raise _invalid(f"{verb} {arg}".strip())
+    return action(ops)
 
 
-def _database(host: ConsoleHost, arg: str) -> str | None:
+Action = Callable[[Operations], Result | Awaitable[Result]]
+
+
+def _database(ops: Operations, arg: str) -> str | None:
     """The command's database (None: all of them); an unknown one is an error."""
-    if arg and not host.control.knows(arg):
+    if arg and not ops.knows(arg):
         raise PgError(errors.INVALID_CATALOG_NAME, f"no such database: {arg}")
     return arg or None
 
@@ -232,23 +284,23 @@ async def _after(wait: Awaitable[None], tag: str) -> Result:
     return Result(tag)
 
 
-def _pause(arg: str) -> Runner:
-    return lambda host: _after(host.control.pause(_database(host, arg)), "PAUSE")
+def _pause(arg: str) -> Action:
+    return lambda ops: _after(ops.pause(_database(ops, arg)), "PAUSE")
 
 
-def _wait_close(arg: str) -> Runner:
-    return lambda host: _after(host.control.wait_close(_database(host, arg)), "WAIT_CLOSE")
+def _wait_close(arg: str) -> Action:
+    return lambda ops: _after(ops.wait_close(_database(ops, arg)), "WAIT_CLOSE")
 
 
-def _on_database(tag: str, needs_name: bool) -> Callable[[str], Runner | None]:
+def _on_database(tag: str, needs_name: bool) -> Callable[[str], Action | None]:
     """RESUME, RECONNECT, KILL [db]; DISABLE, ENABLE db: an operation that returns at once."""
 
-    def make(arg: str) -> Runner | None:
+    def make(arg: str) -> Action | None:
         if needs_name and not arg:
             return None
 
-        def run(host: ConsoleHost) -> Result:
-            getattr(host.control, tag.lower())(_database(host, arg))
+        def run(ops: Operations) -> Result:
+            getattr(ops, tag.lower())(_database(ops, arg))
             return Result(tag)
 
         return run
@@ -256,31 +308,31 @@ def _on_database(tag: str, needs_name: bool) -> Callable[[str], Runner | None]:
     return make
 
 
-def _kill_client(arg: str) -> Runner | None:
+def _kill_client(arg: str) -> Action | None:
     if not arg.isdigit():
         return None
 
-    def run(host: ConsoleHost) -> Result:
-        if not host.control.kill_client(int(arg)):
+    def run(ops: Operations) -> Result:
+        if not ops.kill_client(int(arg)):
             raise PgError(errors.UNDEFINED_OBJECT, f"client not found: {arg}")
         return Result("KILL_CLIENT")
 
     return run
 
 
-def _shutdown(arg: str) -> Runner | None:
+def _shutdown(arg: str) -> Action | None:
     mode = arg.lower()
     if mode not in ("", "wait_for_clients", "wait_for_servers"):
         return None
 
-    def run(host: ConsoleHost) -> Result:
-        host.control.shutdown(drain=bool(mode))  # both WAIT_FOR_* drain at boundaries
+    def run(ops: Operations) -> Result:
+        ops.shutdown_all(drain=bool(mode))  # both WAIT_FOR_* drain at boundaries
         return Result("SHUTDOWN")
 
     return run
 
 
-_CONTROL: Final[dict[str, Callable[[str], Runner | None]]] = {
+_CONTROL: Final[dict[str, Callable[[str], Action | None]]] = {
     "pause": _pause,
     "wait_close": _wait_close,
     "resume": _on_database("RESUME", False),
@@ -292,6 +344,10 @@ _CONTROL: Final[dict[str, Callable[[str], Runner | None]]] = {
     "shutdown": _shutdown,
     "suspend": lambda _: _unsupported("SUSPEND", "by pgproxy: start a new one beside it"),
 }
+# Run by the worker the console client is on alone, also with workers = N.
+_ONE_PROCESS: Final = frozenset(("shutdown", "suspend"))
+# Answered once done, however long that takes: forwarded without a time limit.
+WAITING: Final = frozenset(("pause", "wait_close"))
 
 
 def _reload(text: str, verb: str, arg: str) -> Command | None:

@@ -6,11 +6,13 @@ Owns the snapshot's shape (the TypedDicts below: plain dicts of str, int, float 
 one a single process with all their pools, clients and servers would have taken.
 
 Rule: merging is exact. Every figure is either a count or a sum (added), a maximum (the
-longest wait), a setting (the same everywhere: the first is kept) or a row of its own (a
+longest wait), a setting (the same everywhere: the first is kept), a row of its own (a
 client, a server, a listener connection: concatenated, with ids unique across processes, as
-virtual PIDs are). Averages are never stored, only what they are computed from (a period's
-increases, and rates per second, which add up across processes), so ``views`` derives them
-the same way from one snapshot or a merged one. This module imports nothing of pgproxy.
+virtual PIDs are), or how many rows a merged table has (SHOW LISTS' databases, users and
+pools: every process has them, so they are counted again). Averages are never stored, only
+what they are computed from (a period's increases, and rates per second, which add up across
+processes), so ``views`` derives them the same way from one snapshot or a merged one. This
+module imports nothing of pgproxy.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class ListenerRow(TypedDict):
     subscribers: int
     notifications_received: int
     notifications_delivered: int
+    notifications_dropped: int  # never reached a subscriber: held ones discarded, ...
     slow_consumer_disconnects: int
     reconnects: int
     last_error: str | None
@@ -129,7 +132,8 @@ class ConfigRow(TypedDict):
 class Snapshot(TypedDict):
     version: str
     taken_at: float  # Unix time
-    processes: int
+    processes: int  # whose figures these are (merged: the workers that answered)
+    workers: int  # how many worker processes the proxy has (1: no workers)
     stats_period: int
     paused: int
     pools: list[PoolRow]
@@ -173,25 +177,29 @@ def merge(snapshots: Sequence[Snapshot]) -> Snapshot:
     if not snapshots:
         raise ValueError("no snapshot to merge")
     first = snapshots[0]
-    merged = Snapshot(
+    pools = cast(list[PoolRow], combine("pools", [s["pools"] for s in snapshots]))
+    databases = cast(list[DatabaseRow], combine("databases", [s["databases"] for s in snapshots]))
+    users = cast(list[UserRow], combine("users", [s["users"] for s in snapshots]))
+    # Counts of connections add up; counts of things every process has are the merged ones'.
+    lists = _add_dicts(s["lists"] for s in snapshots)
+    lists.update(databases=len(databases), users=len(users), pools=len(pools))
+    return Snapshot(
         version=first["version"],
         taken_at=max(s["taken_at"] for s in snapshots),
         processes=sum(s["processes"] for s in snapshots),
+        workers=first["workers"],
         stats_period=first["stats_period"],
         paused=max(s["paused"] for s in snapshots),
-        pools=cast(list[PoolRow], combine("pools", [s["pools"] for s in snapshots])),
+        pools=pools,
         clients=sorted((r for s in snapshots for r in s["clients"]), key=_socket_order),
         servers=sorted((r for s in snapshots for r in s["servers"]), key=_socket_order),
-        databases=cast(
-            list[DatabaseRow], combine("databases", [s["databases"] for s in snapshots])
-        ),
-        users=cast(list[UserRow], combine("users", [s["users"] for s in snapshots])),
+        databases=databases,
+        users=users,
         listeners=[r for s in snapshots for r in s["listeners"]],
         channels=cast(list[ChannelRow], combine("channels", [s["channels"] for s in snapshots])),
-        lists=_add_dicts(s["lists"] for s in snapshots),
+        lists=lists,
         config=first["config"],
     )
-    return merged
 
 
 def combine(table: str, tables: Iterable[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:

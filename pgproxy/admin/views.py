@@ -218,8 +218,8 @@ def _users(snap: Snapshot) -> list[Row]:
 
 _LISTENERS: Final = _columns(
     "database:s host:s port:i state:s backend_pid:i channels:i subscribers:i "
-    "notifications_received:q notifications_delivered:q slow_consumer_disconnects:q "
-    "reconnects:q last_error:s"
+    "notifications_received:q notifications_delivered:q notifications_dropped:q "
+    "slow_consumer_disconnects:q reconnects:q last_error:s"
 )
 _CHANNELS: Final = _columns(
     "database:s channel:s subscribers:i notifications_received:q notifications_delivered:q"

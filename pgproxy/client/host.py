@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pgproxy.admin.commands import ConsoleHost
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 
 if TYPE_CHECKING:
     import ssl
 
-    from pgproxy.admin.commands import Operations
-    from pgproxy.admin.snapshot import Snapshot
     from pgproxy.auth.credentials import PassThroughStore
     from pgproxy.auth.query import AuthQuery
     from pgproxy.config import Config
@@ -26,8 +25,9 @@ if TYPE_CHECKING:
     from pgproxy.pubsub.listener import Listener
 
 
-class ProxyServices(Protocol):
-    """The proxy's settings, pools, listeners and tasks, as a client session uses them."""
+class ProxyServices(ConsoleHost, Protocol):
+    """The proxy's settings, pools, listeners and tasks, as a client session uses them (and
+    what the admin console needs, for a console session)."""
 
     config: Config
     client_tls: ssl.SSLContext | None
@@ -43,11 +43,3 @@ class ProxyServices(Protocol):
     def existing_listener(self, pool: Pool) -> Listener | None: ...
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
     def login_refusal(self, database: str) -> PgError | None: ...
-    def snapshot(self) -> Snapshot: ...
-
-    @property
-    def control(self) -> Operations:
-        ...
-        # the admin console's (pgproxy.admin.commands)
-
-    def reload_config(self) -> None: ...

@@ -29,6 +29,7 @@ from pgproxy.client.subscriptions import (
     Subscriptions,
     is_listening_channels_query,
     listening_channels_reply,
+    notifications_in,
     subscription_query,
     subscription_tags,
 )
@@ -159,21 +160,24 @@ class ClientListening(ClientStream):
             if queued and queued + len(data) > self.proxy.config.proxy.notify_buffer_size:
                 log.warning("%r: not reading notifications; disconnecting", self)
                 self.end_reason = "not reading notifications"
-                self._count_slow_consumer()
+                self._count_slow_consumer(notifications_in(data))
                 self.write(m.error_response(_overflow("it is not reading them").fields()))
                 self.reset()  # its buffer will never drain: do not wait for it
                 return
             self.write(data)
             return
-        if not self._subscriptions().hold(data, self.proxy.config.proxy.notify_pending_limit):
+        subs = self._subscriptions()
+        if not subs.hold(data, self.proxy.config.proxy.notify_pending_limit):
             log.warning("%r: too many notifications held during a transaction", self)
-            self._count_slow_consumer()
+            self._count_slow_consumer(subs.drop_held())
             self.fail(_overflow("it stayed inside a transaction while they piled up"))
 
-    def _count_slow_consumer(self) -> None:
+    def _count_slow_consumer(self, dropped: int) -> None:
+        """A client cut off for not taking its notifications, ``dropped`` of them lost."""
         listener = self.subs.listener if self.subs is not None else None
         if listener is not None:
             listener.slow_consumers += 1
+            listener.dropped += dropped
 
     def listener_lost(self, error: PgError) -> None:
         """The listener connection died: notifications may have been lost in the gap."""
@@ -184,8 +188,9 @@ class ClientListening(ClientStream):
             f"pgproxy lost its listener connection: {error.message}",
             hint="notifications sent meanwhile may be lost; reconnect and read the current state",
         )
-        if self.subs is not None:
-            self.subs.drop_held()
+        subs = self.subs
+        if subs is not None and subs.listener is not None:
+            subs.listener.dropped += subs.drop_held()
         if self.mode == stream.UNLINKED or self.mode == stream.SKIPPING:
             self.fail(doom)
         else:

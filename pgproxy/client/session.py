@@ -89,6 +89,7 @@ class ClientSession(ClientListening):
         self._end_transaction_state()
         subs = self.subs
         if subs is not None and subs.listener is not None:
+            subs.listener.dropped += subs.drop_held()  # it left inside a transaction
             subs.listener.drop(self)
         if server is not None and self.pool is not None:
             give_back(self.pool, server, self.proxy.spawn)

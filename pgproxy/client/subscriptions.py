@@ -36,23 +36,24 @@ class Subscriptions:
         self.pid_mapped: tuple[Listener, int] | None = None
 
     def hold(self, data: bytes, limit: int) -> bool:
-        """Hold notifications for the end of the transaction; False (and none held) once
-        more than ``limit`` bytes would be held."""
+        """Hold notifications for the end of the transaction; False once more than ``limit``
+        bytes are held (the caller drops them)."""
         self.held.append(data)
         self.held_bytes += len(data)
-        if self.held_bytes > limit:
-            self.drop_held()
-            return False
-        return True
+        return self.held_bytes <= limit
 
     def take_held(self) -> bytes:
         out = b"".join(self.held)
-        self.drop_held()
-        return out
-
-    def drop_held(self) -> None:
         self.held.clear()
         self.held_bytes = 0
+        return out
+
+    def drop_held(self) -> int:
+        """Discard the held notifications (they will never be delivered): how many."""
+        dropped = sum(notifications_in(data) for data in self.held)
+        self.held.clear()
+        self.held_bytes = 0
+        return dropped
 
     def map_pid(self, listener: Listener, server_pid: int, vpid: int) -> None:
         listener.map_pid(server_pid, vpid)
@@ -63,6 +64,15 @@ class Subscriptions:
             listener, pid = self.pid_mapped
             listener.unmap_pid(pid, vpid)
             self.pid_mapped = None
+
+
+def notifications_in(data: bytes) -> int:
+    """How many NotificationResponses ``data`` (whole ones, as fan-out hands them) holds."""
+    count = pos = 0
+    while pos < len(data):
+        pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        count += 1
+    return count
 
 
 def subscription_query(body: bytes) -> list[sql.Subscription] | None:

@@ -72,6 +72,8 @@ class ProxySettings:
     unix_socket_mode: int = 0o777
     # The operators' HTTP listener (/healthz, /readyz, /metrics), "HOST:PORT"; "" = none.
     metrics_listen: str = ""
+    # /metrics also has series per LISTEN channel (one label value per channel name).
+    metrics_channel_labels: bool = False
     pool_mode: PoolMode = "transaction"
     max_client_conn: int = 1000
     default_pool_size: int = 20

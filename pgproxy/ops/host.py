@@ -5,10 +5,11 @@ Rule: read-only views; nothing in ``pgproxy.ops`` changes the proxy through them
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from pgproxy.admin.snapshot import Snapshot
     from pgproxy.config import Config
     from pgproxy.pool.pool import Pool
     from pgproxy.pubsub.listener import Listener
@@ -31,4 +32,17 @@ class OpsHost(Protocol):
     @property
     def draining(self) -> bool:
         """No new clients wanted: readiness fails."""
+        ...
+
+    @property
+    def worker(self) -> tuple[int, int]:
+        """(index, count) of this process among the workers ((0, 1) without workers)."""
+        ...
+
+    def snapshot(self) -> Snapshot:
+        """What the admin console shows of this process."""
+        ...
+
+    def gather_snapshot(self) -> Awaitable[Snapshot]:
+        """... of the whole proxy: every worker's that answers in time, merged."""
         ...

@@ -8,9 +8,11 @@ FIN, and whatever the client still sends is read and dropped until it closes too
 the response. A malformed request gets 400, a head too large 431 (the rest is not
 looked at), a slow one 408, an unknown path 404, another method 405; a body is never read.
 
-Rule: it knows nothing of the proxy. A route is a plain function that answers at once from
-memory (nothing awaits on a request's path), so a flood of probes costs a small object and a
-few microseconds each, and never touches a client's or a server's connection.
+Rule: it knows nothing of the proxy. A route is a plain function that answers from memory,
+so a flood of probes costs a small object and a few microseconds each, and never touches a
+client's or a server's connection. A route may instead return an awaitable (``/metrics`` with
+workers asks the other workers, each within its timeout): the request is answered when it
+completes, and it is cancelled if the client goes first.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -53,7 +55,7 @@ class Response:
     content_type: str = _TEXT
 
 
-Route = Callable[[], Response]
+Route = Callable[[], Response | Awaitable[Response]]
 
 
 class HttpServer:
@@ -83,9 +85,9 @@ class HttpServer:
                 exchange.abort()
             await self._server.wait_closed()
 
-    def answer(self, head: bytes) -> tuple[Response, bool]:
+    def answer(self, head: bytes) -> tuple[Response | Awaitable[Response], bool]:
         """The response to a request head (request line and headers, without the blank line),
-        and whether the body goes with it (not for HEAD)."""
+        or what will make it, and whether the body goes with it (not for HEAD)."""
         lines = head.lstrip(b"\r\n").split(b"\n")
         request = _REQUEST_LINE.fullmatch(lines[0].rstrip(b"\r"))
         if request is None or not all(_HEADER.fullmatch(h.rstrip(b"\r")) for h in lines[1:]):
@@ -96,11 +98,23 @@ class HttpServer:
             return _plain(404, "not found"), method != b"HEAD"
         if method not in (b"GET", b"HEAD"):
             return _plain(405, "only GET and HEAD"), True
+        path = target.decode("ascii")
         try:
-            return route(), method == b"GET"
+            response = route()
         except Exception:
-            log.exception("operators' HTTP route %s failed", target.decode("ascii"))
+            log.exception("operators' HTTP route %s failed", path)
             return _plain(500, "internal error"), method == b"GET"
+        if not isinstance(response, Response):
+            response = _completed(response, path)
+        return response, method == b"GET"
+
+
+async def _completed(response: Awaitable[Response], path: str) -> Response:
+    try:
+        return await response
+    except Exception:
+        log.exception("operators' HTTP route %s failed", path)
+        return _plain(500, "internal error")
 
 
 def _plain(status: int, text: str) -> Response:
@@ -131,6 +145,7 @@ class _Exchange(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.answered = False
+        self.pending: asyncio.Task[None] | None = None  # a route's answer being made
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)  # uvloop's are not asyncio.Transport subclasses
@@ -144,8 +159,8 @@ class _Exchange(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.answered:
-            return  # answered: dropped until the client closes
+        if self.transport is None or self.answered or self.pending is not None:
+            return  # answered (or being answered): dropped until the client closes
         self.buf += data
         end = _END.search(self.buf, self.scanned)
         if end is None or end.start() > MAX_REQUEST:
@@ -153,7 +168,16 @@ class _Exchange(asyncio.Protocol):
                 self._respond(_plain(431, "request too large"), True)
             self.scanned = max(0, len(self.buf) - 3)  # a blank line may straddle reads
             return
-        self._respond(*self.server.answer(bytes(self.buf[: end.start()])))
+        response, with_body = self.server.answer(bytes(self.buf[: end.start()]))
+        if isinstance(response, Response):
+            self._respond(response, with_body)
+            return
+        if self.timer is not None:
+            self.timer.cancel()  # the head came in time; the route bounds its own wait
+        self.pending = asyncio.get_running_loop().create_task(self._later(response, with_body))
+
+    async def _later(self, response: Awaitable[Response], with_body: bool) -> None:
+        self._respond(await response, with_body)
 
     def eof_received(self) -> bool:
         return False  # the client is done (or gave up before a whole head): close
@@ -180,5 +204,7 @@ class _Exchange(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.pending is not None:
+            self.pending.cancel()
         self.transport = None
         self.server.open.discard(self)

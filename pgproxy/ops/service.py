@@ -5,7 +5,8 @@ answers; ``/readyz``: an upstream answers and the proxy is not draining, else 50
 reason; ``/metrics``), the upstream probe behind ``/readyz`` (running only with the
 listener), and the periodic stats line (``log_stats_period``, with or without it). With
 ``workers = N`` every worker binds ``metrics_listen`` with ``SO_REUSEPORT``, as the listen
-address, and the kernel hands each request to one of them.
+address, and the kernel hands each request to one of them; that worker's ``/metrics`` shows
+the whole proxy (it gathers the others' snapshots: ``Proxy.gather_snapshot``).
 
 Rule: ``pgproxy.app`` makes one per ``Proxy`` and calls ``start``, ``reload`` and ``stop``;
 nothing here imports the app: the proxy is an :class:`~pgproxy.ops.host.OpsHost`.
@@ -13,6 +14,9 @@ nothing here imports the app: the proxy is an :class:`~pgproxy.ops.host.OpsHost`
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
+from pgproxy.admin.snapshot import Snapshot
 from pgproxy.config.values import parse_listen
 from pgproxy.ops.host import OpsHost
 from pgproxy.ops.httpd import HttpServer, Response
@@ -75,8 +79,18 @@ class Operations:
         ready, why = self.probe.verdict()
         return Response(200 if ready else 503, (why + "\n").encode())
 
-    def _metrics(self) -> Response:
-        return Response(200, render_metrics(self.host), CONTENT_TYPE)
+    def _metrics(self) -> Response | Awaitable[Response]:
+        """The whole proxy's: with workers, the snapshots of all that answer in time."""
+        if self.host.worker[1] == 1:
+            return self._exposition(self.host.snapshot())
+        return self._gathered_metrics()
+
+    async def _gathered_metrics(self) -> Response:
+        return self._exposition(await self.host.gather_snapshot())
+
+    def _exposition(self, snapshot: Snapshot) -> Response:
+        channels = self.host.config.proxy.metrics_channel_labels
+        return Response(200, render_metrics(snapshot, channels), CONTENT_TYPE)
 
 
 def _healthz() -> Response:

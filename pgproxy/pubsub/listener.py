@@ -78,11 +78,14 @@ class Listener:
         self._connecting: asyncio.Task[ServerConnection] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self.closing = False
-        # For the admin console (SHOW LISTENERS): notifications received from upstream, and
-        # handed to subscribers (one per subscriber), subscribers cut off for not reading
-        # them (counted by the session), successful reconnects, and the last failure.
+        # For the admin console (SHOW LISTENERS): notifications received from upstream,
+        # handed to subscribers (one per subscriber), handed but never delivered (held during
+        # a transaction and discarded, or a slow consumer's when it was cut off; counted by
+        # the session), subscribers cut off for not reading them (counted by the session),
+        # successful reconnects, and the last failure.
         self.notifications = 0
         self.delivered = 0
+        self.dropped = 0
         self.slow_consumers = 0
         self.reconnects = 0
         self.last_error: str | None = None

@@ -6,14 +6,17 @@ a *supervisor* that starts N *workers*. Each worker is ``python -m pgproxy`` aga
 same arguments and environment plus the internal ``--worker`` flag, and runs the ordinary
 ``Proxy``: it binds the listen address with ``SO_REUSEPORT`` (the kernel spreads new
 connections over the workers) and has its own pools and its own listener connection per
-database. Nothing is shared between workers but three things: their share of the configured
-sizes, cancel requests, and the mock-auth key.
+database. Nothing is shared between workers but their share of the configured sizes, the
+mock-auth key, and what they ask each other: cancel requests, and for the admin console and
+/metrics, which show and control the whole proxy, snapshots and control commands.
 
 The package, from the bottom up:
 
 * ``role``: what a worker is told (``WorkerRole``, passed as ``WORKER_FLAG``) and the share
   of the sizes it runs with (``per_worker``);
-* ``peers``: forwarding a CancelRequest to the worker that owns the client (``CancelPeers``);
+* ``peerwire``: the messages of the workers' private channel, built and parsed, bounded;
+* ``peers``: that channel (``Peers``): each worker's unix socket, answering the others
+  (a CancelRequest for its client, its snapshot, a control command) and asking them;
 * ``supervisor``: the supervisor process (``supervise``): starting, restarting and stopping
   workers, reloads, the mock-auth key; and the worker's end of its channel to the supervisor
   (``serve_supervisor``).

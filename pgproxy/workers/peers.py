@@ -1,14 +1,20 @@
-"""Cancels between workers: each worker's private unix socket, and forwarding to the others'.
+"""The workers' private channel: each worker's unix socket, and asking the others over theirs.
 
-A CancelRequest lands on whichever worker the kernel picks. A client's virtual backend PID
-encodes the index of the worker that owns it (``pgproxy.app.vpid_owner``); a worker that
-receives a cancel for another worker's client forwards the raw request over a unix socket in a
-private (0700) directory the supervisor made (``WorkerRole.peer_dir``).
+Each worker listens on a unix socket in a private (0700) directory the supervisor made
+(``WorkerRole.peer_dir``) and answers its siblings' requests (``peerwire`` builds and parses
+them): a CancelRequest for one of its clients (a client's virtual backend PID encodes the
+index of its worker, ``pgproxy.app.vpid_owner``, so a worker that receives a cancel for
+another's client forwards the raw request), "your snapshot" (the admin console and /metrics
+show the whole proxy), and a console control command to run (PAUSE, RESUME, KILL, ...).
 
-Rule: this module only carries requests; it never judges them. Only the owner knows the
-secret, and its ``deliver`` callback (the app's cancel routing) compares it in constant time,
-as for a local cancel; the forwarding worker learns nothing and answers nothing (Postgres
-answers nothing either). It knows a worker by its ``WorkerRole`` alone, not the supervisor.
+Rules: this module carries requests and answers; it never judges them. Only the owner knows a
+client's secret, and its :class:`PeerHost` compares it in constant time, as for a local
+cancel; merging snapshots and combining the outcomes of a command are the asker's
+(``pgproxy.admin.whole``). Every exchange is one request on its own connection with a timeout
+of its own: a worker that does not answer in time (stopped, busy, gone) costs its asker that
+timeout and nothing more, and is reported, never waited for forever (a command that waits,
+PAUSE, waits as long as the worker does: it is the worker's answer that is awaited). It knows
+a worker by its ``WorkerRole`` alone, not the supervisor.
 """
 
 from __future__ import annotations
@@ -17,47 +23,69 @@ import asyncio
 import contextlib
 import logging
 import os
-import struct
-from collections.abc import Callable
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
 
+from pgproxy.admin.snapshot import Snapshot
+from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PgError
+from pgproxy.workers import peerwire
 from pgproxy.workers.role import WorkerRole
 
-__all__ = ["CancelPeers"]
+__all__ = ["PEER_TIMEOUT", "PeerHost", "Peers"]
 
 log = logging.getLogger("pgproxy")
 
-_PEER_TIMEOUT = 5.0
-_CANCEL_MAX = 4 + 4 + 4 + 256  # length, code, pid, key of up to 256 bytes (protocol 3.2)
+PEER_TIMEOUT = 5.0  # to connect, send a request, or read one
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
-class CancelPeers:
-    """A worker's end of the cancel channel: its own unix socket, and forwarding to others'."""
+class PeerHost(Protocol):
+    """What a worker does for its siblings (``pgproxy.app.Proxy`` provides it)."""
+
+    def cancel_here(self, request: m.CancelRequest) -> None:
+        """Cancel what the client named runs, if the secret matches (else nothing)."""
+        ...
+
+    def snapshot(self) -> Snapshot: ...
+
+    def perform(self, verb: str, arg: str) -> Awaitable[str]:
+        """Run a console control command in this process: its tag, or the PgError."""
+        ...
+
+
+class Peers:
+    """A worker's end of the channel: its own socket, and requests to the others'."""
 
     def __init__(self, role: WorkerRole) -> None:
         self.role = role
         self.index = role.index
         self.count = role.count
         self._server: asyncio.AbstractServer | None = None
+        self._answering: set[asyncio.Task[object]] = set()  # requests being answered
+
+    @property
+    def others(self) -> list[int]:
+        return [i for i in range(self.count) if i != self.index]
 
     def _path(self, index: int) -> str:
         return str(self.role.peer_dir / f"worker-{index}.sock")
 
-    async def start(self, deliver: Callable[[m.CancelRequest], None]) -> None:
-        """Accept forwarded CancelRequests and hand each to ``deliver`` (the owner's check)."""
+    # --- answering ----------------------------------------------------------------------------
+
+    async def start(self, host: PeerHost) -> None:
+        """Answer the other workers' requests from ``host``."""
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._answering.add(task)
             try:
-                async with asyncio.timeout(_PEER_TIMEOUT):
-                    (length,) = struct.unpack("!I", await reader.readexactly(4))
-                    if not 16 <= length <= _CANCEL_MAX:
-                        raise m.ProtocolError("bad length")
-                    packet = m.parse_startup_packet(await reader.readexactly(length - 4))
-                if isinstance(packet, m.CancelRequest):
-                    deliver(packet)
-            except (OSError, EOFError, TimeoutError, m.ProtocolError) as exc:
-                log.warning("bad forwarded cancel request: %s", exc)
+                await _answer(host, reader, writer)
             finally:
+                self._answering.discard(task)
                 writer.close()
 
         path = self._path(self.index)
@@ -65,21 +93,119 @@ class CancelPeers:
             os.unlink(path)  # left by this worker's predecessor
         self._server = await asyncio.start_unix_server(serve, path)
 
-    async def forward(self, owner: int, request: m.CancelRequest) -> None:
-        """Pass ``request`` to worker ``owner``, which checks the secret and acts on it."""
-        try:
-            async with asyncio.timeout(_PEER_TIMEOUT):
-                reader, writer = await asyncio.open_unix_connection(self._path(owner))
-                try:
-                    writer.write(m.cancel_request(request.pid, request.secret))
-                    await writer.drain()
-                    await reader.read()  # the owner closes once it has acted
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError) as exc:
-            log.warning("cancel request for worker %d not forwarded: %s", owner, exc)
-
     async def close(self) -> None:
+        for task in list(self._answering):
+            task.cancel()  # a forwarded PAUSE may wait for ever: the process is stopping
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    # --- asking -------------------------------------------------------------------------------
+
+    async def forward(self, owner: int, request: m.CancelRequest) -> None:
+        """Pass a CancelRequest to worker ``owner``, which checks the secret and acts on it."""
+        try:
+            await self._exchange(
+                owner, peerwire.cancel_request(request), _until_closed, PEER_TIMEOUT
+            )
+        except (OSError, TimeoutError, m.ProtocolError) as exc:
+            log.warning("cancel request for worker %d not forwarded: %s", owner, exc)
+
+    async def snapshots(self, timeout: float) -> dict[int, Snapshot | Exception]:
+        """Every other worker's snapshot, asked at once; what went wrong instead for a worker
+        that did not answer within ``timeout`` seconds."""
+        request = peerwire.snapshot_request()
+
+        async def read(reader: asyncio.StreamReader) -> Snapshot:
+            answer = await peerwire.read_answer(reader, peerwire.SNAPSHOT)
+            assert not isinstance(answer, str)
+            return answer
+
+        return await self._everyone(request, read, timeout)
+
+    async def perform(
+        self, verb: str, arg: str, timeout: float | None
+    ) -> dict[int, str | Exception]:
+        """Run a console control command on every other worker at once: each one's tag, or
+        what it failed with (a PgError, or why it did not answer; ``timeout``: seconds to
+        wait for an answer, None: as long as the worker is there)."""
+        request = peerwire.control_request(verb, arg)
+
+        async def read(reader: asyncio.StreamReader) -> str:
+            return str(await peerwire.read_answer(reader, peerwire.CONTROL))
+
+        return await self._everyone(request, read, timeout)
+
+    async def _everyone(
+        self,
+        request: bytes,
+        read: _Reader[T],
+        timeout: float | None,
+    ) -> dict[int, T | Exception]:
+        others = self.others
+        answers = await asyncio.gather(
+            *(self._exchange(i, request, read, timeout) for i in others), return_exceptions=True
+        )
+        out: dict[int, T | Exception] = {}
+        for index, answer in zip(others, answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # cancelled: the asker is going away
+            if isinstance(answer, TimeoutError):
+                answer = TimeoutError("no answer in time")
+            out[index] = answer
+        return out
+
+    async def _exchange(
+        self, index: int, request: bytes, read: _Reader[T], timeout: float | None
+    ) -> T:
+        """One request to worker ``index`` on a connection of its own, and its answer, all
+        within ``timeout`` seconds (None: no limit but PEER_TIMEOUT to connect and send)."""
+        async with asyncio.timeout(timeout):
+            async with asyncio.timeout(PEER_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(self._path(index))
+            try:
+                writer.write(request)
+                async with asyncio.timeout(PEER_TIMEOUT):
+                    await writer.drain()
+                return await read(reader)
+            finally:
+                writer.close()
+
+
+class _Reader(Protocol[T_co]):
+    def __call__(self, reader: asyncio.StreamReader, /) -> Awaitable[T_co]: ...
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> None:
+    await reader.read()  # the owner of a cancelled client closes once it has acted
+
+
+async def _answer(
+    host: PeerHost, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Read one request from a sibling and answer it."""
+    try:
+        async with asyncio.timeout(PEER_TIMEOUT):
+            request = await peerwire.read_request(reader)
+    except (OSError, TimeoutError, m.ProtocolError) as exc:
+        log.warning("bad request from another worker: %s", exc)
+        return
+    if isinstance(request, m.CancelRequest):
+        host.cancel_here(request)
+        return
+    if request is None:
+        answer = peerwire.snapshot_answer(host.snapshot())
+    else:
+        try:
+            answer = peerwire.done(await host.perform(request.verb, request.arg))
+        except PgError as exc:
+            answer = peerwire.failed(exc)
+        except Exception as exc:
+            log.exception("%s from another worker failed", request.verb.upper())
+            answer = peerwire.failed(PgError(errors.INTERNAL_ERROR, f"internal error: {exc}"))
+    try:
+        writer.write(answer)
+        async with asyncio.timeout(PEER_TIMEOUT):
+            await writer.drain()
+    except (OSError, TimeoutError) as exc:  # the asker gave up waiting
+        log.debug("answer to another worker not delivered: %s", exc)

@@ -60,8 +60,19 @@ _STOP_MARGIN = 10.0  # beyond shutdown_timeout, before a worker that has not exi
 # --------------------------------------------------------------------------- worker side
 
 
-def serve_supervisor(role: WorkerRole, on_lost: Callable[[], None]) -> None:
-    """Tell the supervisor this worker is ready, and call ``on_lost`` when it is gone."""
+def serve_supervisor(role: WorkerRole, on_lost: Callable[[], None]) -> Callable[[bool], None]:
+    """Tell the supervisor this worker is ready, and call ``on_lost`` when it is gone.
+
+    Returns how this worker stops every worker (the console's SHUTDOWN): it sends the
+    supervisor the signal that drains (``True``: SIGTERM) or stops (SIGQUIT) them all."""
+    supervisor = os.getppid()
+
+    def stop_all(drain: bool) -> None:
+        if os.getppid() != supervisor:  # gone: this worker is stopping anyway
+            return
+        log.info("asking the supervisor to %s every worker", "drain" if drain else "stop")
+        os.kill(supervisor, signal.SIGTERM if drain else signal.SIGQUIT)
+
     channel = socket.socket(fileno=role.channel_fd)
     channel.setblocking(False)
     with contextlib.suppress(OSError):
@@ -84,6 +95,7 @@ def serve_supervisor(role: WorkerRole, on_lost: Callable[[], None]) -> None:
             on_lost()
 
     loop.add_reader(channel.fileno(), readable)
+    return stop_all
 
 
 # --------------------------------------------------------------------------- supervisor
