@@ -4,7 +4,7 @@ Owns the checks on the image as users run it: configured by its environment alon
 mounted ConfigMap-like directory that changes under it; queried with psql, LISTEN/NOTIFY with
 psycopg; its UID, its read-only root filesystem, its probes and HEALTHCHECK, and SIGTERM's
 drain. The rule:
-everything is real (podman with runc and host networking as /work/shared/CONTAINERS-HERE.md
+everything is real (podman with runc and host networking as the project's shared/CONTAINERS-HERE.md
 describes, a throwaway cluster from pgproxy.testing), each check is reported by name, a failed
 one does not stop the others, and the last line is the count CI reads:
 ``image: N passed, M failed`` (exit status 1 if any failed).
