@@ -254,3 +254,28 @@ def test_a_restart_beside_the_running_proxy_loses_no_transaction(
                 thread.join(10)
             assert new.poll() is None
     assert failures == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_console_stays_reachable_on_the_unix_socket_while_draining(
+    pg: PgCluster, tmp_path: Path, workers: int
+) -> None:
+    port = free_port()
+    sockets = tmp_path / "s"
+    sockets.mkdir()
+    extra = f'workers = {workers}\nunix_socket_dir = "{sockets}"\nadmin_users = ["postgres"]'
+    config = _config(pg, tmp_path, port, extra)
+    with (
+        proxy_process(config, port) as proc,
+        contextlib.closing(psycopg.connect(_dsn(port))) as busy,
+    ):
+        busy.execute("select 1")  # a transaction keeps the drain going
+        os.kill(proc.pid, signal.SIGTERM)
+        _until(lambda: _refused(port))
+        unix = f"host={sockets} port={port} user=postgres"
+        with psycopg.connect(f"{unix} dbname=pgbouncer", autocommit=True) as console:
+            assert console.execute("SHOW VERSION").fetchone() is not None
+        with pytest.raises(psycopg.OperationalError, match="shutting down"):
+            psycopg.connect(f"{unix} dbname=main")
+        busy.commit()
+        assert proc.wait(timeout=30) == 0

@@ -220,11 +220,8 @@ class _Supervisor:
             keepers = [loop.create_task(self._keep(i)) for i in range(self.count)]
             await self.stopping.wait()
             log.info("shutting down %d workers", self.count)
-            if self.unix is not None:
-                # New unix clients are refused now (no file), not queued in a backlog that no
-                # worker accepts from any more; workers finish with the ones they have.
-                self.unix.close()
-                self.unix = None
+            # The unix socket file stays until the workers are gone: while they drain it is
+            # how operators reach the admin console (other logins are refused with 57P03).
             # The workers drain (SIGTERM, forwarded), for shutdown_timeout at most.
             limit = self.config.proxy.shutdown_timeout + _STOP_MARGIN
             _, late = await asyncio.wait(keepers, timeout=limit)
