@@ -224,9 +224,17 @@ def _check_tls(conn: WireProtocol, host: ProxyServices, local: bool, user: str) 
 async def _learn_server_params(pool: Pool, timeout: float) -> ServerConnection | None:
     """A server whose handshake teaches ``pool`` its server_params (one login at a time),
     or None if another login did it meanwhile. A function of its own, not a second check
-    in the caller, whose ``is None`` mypyc would trust across the wait (a TypeError)."""
+    in the caller, whose ``is None`` mypyc would trust across the wait (a TypeError).
+
+    A login that waited while another's connect attempt failed fails with that error: against
+    a black-holed upstream each client waits for the attempt in flight when it came, not for
+    one more attempt after it (one after another, they would wait n x the connect timeout)."""
+    failures = pool.connect_failures
     async with pool.params_lock:
         if pool.server_params is None:
+            error = pool.last_connect_error
+            if pool.connect_failures != failures and error is not None:
+                raise error
             return await pool.acquire(timeout)
     return None
 
