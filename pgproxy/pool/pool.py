@@ -85,11 +85,11 @@ class Pool(ServerHome):
         # RECONNECT: servers to close instead of reusing (and WAIT_CLOSE callers).
         self.stale: set[ServerConnection] = set()
         self._closed_stale: list[asyncio.Future[None]] = []
-        self.stats = PoolStats()
+        self.stats = PoolStats()  # traffic since this pool was made (SHOW STATS, /metrics)
         # Failed connect attempts, and the last one's error: logins waiting to learn the
         # server's parameters share the fate of the attempt they waited for (client/login.py).
         self.connect_failures = 0
-        self.last_connect_error: PgError | None = None  # traffic since this pool was made (SHOW STATS, /metrics)
+        self.last_connect_error: PgError | None = None
         self.last_login = 0.0  # when a server last logged in (monotonic; 0: never): /readyz
 
     def __repr__(self) -> str:
