@@ -95,6 +95,15 @@ class Deallocate:
 
 
 @dataclass(frozen=True)
+class BoundSetParameter:
+    """``set_config('name', $n, false)``: a session SET whose value is the Bind's parameter
+    ``n`` (1-based), known only when the prepared statement is bound."""
+
+    name: str
+    param: int
+
+
+@dataclass(frozen=True)
 class SessionState:
     """Session state a transaction-mode pool cannot carry from server to server."""
 
@@ -102,7 +111,7 @@ class SessionState:
 
 
 SettingEffect = SetParameter | ResetAll
-Effect = Subscription | SavepointOp | SettingEffect | Deallocate | SessionState
+Effect = Subscription | SavepointOp | SettingEffect | Deallocate | SessionState | BoundSetParameter
 
 # DISCARD ALL acts as UNLISTEN * on channels, but only the server can run the rest of it;
 # this instance (compared by identity) marks it.
@@ -198,6 +207,11 @@ def _set_config(call: ast.FuncCall) -> list[Effect]:
     """``set_config(name, value, is_local)``: a session SET when is_local is false."""
     args = call.args or ()
     consts = [a.val for a in args if isinstance(a, ast.A_Const) and not a.isnull]
+    if len(args) == 3 and isinstance(args[1], ast.ParamRef) and _not_local(args):
+        name = args[0].val if isinstance(args[0], ast.A_Const) else None
+        number = args[1].number
+        if isinstance(name, ast.String) and number:  # the value comes with the Bind (asyncpg)
+            return [BoundSetParameter(str(name.sval).lower(), number)]
     if len(args) != 3 or len(consts) != 3:
         return [SessionState("set_config() with arguments only known when it runs")]
     name, value, is_local = consts
@@ -213,6 +227,17 @@ def _set_config(call: ast.FuncCall) -> list[Effect]:
     if local:
         return []
     return [SetParameter(str(name.sval).lower(), set_statement(str(name.sval), str(value.sval)))]
+
+
+def _not_local(args: tuple[object, ...]) -> bool:
+    """set_config()'s is_local argument is a literal false."""
+    last = args[2]
+    if not isinstance(last, ast.A_Const) or last.isnull:
+        return False
+    value = last.val
+    if isinstance(value, ast.Boolean):
+        return not value.boolval
+    return isinstance(value, ast.String) and str(value.sval).lower() in ("false", "f", "off")
 
 
 def _setting(stmt: ast.VariableSetStmt) -> SettingEffect | None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pgproxy import sql
 from pgproxy.client.pending import Effect, TransactionEffects
+from pgproxy.params import set_statement
 from pgproxy.protocol import messages as m
 
 NAMES = st.sampled_from(["a", "b", "c"])
@@ -127,16 +128,31 @@ def test_statements_and_portals_carry_their_effects_to_execute() -> None:
     effects.parsed("s1", listen, False)
     effects.parsed("s2", [], False)
     assert set(effects.statements) == {"s1"}
-    effects.bound("p", "s1")
+    effects.bound("p", "s1", m.bind("p", "s1", [])[5:])
     assert effects.portals["p"] == (listen, False)
-    effects.bound("p", "s2")  # the portal now runs something else
+    effects.bound("p", "s2", m.bind("p", "s2", [])[5:])  # the portal now runs something else
     assert "p" not in effects.portals
     effects.parsed("s1", [], False)  # re-prepared as something harmless
     assert effects.statements == {}
     effects.parsed("n", [], True)  # may NOTIFY
-    effects.bound("", "n")
+    effects.bound("", "n", m.bind("", "n", [])[5:])
     effects.closed(ord("P"), "")
     assert effects.portals == {}
     effects.closed(ord("S"), "n")
     assert effects.statements == {}
     effects.transaction_ended()
+
+
+def test_set_config_with_a_bound_value_takes_it_from_each_bind() -> None:
+    """asyncpg's ``SELECT set_config('jit', $1, false)``: the value comes with the Bind."""
+    effects = TransactionEffects()
+    effects.parsed("s", [sql.BoundSetParameter("jit", 1)], False)
+    for value, binary in ((b"off", False), (b"on", True)):
+        body = m.bind("p", "s", [value])[5:]
+        if binary:  # a text parameter's binary format is its bytes, as asyncpg sends it
+            body = body.replace(b"s\0\0\0\0\1", b"s\0\0\1\0\1\0\1", 1)
+        effects.bound("p", "s", body)
+        setting = set_statement("jit", value.decode())
+        assert effects.portals["p"] == ([sql.SetParameter("jit", setting)], False)
+    effects.bound("p", "s", m.bind("p", "s", [None])[5:])  # NULL: Postgres rejects it
+    assert effects.portals["p"] == ([], False)

@@ -15,11 +15,16 @@ from __future__ import annotations
 from typing import Final
 
 from pgproxy import sql
+from pgproxy.params import set_statement
+from pgproxy.protocol import extended
 from pgproxy.protocol import messages as m
 
 Effect = sql.Subscription | sql.SettingEffect
+# What a prepared statement carries: also set_config() values that come with each Bind.
+StatementEffect = Effect | sql.BoundSetParameter
 # Effects a prepared statement or portal carries, and whether it may NOTIFY.
-StatementEffects = tuple[list[Effect], bool]
+StatementEffects = tuple[list[StatementEffect], bool]
+PortalEffects = tuple[list[Effect], bool]
 
 _NOTHING: Final[list[str]] = []  # returned, never changed
 
@@ -35,7 +40,7 @@ class TransactionEffects:
         self._error = False  # an ErrorResponse passed since the last ReadyForQuery
         self._rollback = False  # a ROLLBACK tag passed since the last ReadyForQuery
         self.statements: dict[str, StatementEffects] = {}  # prepared statements with effects
-        self.portals: dict[str, StatementEffects] = {}  # portals bound to those
+        self.portals: dict[str, PortalEffects] = {}  # portals bound to those
 
     @property
     def open(self) -> bool:
@@ -110,18 +115,33 @@ class TransactionEffects:
 
     # --- prepared statements and portals that carry effects ----------------------------------
 
-    def parsed(self, name: str, effects: list[Effect], notifies: bool) -> None:
+    def parsed(self, name: str, effects: list[StatementEffect], notifies: bool) -> None:
         if effects or notifies:
             self.statements[name] = (effects, notifies)
         elif self.statements:
             self.statements.pop(name, None)
 
-    def bound(self, portal: str, statement: str) -> None:
+    def bound(self, portal: str, statement: str, bind: bytes) -> None:
+        """A Bind of ``statement`` (its body ``bind``) into ``portal``: the portal carries the
+        statement's effects, set_config() values taken from the Bind's parameters (a value
+        that cannot be read, NULL, is left out: Postgres rejects it)."""
         info = self.statements.get(statement)
-        if info is not None:
-            self.portals[portal] = info
-        elif self.portals:
-            self.portals.pop(portal, None)
+        if info is None:
+            if self.portals:
+                self.portals.pop(portal, None)
+            return
+        effects, notifies = info
+        resolved: list[Effect] = []
+        for effect in effects:
+            if isinstance(effect, sql.BoundSetParameter):
+                value, _ = extended.bind_parameter(bind, effect.param - 1)
+                # Text or binary, a text parameter's bytes are its UTF-8 value.
+                if value is not None:
+                    text = value.decode("utf-8", "replace")
+                    resolved.append(sql.SetParameter(effect.name, set_statement(effect.name, text)))
+            else:
+                resolved.append(effect)
+        self.portals[portal] = (resolved, notifies)
 
     def closed(self, kind: int, name: str) -> None:
         (self.statements if kind == ord("S") else self.portals).pop(name, None)

@@ -20,7 +20,7 @@ from typing import Final
 from pgproxy import precheck, sql
 from pgproxy.backend import ServerConnection, ServerLink
 from pgproxy.client.host import ProxyServices
-from pgproxy.client.pending import Effect, TransactionEffects
+from pgproxy.client.pending import Effect, StatementEffect, TransactionEffects
 from pgproxy.client.settings import ClientSettings
 from pgproxy.client.statements import ClientStatements
 from pgproxy.client.subscriptions import Subscriptions
@@ -42,7 +42,6 @@ class ClientUnits(WireProtocol, ServerLink):
     base of :class:`~pgproxy.client.stream.ClientStream`, which walks the messages."""
 
     __slots__ = (
-        "_state_logged",
         "database",
         "end_reason",
         "may_stall",
@@ -73,7 +72,6 @@ class ClientUnits(WireProtocol, ServerLink):
         self.end_reason = ""  # why the proxy ended it (its FATAL, "admin"); "": the client left
         self.stmts: ClientStatements | None = None
         self.subs: Subscriptions | None = None
-        self._state_logged: set[str] | None = None  # kinds of untracked state logged once
 
     # --- what the session provides (the listener's Subscriber side) --------------------------
 
@@ -113,7 +111,7 @@ class ClientUnits(WireProtocol, ServerLink):
                 name, rest_at = m.read_cstring(body, name_at)
             server.stats.bind_count += 1
             if self.pending is not None:
-                self.pending.bound(portal, name)
+                self.pending.bound(portal, name, body)
             return self._statements().bind(server, body, name, name_at, rest_at)
         kind, name = m.parse_describe_or_close(body)
         if type_ == m.DESCRIBE:
@@ -183,7 +181,7 @@ class ClientUnits(WireProtocol, ServerLink):
                     if self.pending is not None:
                         self.pending.statements.pop(effect.name, None)
                     return stmts.deallocate(server, effect.name)
-            elif not isinstance(effect, sql.SessionState):
+            elif isinstance(effect, sql.Savepoint | sql.Release | sql.RollbackTo):
                 released = self._effects().savepoint(effect)
                 if released:
                     self._unhold(released)
@@ -192,7 +190,7 @@ class ClientUnits(WireProtocol, ServerLink):
     def _inspect_parse(self, server: ServerConnection, body: bytes) -> bytes | None:
         server.stats.client_parse_count += 1
         name, tail_at = ("", 1) if body[:1] == b"\0" else m.read_cstring(body, 0)
-        effects: list[Effect] = []
+        effects: list[StatementEffect] = []
         notifies = False
         text_end = body.find(b"\0", tail_at)
         if text_end < 0:
@@ -207,7 +205,12 @@ class ClientUnits(WireProtocol, ServerLink):
                         cache.unnamed, cache.unnamed_unit = None, server.flow.sent
                         return self._provoke_error(server, effect, m.parse("", _PROVOKE, []))
                 elif isinstance(
-                    effect, sql.Listen | sql.Unlisten | sql.SetParameter | sql.ResetAll
+                    effect,
+                    sql.Listen
+                    | sql.Unlisten
+                    | sql.SetParameter
+                    | sql.ResetAll
+                    | sql.BoundSetParameter,
                 ):
                     effects.append(effect)
             notifies = sql.may_notify(text)
@@ -231,15 +234,19 @@ class ClientUnits(WireProtocol, ServerLink):
         return False
 
     def _log_unsupported_state(self, effect: sql.SessionState) -> None:
-        if self._state_logged is None:
-            self._state_logged = set()
-        if effect.what not in self._state_logged:
-            self._state_logged.add(effect.what)
-            log.warning(
-                "%r: %s will not follow this client to other servers (transaction pooling)",
-                self,
-                effect.what,
-            )
+        """Once per pool and kind, not once per connection (a fleet of identical workers
+        would log the same line hundreds of times)."""
+        pool = self.pool
+        if pool is None or effect.what in pool.logged_states:
+            return
+        pool.logged_states.add(effect.what)
+        log.warning(
+            "%r: %s will not follow clients to other servers (transaction pooling); "
+            "logged once for pool %s",
+            self,
+            effect.what,
+            pool.name,
+        )
 
     @staticmethod
     def _provoke_error(server: ServerConnection, effect: sql.SessionState, message: bytes) -> bytes:

@@ -90,6 +90,7 @@ class Pool(ServerHome):
         # server's parameters share the fate of the attempt they waited for (client/login.py).
         self.connect_failures = 0
         self.last_connect_error: PgError | None = None
+        self.logged_states: set[str] = set()  # kinds of untracked session state, logged once
         self.last_login = 0.0  # when a server last logged in (monotonic; 0: never): /readyz
 
     def __repr__(self) -> str:

@@ -47,6 +47,26 @@ def parse_bind(body: bytes) -> Bind:
     return Bind(portal, statement, count, formats)
 
 
+def bind_parameter(body: bytes, index: int) -> tuple[bytes | None, int]:
+    """A Bind's parameter ``index`` (0-based) and its format code (0 text, 1 binary); None
+    for NULL or a parameter the Bind does not carry."""
+    _, pos = read_cstring(body, 0)
+    _, pos = read_cstring(body, pos)
+    codes, pos = _counted("h", body, pos)
+    (count,), pos = _unpack(_I16, body, pos)
+    if not 0 <= index < count:
+        return None, 0
+    for n in range(count):
+        (size,), pos = _unpack(_I32, body, pos)
+        if n == index:
+            if size < 0 or len(body) < pos + size:
+                return None, 0
+            code = codes[0] if len(codes) == 1 else codes[index] if codes else 0
+            return body[pos : pos + size], code
+        pos += max(size, 0)
+    return None, 0
+
+
 def parse_execute(body: bytes) -> tuple[str, int]:
     """Execute: the portal's name and the most rows to return (0: all)."""
     portal, pos = read_cstring(body, 0)
