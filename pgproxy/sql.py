@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import Final
 
 import pglast
 from pglast import ast
@@ -238,6 +239,28 @@ def _not_local(args: tuple[object, ...]) -> bool:
     if isinstance(value, ast.Boolean):
         return not value.boolval
     return isinstance(value, ast.String) and str(value.sval).lower() in ("false", "f", "off")
+
+
+_NAME_BYTES: Final = 63  # NAMEDATALEN - 1
+
+
+def truncated_identifiers(sql: str) -> list[tuple[str, str]]:
+    """(identifier, what it is cut to) for each identifier of ``sql`` longer than Postgres'
+    63 bytes, as its scanner reports them (NOTICE 42622): unquoted ones folded to lower case
+    (ASCII, as ``downcase_identifier``), quoted ones unquoted; cut on a character boundary."""
+    out = []
+    for token in pglast.parser.scan(sql):
+        if token.name != "IDENT":
+            continue
+        word = sql[token.start : token.end + 1]  # pglast's offsets count characters
+        if word.startswith('"') and word.endswith('"') and len(word) >= 2:
+            name = word[1:-1].replace('""', '"')
+        else:
+            name = "".join(c.lower() if "A" <= c <= "Z" else c for c in word)
+        encoded = name.encode("utf-8")
+        if len(encoded) > _NAME_BYTES:
+            out.append((name, encoded[:_NAME_BYTES].decode("utf-8", "ignore")))
+    return out
 
 
 def _setting(stmt: ast.VariableSetStmt) -> SettingEffect | None:

@@ -747,3 +747,22 @@ def test_an_earlier_failed_unit_never_drops_a_later_extended_listen(
         message = c.read_message()
         assert message is not None and message[0] == "A"
         assert message[1].endswith(b"after_error\0heard\0")
+
+
+@pytest.mark.parametrize("name", ["C" * 70, '"Ünï' + "x" * 70 + '"'])
+def test_a_truncated_channel_name_gets_postgres_notice(
+    proxy: ProxyThread, pg: PgCluster, name: str
+) -> None:
+    """NOTICE 42622 as Postgres' scanner sends it, also when the proxy answers the LISTEN."""
+    seen: dict[str, list[tuple[str | None, str | None]]] = {}
+    for who, dsn in (("direct", pg.dsn()), ("proxy", proxy.dsn())):
+        notices: list[tuple[str | None, str | None]] = []
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.add_notice_handler(
+                lambda d, into=notices: into.append((d.sqlstate, d.message_primary))
+            )
+            conn.execute(f"LISTEN {name}")
+            conn.execute(f"UNLISTEN {name}")
+        seen[who] = notices
+    assert seen["proxy"] == seen["direct"]
+    assert [state for state, _ in seen["proxy"]] == ["42622", "42622"]

@@ -32,6 +32,7 @@ from pgproxy.client.subscriptions import (
     notifications_in,
     subscription_query,
     subscription_tags,
+    truncation_notices,
 )
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
@@ -71,9 +72,9 @@ class ClientListening(ClientStream):
         statements = subscription_query(body)
         if statements is None:
             return None
-        return self._subscribe(statements)
+        return self._subscribe(statements, truncation_notices(body, statements))
 
-    def _subscribe(self, statements: list[sql.Subscription]) -> bool:
+    def _subscribe(self, statements: list[sql.Subscription], notices: bytes = b"") -> bool:
         """Answer a Query made only of LISTEN/UNLISTEN without a server, byte for byte.
 
         The statements form one implicit transaction: their combined effect is applied all at
@@ -86,15 +87,19 @@ class ClientListening(ClientStream):
         self._subscriptions().listener = listener
         wanted = sql.apply_effects(listener.channels_of(self), list(statements))
         if listener.update_now(self, wanted):
-            self.write(subscription_tags(statements) + self._ready_idle())
+            self.write(notices + subscription_tags(statements) + self._ready_idle())
             return True
         self._task = asyncio.get_running_loop().create_task(
-            self._answer_subscriptions(listener, statements, wanted)
+            self._answer_subscriptions(listener, statements, wanted, notices)
         )
         return False
 
     async def _answer_subscriptions(
-        self, listener: Listener, statements: list[sql.Subscription], wanted: set[str]
+        self,
+        listener: Listener,
+        statements: list[sql.Subscription],
+        wanted: set[str],
+        notices: bytes,
     ) -> None:
         try:
             await listener.update(self, wanted)
@@ -105,7 +110,7 @@ class ClientListening(ClientStream):
             reply = subscription_tags(statements)
         if self._task is asyncio.current_task():
             self._task = None  # a finished task would stay with the client (~0.7 KiB)
-        self.write(reply + self._ready_idle())
+        self.write(notices + reply + self._ready_idle())  # the scanner's notices come first
         self._waiting_answered()
 
     # --- NOTIFY: attribution fence and delivery ----------------------------------------------

@@ -17,7 +17,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pgproxy import sql
+from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PgError
 
 if TYPE_CHECKING:
     from pgproxy.pubsub.listener import Listener
@@ -83,6 +85,25 @@ def subscription_query(body: bytes) -> list[sql.Subscription] | None:
     except m.ProtocolError:
         return None  # let the server say what is wrong with it
     return sql.subscription_statements(text)
+
+
+def truncation_notices(body: bytes, statements: list[sql.Subscription]) -> bytes:
+    """The NOTICEs (42622) Postgres' scanner sends for identifiers longer than 63 bytes, for a
+    Query of LISTEN/UNLISTEN answered without a server. Only a channel name of exactly 63
+    bytes can have been cut, so the text is scanned only then."""
+    if not any(
+        st.channel is not None and len(st.channel.encode("utf-8")) == 63 for st in statements
+    ):
+        return b""
+    notices = []
+    for name, cut in sql.truncated_identifiers(m.parse_query(body)):
+        fields = PgError(
+            errors.NAME_TOO_LONG,
+            f'identifier "{name}" will be truncated to "{cut}"',
+            severity="NOTICE",
+        ).fields()
+        notices.append(m.error_response(fields, notice=True))
+    return b"".join(notices)
 
 
 def is_listening_channels_query(body: bytes) -> bool:
