@@ -217,7 +217,7 @@ class Proxy:
             if vpid not in self.clients:
                 break
         self.clients[vpid] = client
-        return vpid, secrets.token_bytes(4)
+        return vpid, secrets.token_bytes(client.key_length)
 
     def cancel(self, request: m.CancelRequest) -> None:
         """Route a cancel to the worker whose client it names (this one, without workers)."""

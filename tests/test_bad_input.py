@@ -238,24 +238,44 @@ def test_protocol_2_is_rejected_as_unsupported(proxy: ProxyThread, packet: bytes
     assert_serving(proxy)
 
 
-def test_protocol_3_2_with_unknown_option_is_negotiated_down(proxy: ProxyThread) -> None:
-    params = b"user\0postgres\0database\0postgres\0_pq_.foo\0bar\0\0"
+@pytest.mark.parametrize(
+    ("version", "options", "negotiated"),
+    [
+        (PROTOCOL_3_2, b"", None),  # spoken as it is: no NegotiateProtocolVersion
+        (PROTOCOL_3_2, b"_pq_.foo\0bar\0", PROTOCOL_3_2),  # the option is not understood
+        ((3 << 16) | 9999, b"", PROTOCOL_3_2),  # libpq 19's "grease": the newest it speaks
+    ],
+)
+def test_protocol_3_2_is_spoken_and_newer_is_negotiated_down(
+    proxy: ProxyThread, version: int, options: bytes, negotiated: int | None
+) -> None:
+    params = b"user\0postgres\0database\0postgres\0" + options + b"\0"
     with raw(proxy) as c:
-        c.send(startup_packet(PROTOCOL_3_2, params))
+        c.send(startup_packet(version, params))
         messages = c.read_until_ready()
-        assert messages[0][0] == "v", messages
-        body = messages[0][1]
-        newest, count = struct.unpack_from("!ii", body, 0)
-        assert newest == m.PROTOCOL_3_0  # 3.0: the newest minor version the proxy speaks
-        assert count == 1
-        assert body[8:] == b"_pq_.foo\0"
-        types = [t for t, _ in messages[1:]]
-        assert types[0] == "R" and types[-1] == "Z"
-        assert "E" not in types
+        if negotiated is None:
+            assert messages[0][0] == "R", messages
+        else:
+            assert messages[0][0] == "v", messages
+            newest, count = struct.unpack_from("!ii", messages[0][1], 0)
+            assert newest == negotiated
+            assert messages[0][1][8:] == (b"_pq_.foo\0" if options else b"")
+            assert count == (1 if options else 0)
+        types = [t for t, _ in messages]
+        assert "E" not in types and types[-1] == "Z"
         keys = [b for t, b in messages if t == "K"]
-        assert len(keys) == 1 and len(keys[0]) == 8  # a 3.0 (4-byte) cancel key
+        assert len(keys) == 1 and len(keys[0]) == 4 + 32  # a 3.2 cancel key: 32 bytes
         assert rows_of(c.query("select 6 * 7")) == [["42"]]
     assert_serving(proxy)
+
+
+def test_protocol_3_0_keeps_its_4_byte_cancel_key(proxy: ProxyThread) -> None:
+    with raw(proxy) as c:
+        c.send(startup_packet(m.PROTOCOL_3_0, b"user\0postgres\0database\0postgres\0\0"))
+        messages = c.read_until_ready()
+        assert [t for t, _ in messages if t == "v"] == []
+        keys = [b for t, b in messages if t == "K"]
+        assert len(keys) == 1 and len(keys[0]) == 8
 
 
 # --- startup parameters and routing -------------------------------------------------------------

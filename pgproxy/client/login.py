@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Final
 
 from pgproxy import params, tls
 from pgproxy.admin.commands import console_role
@@ -43,6 +44,12 @@ class Login:
     settings: ClientSettings
     server: ServerConnection | None  # a server the login used, to be linked or released
     console: str | None = None  # the admin console's role (commands.ADMIN or STATS)
+    protocol_minor: int = 0  # the protocol version agreed with the client: 3.<this>
+
+
+# The newest protocol the proxy speaks to clients: 3.2 (longer cancel keys), whatever the
+# upstream speaks (the proxy's own cancel keys are what a 3.2 client holds).
+NEWEST_MINOR: Final = 2
 
 
 async def log_in(conn: WireProtocol, host: ProxyServices, local: bool) -> Login | None:
@@ -50,7 +57,9 @@ async def log_in(conn: WireProtocol, host: ProxyServices, local: bool) -> Login 
     startup = await _read_startup(conn, host, local)
     if startup is None:
         return None
-    return await _authenticate(conn, host, local, startup)
+    login = await _authenticate(conn, host, local, startup)
+    login.protocol_minor = min(startup.minor, NEWEST_MINOR)
+    return login
 
 
 async def _read_startup(
@@ -99,10 +108,14 @@ async def _authenticate(
     if major != 3:
         raise fatal(
             errors.FEATURE_NOT_SUPPORTED,
-            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.2",
         )
-    if minor > 0 or startup.unknown_protocol_options:
-        conn.write(m.negotiate_protocol_version(0, startup.unknown_protocol_options))
+    # As Postgres 18: a newer minor (libpq 19's "grease" too) or unknown _pq_. options are
+    # answered with the newest minor spoken and the options not understood (PROTOCOL-NOTES 27).
+    if minor > NEWEST_MINOR or startup.unknown_protocol_options:
+        conn.write(
+            m.negotiate_protocol_version(min(minor, NEWEST_MINOR), startup.unknown_protocol_options)
+        )
     startup_params = startup.params
     user = startup_params.get("user", "")
     if not user:

@@ -51,12 +51,13 @@ class SessionHost(ProxyServices, Protocol):
 
 
 class ClientSession(ClientListening):
-    __slots__ = ("_host", "connected_at", "local", "peer", "secret")
+    __slots__ = ("_host", "connected_at", "key_length", "local", "peer", "secret")
 
     def __init__(self, proxy: SessionHost, local: bool = False) -> None:
         super().__init__(proxy)
         self._host = proxy  # the same object as ``proxy``, seen with the calls taking a session
         self.secret = b""
+        self.key_length = 4  # of the cancel key it is given (BackendKeyData)
         self.peer = ""
         self.local = local  # came through the unix-domain socket (told by its listener)
         self.connected_at = time.monotonic()
@@ -143,6 +144,8 @@ class ClientSession(ClientListening):
                 if login is None:
                     return
                 self.user, self.database = login.user, login.database
+                if login.protocol_minor >= 2:
+                    self.key_length = 32  # 3.2: a longer key (4 bytes under 3.0), as Postgres 18
                 if login.console is not None:
                     self._open_console(login)
                 else:
