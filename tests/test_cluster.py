@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import asyncpg
 import psycopg
 import pytest
@@ -96,3 +98,12 @@ def test_restart_keeps_port_and_data(pg: PgCluster) -> None:
     finally:
         pg.start()  # no-op when running
         pg.psql("drop table if exists restart_probe")
+
+
+def test_the_server_under_test_is_the_one_asked_for(pg: PgCluster) -> None:
+    """scripts/test runs part of the suite again against PostgreSQL 18 (PG_BIN and
+    PGPROXY_EXPECT_PG=18): that pass must really run it."""
+    expected = os.environ.get("PGPROXY_EXPECT_PG")
+    major = pg.psql("show server_version").split(".")[0]
+    assert major == (expected or major), f"PG_BIN={os.environ.get('PG_BIN')} runs {major}"
+    assert int(major) >= 15

