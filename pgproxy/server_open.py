@@ -56,24 +56,39 @@ async def open_server(
     def server() -> ServerConnection:
         return ServerConnection(home, max_prepared_statements)
 
-    try:
-        if path is not None:
-            _, conn = await loop.create_unix_connection(server, path)
-        else:
-            _, conn = await loop.create_connection(server, host, port)
-    except OSError as exc:
-        raise PgError(
-            errors.CONNECTION_FAILURE,
-            f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
-        ) from exc
-    try:
-        if tls is not None and path is None:
-            await _negotiate_tls(conn, tls, host)
-        await _handshake(conn, params, password)
-    except BaseException:
-        conn.abort()
-        raise
-    return conn
+    # Protocol 3.2 first (PostgreSQL 18: 32-byte cancel keys; 11 to 17 answer with
+    # NegotiateProtocolVersion and speak 3.0); 3.0 again for a server that refuses 3.2 outright.
+    for version in (m.PROTOCOL_3_2, m.PROTOCOL_3_0):
+        try:
+            if path is not None:
+                _, conn = await loop.create_unix_connection(server, path)
+            else:
+                _, conn = await loop.create_connection(server, host, port)
+        except OSError as exc:
+            raise PgError(
+                errors.CONNECTION_FAILURE,
+                f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
+            ) from exc
+        try:
+            if tls is not None and path is None:
+                await _negotiate_tls(conn, tls, host)
+            await _handshake(conn, params, password, version)
+        except PgError as exc:
+            conn.abort()
+            if version != m.PROTOCOL_3_0 and _refuses_protocol(exc):
+                continue
+            raise
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+    raise AssertionError("unreachable: the 3.0 attempt returns or raises")
+
+
+def _refuses_protocol(error: PgError) -> bool:
+    """A server too old to negotiate (Postgres before 11, some poolers) refuses a newer
+    protocol minor outright; its wording varies, its subject does not."""
+    return "protocol" in error.message.lower()
 
 
 def _is_ip_address(host: str) -> bool:
@@ -115,9 +130,12 @@ async def _negotiate_tls(conn: ServerConnection, tls: UpstreamTls, host: str) ->
 
 
 async def _handshake(
-    conn: ServerConnection, params: dict[str, str], password: UpstreamSecret | None
+    conn: ServerConnection,
+    params: dict[str, str],
+    password: UpstreamSecret | None,
+    version: int = m.PROTOCOL_3_0,
 ) -> None:
-    conn.write(m.startup_message(params))
+    conn.write(m.startup_message(params, version))
     try:
         await authenticate_upstream(conn, params["user"], password)
         while True:

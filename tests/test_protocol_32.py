@@ -80,3 +80,15 @@ def test_a_3_2_cancel_is_routed_to_the_clients_worker(pg: PgCluster, tmp_path: P
         for _ in range(4):  # the cancel's connection lands on either worker
             with psycopg.connect(dsn, autocommit=True, max_protocol_version="3.2") as conn:
                 _cancel_a_sleep(conn, pg)
+
+
+def test_upstream_speaks_3_2_where_the_server_does(proxy: ProxyThread, pg: PgCluster) -> None:
+    """PostgreSQL 18 gives the proxy's servers 32-byte cancel keys; 15 negotiates 3.0 and
+    4 bytes (scripts/test runs this module against both)."""
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    lengths = proxy.call(
+        lambda p: {len(s.secret) for pool in p.pools.values() for s in (*pool.idle, *pool.active)}
+    )
+    major = int(pg.psql("show server_version").split(".")[0])
+    assert lengths == {32 if major >= 18 else 4}

@@ -115,6 +115,8 @@ async def _read_request(chan: MessageChannel) -> tuple[int, bytes]:
                 raise PgError.from_fields(m.parse_error_fields(body))
             if type_ == m.NOTICE_RESPONSE:  # allowed at any time; nothing to do with it here
                 continue
+            if type_ == m.NEGOTIATE_PROTOCOL_VERSION:
+                continue  # asked for 3.2, a server before 18 speaks 3.0: either suits the proxy
             if type_ != m.AUTHENTICATION:
                 raise fatal(
                     PROTOCOL_VIOLATION,

@@ -69,6 +69,7 @@ AUTH_SASL_FINAL: Final = 12
 
 # Special startup-packet codes (in place of the protocol version)
 PROTOCOL_3_0: Final = 3 << 16
+PROTOCOL_3_2: Final = PROTOCOL_3_0 | 2
 SSL_REQUEST_CODE: Final = 80877103
 GSSENC_REQUEST_CODE: Final = 80877104
 CANCEL_REQUEST_CODE: Final = 80877102
