@@ -30,7 +30,7 @@ from tests.support.raw import RawClient, rows_of
 SOCK_TIMEOUT = 3.0  # no single read or write may take longer: a hang fails fast
 
 _I32 = struct.Struct("!i")
-GSSENC_REQUEST = struct.pack("!ii", 8, m.GSSENC_REQUEST_CODE)
+GSSENC_REQUEST = m.gssenc_request()
 PROTOCOL_3_2 = (3 << 16) | 2
 PROTOCOL_2_0 = 2 << 16
 

@@ -204,6 +204,10 @@ def ssl_request() -> bytes:
     return _2I32.pack(8, SSL_REQUEST_CODE)
 
 
+def gssenc_request() -> bytes:
+    return _2I32.pack(8, GSSENC_REQUEST_CODE)
+
+
 def cancel_request(pid: int, secret: bytes) -> bytes:
     body = _2I32.pack(CANCEL_REQUEST_CODE, pid) + secret
     return _I32.pack(len(body) + 4) + body
