@@ -14,6 +14,7 @@ import pytest
 
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
+from tests.support.load import no_server_stays_taken
 from tests.support.proxy_runner import ProxyThread
 from tests.support.raw import RawClient, error_of
 
@@ -83,9 +84,6 @@ def test_a_vanished_client_leaves_no_lock_and_no_stuck_server(
         direct.execute(LOCK)
         assert direct.execute("select v from t_fault where k = 1").fetchone() == (1,)
     # No pooled server stays taken, and the proxy serves on.
-    deadline = time.monotonic() + 10
-    while proxy.call(lambda p: sum(len(pool.active) for pool in p.pools.values())):
-        assert time.monotonic() < deadline, "a pooled server stayed in use"
-        time.sleep(0.05)
+    no_server_stays_taken(proxy)
     with psycopg.connect(proxy.dsn(), autocommit=True) as next_client:
         assert next_client.execute("select v from t_fault where k = 1").fetchone() == (1,)
