@@ -96,13 +96,7 @@ class ScramClient:
 
     def read_server_first(self, data: bytes) -> tuple[bytes, int]:
         """Validate server-first-message; return the (salt, iterations) it announces."""
-        if self._stage != 1:
-            raise fatal(PROTOCOL_VIOLATION, "unexpected SCRAM challenge from server")
-        self._stage = 2
-        _check_server_text(data)
-        parts = data.split(b",")
-        if parts[0].startswith(b"e="):
-            raise _server_error(f"Server reported error {parts[0][2:].decode(errors='replace')}.")
+        parts = self._server_message(data, 1, "challenge")
         nonce = _server_attr(parts, 0, b"r")
         salt = b64decode(_server_attr(parts, 1, b"s"))
         iterations = _server_attr(parts, 2, b"i")
@@ -149,15 +143,21 @@ class ScramClient:
         self._server_signature = hmac_sha256(keys.server_key, auth_message)
         return without_proof + b",p=" + b64(proof)
 
-    def handle_server_final(self, data: bytes) -> None:
-        """Verify the server's signature; raise if it does not prove knowledge of the verifier."""
-        if self._stage != 2:
-            raise fatal(PROTOCOL_VIOLATION, "unexpected SCRAM final message from server")
-        self._stage = 3
+    def _server_message(self, data: bytes, stage: int, what: str) -> list[bytes]:
+        """The attributes of the server's message expected at ``stage`` (then the next stage
+        begins): out of turn, malformed, or an ``e=`` error from the server raises."""
+        if self._stage != stage:
+            raise fatal(PROTOCOL_VIOLATION, f"unexpected SCRAM {what} from server")
+        self._stage = stage + 1
         _check_server_text(data)
         parts = data.split(b",")
         if parts[0].startswith(b"e="):
             raise _server_error(f"Server reported error {parts[0][2:].decode(errors='replace')}.")
+        return parts
+
+    def handle_server_final(self, data: bytes) -> None:
+        """Verify the server's signature; raise if it does not prove knowledge of the verifier."""
+        parts = self._server_message(data, 2, "final message")
         signature = b64decode(_server_attr(parts, 0, b"v"))
         if signature is None or not hmac.compare_digest(signature, self._server_signature):
             raise fatal(PROTOCOL_VIOLATION, "incorrect server signature in SCRAM exchange")
