@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-from pgproxy import precheck, sql
+from pgproxy import listening_channels, params, precheck, sql
 from pgproxy.backend import ServerConnection, ServerLink
 from pgproxy.client.host import ProxyServices
 from pgproxy.client.pending import Effect, StatementEffect, TransactionEffects
@@ -185,6 +185,9 @@ class ClientUnits(WireProtocol, ServerLink):
                 released = self._effects().savepoint(effect)
                 if released:
                     self._unhold(released)
+        rewritten = self._listening_rewrite(text)
+        if rewritten is not None:  # parsed anew each time: the channels go into the text
+            return m.query(rewritten.text(listening_channels.channels_literal(self._channels())))
         return None
 
     def _inspect_parse(self, server: ServerConnection, body: bytes) -> bytes | None:
@@ -192,6 +195,7 @@ class ClientUnits(WireProtocol, ServerLink):
         name, tail_at = ("", 1) if body[:1] == b"\0" else m.read_cstring(body, 0)
         effects: list[StatementEffect] = []
         notifies = False
+        rewritten: listening_channels.Rewritten | None = None
         text_end = body.find(b"\0", tail_at)
         if text_end < 0:
             raise m.ProtocolError("missing string terminator")
@@ -214,13 +218,80 @@ class ClientUnits(WireProtocol, ServerLink):
                 ):
                     effects.append(effect)
             notifies = sql.may_notify(text)
+            rewritten = self._listening_rewrite(text)
+            if rewritten is not None:
+                # A prepared statement's text must not change: it reads a setting, kept at
+                # the client's channels on every server it runs on from now on.
+                tail = m.parse_tail_with_text(
+                    body[tail_at:], rewritten.text(listening_channels.FROM_SETTING)
+                )
+                self._follow_channels(server)
         if effects or notifies:
             if any(isinstance(e, sql.Listen | sql.Unlisten) for e in effects):
                 server.needs_unlisten = True
             self._effects().parsed(name, effects, notifies)
         elif self.pending is not None:
             self.pending.parsed(name, effects, notifies)
-        return self._statements().parse(server, name, body[tail_at:])
+        if rewritten is None:
+            return self._statements().parse(server, name, body[tail_at:])
+        out = self._statements().parse(server, name, tail)
+        return m.message(m.PARSE, b"\0" + tail) if out is None else out  # None: unnamed
+
+    # --- pg_listening_channels(): the client's channels, not the server's -------------------
+
+    def _channels(self) -> list[str]:
+        """The client's committed channels, in Postgres' order."""
+        return self.subs.channels if self.subs is not None else []
+
+    def _listening_rewrite(self, text: str) -> listening_channels.Rewritten | None:
+        """``text`` with its pg_listening_channels() calls reading the client's channels,
+        where pglast reads the text as the server does (else the server answers)."""
+        if "pg_listening_channels" not in text.lower():  # most texts the pre-check passes
+            return None
+        if not self.settings.text_rules_ok():
+            return None
+        return listening_channels.rewrite(text)
+
+    def _sync_settings(self, server: ServerConnection) -> None:
+        """Bring the linked ``server``, which owes the client nothing, to its parameters."""
+        settings = self.settings
+        state = settings.state
+        if state is None:
+            state = settings.snapshot()
+        if server.param_state is not state:
+            statement = settings.sync_sql(server)
+            if statement is not None:
+                server.send_internal(statement)
+                server.proxy_set = dict(settings.unreported)
+            server.param_state = state
+
+    def _follow_channels(self, server: ServerConnection) -> None:
+        """A prepared statement reads the setting: from now on every link sets it; on this
+        server it is set now unless the server is busy with earlier work of the client (then
+        from the next unit)."""
+        settings = self.settings
+        if settings.listening is not None:
+            return  # already kept: the link set it
+        settings.follow_channels(self._channels())
+        flow = server.flow
+        if flow.pending or flow.unsynced or flow.copy_in:
+            return
+        if flow.status == m.IDLE:
+            self._sync_settings(server)
+        elif flow.status == m.IN_TRANSACTION:
+            # Inside the client's transaction: for that transaction only (a session-level
+            # value would be undone by a ROLLBACK behind the proxy's back).
+            server.send_internal(
+                f"SELECT pg_catalog.set_config({params.quote_literal(listening_channels.SETTING)}"
+                f", {params.quote_literal(listening_channels.array_literal(self._channels()))}"
+                ", true)"
+            )
+
+    def _channels_committed(self, channels: list[str]) -> None:
+        """The client's channel list is now ``channels``."""
+        self._subscriptions().channels = channels
+        if self.settings.listening is not None:
+            self.settings.follow_channels(channels)
 
     # --- session state transaction pooling cannot carry --------------------------------------
 
@@ -329,8 +400,10 @@ class ClientUnits(WireProtocol, ServerLink):
             change.apply_to(server)
         listener = self.subs.listener if self.subs is not None else None
         if listener is not None and any(isinstance(e, sql.Listen | sql.Unlisten) for e in effects):
-            wanted = sql.apply_effects(listener.channels_of(self), effects)
+            channels = sql.apply_effects(self._channels(), effects)
+            wanted = set(channels)
             listener.set_channels(self, wanted)
+            self._channels_committed(channels)
             not_live = listener.pending_readiness(wanted)
             if not_live:
                 # Acknowledge only what is true: the COMMIT's reply waits for the listener.

@@ -467,6 +467,11 @@ def parse(name: str, sql: str, oids: Sequence[int] = ()) -> bytes:
     return message(PARSE, body)
 
 
+def parse_tail_with_text(tail: bytes, sql: str) -> bytes:
+    """A Parse body after the statement name (text, parameter types) with its text replaced."""
+    return _cstr(sql) + tail[tail.index(b"\0") + 1 :]
+
+
 def bind(
     portal: str, statement: str, params: Sequence[bytes | None] = (), formats: Sequence[int] = ()
 ) -> bytes:
