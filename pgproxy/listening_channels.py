@@ -9,10 +9,12 @@ same rows in the same order, with an alias where the column or range would other
 Only the statement holding a call is replaced (by pglast's deparse of it); the rest of the
 text is kept as sent.
 
-The channel array comes in one of two forms: written into the text (:func:`channels_literal`:
-a simple Query, which the server parses anew every time), or read from the setting
-``pgproxy.listening_channels`` (:data:`FROM_SETTING`: a prepared statement, whose text must not
-change between executions), which the session keeps on the server (``client/settings.py``).
+The channels are written into the text as a literal (:func:`channels_literal`), so every
+reply is Postgres' own and the server holds nothing of the client's. A simple Query is
+rewritten each time it is sent; a prepared statement's Parse is sent with the channels of that
+moment, and the proxy maps the client's statement name to a new server statement whenever the
+client's channels change (``client/statements.py``), so every Bind runs with the channels
+committed by then: a LISTEN of a still-open transaction is not listed, as in Postgres.
 
 Rule: a rewritten statement returns exactly what Postgres returns to the client; where that
 cannot be promised (a statement that stores the query for later, such as CREATE VIEW or
@@ -33,13 +35,7 @@ from pglast.visitors import Ancestor, Visitor
 
 from pgproxy.params import quote_literal
 
-SETTING: Final = "pgproxy.listening_channels"
 NAME: Final = "pg_listening_channels"
-# The channel array read from the setting; empty (never set, or RESET) means no channel.
-FROM_SETTING: Final = (
-    f"(COALESCE(NULLIF(pg_catalog.current_setting('{SETTING}', true), ''), '{{}}'))"
-    "::pg_catalog.text[]"
-)
 # Stands where the channel array goes in the deparsed text (texts containing it are left alone).
 _MARKER: Final = "pgproxy_listening_channels_marker"
 

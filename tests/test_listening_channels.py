@@ -250,3 +250,22 @@ async def test_asyncpg_prepared_statements_follow_the_channels(
     finally:
         await direct.close()
         await proxied.close()
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_first_prepared_use_in_a_pipeline(
+    pg: PgCluster, proxy: ProxyThread, autocommit: bool
+) -> None:
+    """The first statement reading the channels sent in one batch behind other work (psycopg's
+    pipeline; pgjdbc sends BEGIN so) sees them."""
+    boss = PG_BOSS.replace("$1", "%s")
+    for dsn in (pg.dsn(), proxy.dsn()):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("LISTEN jobs")
+            conn.autocommit = autocommit
+            with conn.pipeline():
+                conn.execute("SELECT 1")
+                first = conn.execute(boss, ("jobs",), prepare=True)
+                count = conn.execute(COUNT)
+            assert first.fetchone() == (True,), dsn
+            assert count.fetchone() == (1,), dsn

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from pgproxy import listening_channels, params, sql
+from pgproxy import params, sql
 from pgproxy.params import READ_ONLY_PARAMETERS
 from pgproxy.protocol import messages as m
 
@@ -32,7 +32,6 @@ class ClientSettings:
         "_startup_reported",
         "_startup_unreported",
         "corrections_due",
-        "listening",
         "reported",
         "state",
         "text_ok",
@@ -55,9 +54,6 @@ class ClientSettings:
         # A RESET passed: ParameterStatus corrections may be due at the next ReadyForQuery (an
         # attribute, not a property: the session reads it before every ReadyForQuery).
         self.corrections_due = False
-        # The statement giving the setting pgproxy.listening_channels this client's channels
-        # (None: it never ran a prepared statement that reads it, so it is not kept).
-        self.listening: str | None = None
 
     def snapshot(self) -> params.ParamState:
         state = self.state
@@ -81,16 +77,6 @@ class ClientSettings:
         """SQL that brings ``server`` to this client's parameters (None: it agrees)."""
         return params.sync_sql(self.reported, self.unreported, server.params, server.proxy_set)
 
-    def follow_channels(self, channels: list[str]) -> None:
-        """Keep the setting its rewritten pg_listening_channels() reads at ``channels`` on
-        every server this client links (an unreported parameter of its own, so a server that
-        goes to another client is reset)."""
-        statement = params.set_statement(
-            listening_channels.SETTING, listening_channels.array_literal(channels)
-        )
-        self.listening = self.unreported[listening_channels.SETTING] = statement
-        self.state = None
-
     def server_reported(self, name: str, value: str) -> None:
         """The linked server announced a ParameterStatus the client sees."""
         if name not in READ_ONLY_PARAMETERS:
@@ -108,8 +94,6 @@ class ClientSettings:
                 change.reset_all = change.changed = True
                 change.proxy_set.clear()  # what this unit SET before is reset too
                 self.unreported = dict(self._startup_unreported)
-                if self.listening is not None:  # the proxy's, not the client's to reset
-                    self.unreported[listening_channels.SETTING] = self.listening
                 self._reset_set().update(self._startup_reported)
             elif isinstance(effect, sql.SetParameter) and effect.name in reported:
                 # Only the last RESET or SET of a name counts; a RESET is corrected at the

@@ -403,7 +403,16 @@ class ClientStream(ClientUnits):
         self.mode = LINKED
         self.server = server
         server.link(self)
-        self._sync_settings(server)
+        settings = self.settings
+        state = settings.state
+        if state is None:
+            state = settings.snapshot()
+        if server.param_state is not state:
+            sql = settings.sync_sql(server)
+            if sql is not None:
+                server.send_internal(sql)
+                server.proxy_set = dict(settings.unreported)
+            server.param_state = state
         if self.write_paused:
             server.pause_reading()
 

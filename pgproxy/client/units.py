@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-from pgproxy import listening_channels, params, precheck, sql
+from pgproxy import listening_channels, precheck, sql
 from pgproxy.backend import ServerConnection, ServerLink
 from pgproxy.client.host import ProxyServices
 from pgproxy.client.pending import Effect, StatementEffect, TransactionEffects
@@ -219,23 +219,18 @@ class ClientUnits(WireProtocol, ServerLink):
                     effects.append(effect)
             notifies = sql.may_notify(text)
             rewritten = self._listening_rewrite(text)
-            if rewritten is not None:
-                # A prepared statement's text must not change: it reads a setting, kept at
-                # the client's channels on every server it runs on from now on.
-                tail = m.parse_tail_with_text(
-                    body[tail_at:], rewritten.text(listening_channels.FROM_SETTING)
-                )
-                self._follow_channels(server)
         if effects or notifies:
             if any(isinstance(e, sql.Listen | sql.Unlisten) for e in effects):
                 server.needs_unlisten = True
             self._effects().parsed(name, effects, notifies)
         elif self.pending is not None:
             self.pending.parsed(name, effects, notifies)
-        if rewritten is None:
-            return self._statements().parse(server, name, body[tail_at:])
-        out = self._statements().parse(server, name, tail)
-        return m.message(m.PARSE, b"\0" + tail) if out is None else out  # None: unnamed
+        if rewritten is not None:
+            rest = body[text_end + 1 :]  # the parameter types
+            return self._statements().parse_rewritten(
+                server, name, rewritten, rest, self._channels()
+            )
+        return self._statements().parse(server, name, body[tail_at:])
 
     # --- pg_listening_channels(): the client's channels, not the server's -------------------
 
@@ -252,46 +247,12 @@ class ClientUnits(WireProtocol, ServerLink):
             return None
         return listening_channels.rewrite(text)
 
-    def _sync_settings(self, server: ServerConnection) -> None:
-        """Bring the linked ``server``, which owes the client nothing, to its parameters."""
-        settings = self.settings
-        state = settings.state
-        if state is None:
-            state = settings.snapshot()
-        if server.param_state is not state:
-            statement = settings.sync_sql(server)
-            if statement is not None:
-                server.send_internal(statement)
-                server.proxy_set = dict(settings.unreported)
-            server.param_state = state
-
-    def _follow_channels(self, server: ServerConnection) -> None:
-        """A prepared statement reads the setting: from now on every link sets it; on this
-        server it is set now unless the server is busy with earlier work of the client (then
-        from the next unit)."""
-        settings = self.settings
-        if settings.listening is not None:
-            return  # already kept: the link set it
-        settings.follow_channels(self._channels())
-        flow = server.flow
-        if flow.pending or flow.unsynced or flow.copy_in:
-            return
-        if flow.status == m.IDLE:
-            self._sync_settings(server)
-        elif flow.status == m.IN_TRANSACTION:
-            # Inside the client's transaction: for that transaction only (a session-level
-            # value would be undone by a ROLLBACK behind the proxy's back).
-            server.send_internal(
-                f"SELECT pg_catalog.set_config({params.quote_literal(listening_channels.SETTING)}"
-                f", {params.quote_literal(listening_channels.array_literal(self._channels()))}"
-                ", true)"
-            )
-
     def _channels_committed(self, channels: list[str]) -> None:
-        """The client's channel list is now ``channels``."""
+        """The client's channel list is now ``channels``: its prepared statements that read
+        it map to server statements holding the new list."""
         self._subscriptions().channels = channels
-        if self.settings.listening is not None:
-            self.settings.follow_channels(channels)
+        if self.stmts is not None:
+            self.stmts.channels_changed(channels)
 
     # --- session state transaction pooling cannot carry --------------------------------------
 

@@ -467,9 +467,9 @@ def parse(name: str, sql: str, oids: Sequence[int] = ()) -> bytes:
     return message(PARSE, body)
 
 
-def parse_tail_with_text(tail: bytes, sql: str) -> bytes:
-    """A Parse body after the statement name (text, parameter types) with its text replaced."""
-    return _cstr(sql) + tail[tail.index(b"\0") + 1 :]
+def parse_tail(sql: str, parameter_types: bytes) -> bytes:
+    """A Parse body after the statement name: the text, then the parameter types as sent."""
+    return _cstr(sql) + parameter_types
 
 
 def bind(
