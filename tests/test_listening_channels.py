@@ -12,6 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from pgproxy.listening_channels import rewrite
 from pgproxy.params import quote_ident
 from pgproxy.testing.cluster import PgCluster
 from tests.conftest import MakeProxy
@@ -118,6 +119,10 @@ def test_every_shape_matches_a_direct_connection(twins: Twins) -> None:
     twins.run('LISTEN "zz"; LISTEN "fresh"; UNLISTEN "a,b"')
     _every_way(twins)
     twins.run("UNLISTEN *")
+    _every_way(twins)
+    twins.listen("after", "discard")
+    _every_way(twins)
+    twins.run("DISCARD ALL")  # UNLISTEN * too
     _every_way(twins)
 
 
@@ -269,3 +274,49 @@ def test_first_prepared_use_in_a_pipeline(
                 count = conn.execute(COUNT)
             assert first.fetchone() == (True,), dsn
             assert count.fetchone() == (1,), dsn
+
+
+def test_session_mode_answers_the_same(pg: PgCluster, make_proxy: MakeProxy) -> None:
+    twins = Twins(pg, make_proxy({"pool_mode": "session"}))
+    try:
+        twins.listen(*ODD_CHANNELS[:4])
+        _every_way(twins)
+    finally:
+        twins.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE VIEW v AS SELECT pg_listening_channels()",  # stored: would freeze the list
+        "CREATE MATERIALIZED VIEW v AS SELECT pg_listening_channels()",
+        "PREPARE p AS SELECT pg_listening_channels()",
+        "CREATE FUNCTION f() RETURNS SETOF text BEGIN ATOMIC SELECT pg_listening_channels(); END",
+        "SELECT 'pg_listening_channels()' -- pg_listening_channels()",
+        "SELECT pg_listening_channels(1)",  # the server's own error
+        "SELECT pg_listening_channels() OVER ()",
+        "SELECT myschema.pg_listening_channels()",
+        "SELECT pgproxy_listening_channels_marker, pg_listening_channels()",
+        "SELECT pg_listening_channels(",
+    ],
+)
+def test_left_to_the_server(sql: str) -> None:
+    assert rewrite(sql) is None
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        (
+            "CREATE TABLE t AS SELECT pg_listening_channels()",
+            "CREATE TABLE t AS SELECT pg_catalog.unnest(ARR) AS pg_listening_channels",
+        ),
+        (
+            "/* keep */ select 1;\nEXPLAIN ANALYZE SELECT * FROM pg_listening_channels() c",
+            "/* keep */ select 1;\nEXPLAIN (analyze) SELECT * FROM pg_catalog.unnest(ARR) AS c",
+        ),
+    ],
+)
+def test_rewritten_text(sql: str, expected: str) -> None:
+    rewritten = rewrite(sql)
+    assert rewritten is not None and rewritten.text("ARR") == expected
