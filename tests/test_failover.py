@@ -26,6 +26,7 @@ from pgproxy.pool.targets import query_role, role_from_params
 from pgproxy.testing.cluster import PgCluster
 from pgproxy.testing.standby import make_standby, promote, rejoin
 from tests.conftest import MakeProxy
+from tests.support.listen_fault import ListenFaultRelay
 from tests.support.load import ClientLoops, hears_after_listen, told_and_closed
 from tests.support.proxy_runner import ProxyThread
 from tests.support.raw import RawClient, error_of
@@ -217,6 +218,26 @@ def _wait(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> fl
         assert time.monotonic() - start < timeout, what
         time.sleep(0.01)
     return time.monotonic() - start
+
+
+def test_listen_is_retried_once_after_the_stale_queue_error(
+    make_proxy: MakeProxy, pg: PgCluster
+) -> None:
+    """LISTEN answered "could not access status of transaction": the listener runs
+    pg_notification_queue_usage() (which advances the queue tail) and LISTENs again, and the
+    client's LISTEN succeeds and hears what follows."""
+    with ListenFaultRelay(pg.port) as relay:
+        upstream = f"postgresql://127.0.0.1:{relay.port}/postgres?sslmode=disable"
+        proxy = make_proxy(databases={"app": {"url": upstream}})
+        hears_after_listen(proxy.dsn(dbname="app"), pg.dsn(), "stale_queue")
+        proxy.stop()
+    assert relay.faults == 0
+    listener_queries = [q for q in relay.queries if q.startswith("LISTEN") or "queue_usage" in q]
+    assert listener_queries == [
+        'LISTEN "stale_queue"',
+        "SELECT pg_catalog.pg_notification_queue_usage()",
+        'LISTEN "stale_queue"',
+    ]
 
 
 # --- the failover (runs last: it changes the pair) -----------------------------------------------
