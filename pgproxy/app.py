@@ -40,7 +40,7 @@ from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.pubsub.listener import Listener
-from pgproxy.pubsub.registry import listener_key, new_listener
+from pgproxy.pubsub.registry import ListenerKey, listener_key, new_listener
 from pgproxy.server_open import UpstreamTls, send_cancel
 from pgproxy.unixsocket import UnixListener, socket_path
 from pgproxy.wire import log
@@ -62,7 +62,7 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pools: dict[tuple[str, str], Pool] = {}
-        self.listeners: dict[tuple[str, int, str], Listener] = {}  # per upstream database
+        self.listeners: dict[ListenerKey, Listener] = {}  # per upstream database
         self.clients: dict[int, ClientSession] = {}  # by virtual pid, logged-in clients
         self.client_count = 0
         self._server: asyncio.Server | None = None
@@ -250,8 +250,7 @@ class Proxy:
         self.spawn(
             send_cancel(
                 server,
-                pool.database.host,
-                pool.database.port,
+                *server.address,  # the host it was opened on, of all the URL lists
                 pool.settings.connect_timeout,
             )
         )

@@ -81,6 +81,7 @@ async def open_server(
         except BaseException:
             conn.abort()
             raise
+        conn.address = (host, port)
         return conn
     raise AssertionError("unreachable: the 3.0 attempt returns or raises")
 

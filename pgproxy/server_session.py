@@ -38,6 +38,7 @@ _SERIALS = itertools.count(1)
 class InternalResult:
     error: PgError | None = None
     params: dict[str, str] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)  # CommandComplete tags, in order
 
 
 class _Internal:
@@ -52,6 +53,7 @@ class ServerSession(WireProtocol):
     __slots__ = (
         "_fatal",
         "_internal",
+        "address",
         "flow",
         "lost_callback",
         "needs_unlisten",
@@ -73,6 +75,7 @@ class ServerSession(WireProtocol):
         self.proxy_set: dict[str, str] = {}  # unreported parameters the proxy SET here
         self.pid = 0
         self.secret = b""
+        self.address = ("", 0)  # the upstream (host, port) it was opened on: where cancels go
         self.serial = next(_SERIALS)  # this process's number for it (the admin console's id)
         self.flow = ServerFlow()
         self.ready = False  # handshake done
@@ -137,6 +140,8 @@ class ServerSession(WireProtocol):
                 item.result.error = err
         elif type_ == m.NOTIFICATION_RESPONSE:
             self._stray_notification(body)
+        elif type_ == m.COMMAND_COMPLETE:
+            item.result.tags.append(m.parse_command_complete(body))
 
     def _internal_lost(self, error: PgError) -> None:
         """The connection is gone: every queued query that someone waits on fails."""

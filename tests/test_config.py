@@ -186,7 +186,10 @@ def test_shipped_commented_examples_are_valid() -> None:
         (db("postgresql:h/app"), "databases.app.url: must be a 'postgresql://'"),
         (db("postgresql://h:99999/app"), "databases.app.url: URL has an invalid port"),
         (db("postgresql://h:0/app"), "databases.app.url: URL port must be between 1 and 65535"),
-        (db("postgresql://h1,h2/app"), "databases.app.url: multiple hosts"),
+        (db("postgresql://h1,h2/app?port=1,2,3"), "databases.app.url: URL has 2 hosts but 3"),
+        (db("postgresql://h1,h2:x/app"), "databases.app.url: URL has an invalid port"),
+        (db("postgresql://h1,h2/app?target_session_attrs=master"), "target_session_attrs: must"),
+        (db("postgresql://h1,h2/app?load_balance_hosts=yes"), "load_balance_hosts: must be"),
         (db("postgresql://[::1/app"), "databases.app.url: not a valid URL"),
         (db("postgresql://h/app?sslmode=a&sslmode=b"), "'sslmode' given twice"),
         ({"databases": {"app": {}}}, "databases.app.url: required key is missing"),
@@ -526,3 +529,29 @@ def test_module_version() -> None:
     result = _run_module("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == "pgproxy 0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts"),
+    [
+        ("postgresql://h1:5432,h2:5433/app", (("h1", 5432), ("h2", 5433))),
+        ("postgresql://h1,h2:5433/app", (("h1", 5432), ("h2", 5433))),
+        ("postgresql://u:pw@[::1]:5433,h2/app", (("::1", 5433), ("h2", 5432))),
+        ("postgresql:///app?host=a,b&port=6000", (("a", 6000), ("b", 6000))),
+        ("postgresql:///app?host=a,b&port=6000,6001", (("a", 6000), ("b", 6001))),
+        ("postgresql://h1,h2/app?port=7000", (("h1", 7000), ("h2", 7000))),
+        ("postgresql://h/app", (("h", 5432),)),
+    ],
+)
+def test_multi_host_urls_list_every_host_in_order(url: str, hosts: tuple[object, ...]) -> None:
+    """libpq's host lists: the URI's own or host=/port= (one port for all, or one each)."""
+    app = parse_config(db(url)).databases["app"]
+    assert app.hosts == hosts
+    assert (app.host, app.port) == hosts[0]
+    assert app.target_session_attrs == "any" and app.load_balance_hosts == "disable"
+
+
+def test_target_session_attrs_and_load_balance_hosts_are_read_from_the_url() -> None:
+    url = "postgresql://h1,h2/app?target_session_attrs=read-write&load_balance_hosts=random"
+    app = parse_config(db(url)).databases["app"]
+    assert (app.target_session_attrs, app.load_balance_hosts) == ("read-write", "random")

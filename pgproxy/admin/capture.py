@@ -42,6 +42,7 @@ from pgproxy.config import CONSOLE_DATABASES, RESTART_FIELDS, WILDCARD, Config, 
 from pgproxy.config.schema import MASK
 from pgproxy.pool.pool import Pool
 from pgproxy.pubsub.listener import Listener
+from pgproxy.pubsub.registry import ListenerKey
 
 CONSOLE = CONSOLE_DATABASES[0]  # the name the console's rows show, whichever was used
 _SERVER_IDS = (1 << 22) - 1  # server ids stay below the first virtual PID
@@ -66,7 +67,7 @@ class ProxyState(Protocol):
 
     pools: dict[tuple[str, str], Pool]
     clients: dict[int, ClientSession]
-    listeners: dict[tuple[str, int, str], Listener]
+    listeners: dict[ListenerKey, Listener]
     client_count: int
     periods: StatsPeriods
 
@@ -123,7 +124,7 @@ def take(proxy: ProxyState) -> Snapshot:
     channels = [
         ChannelRow(database=db, channel=name, subscribers=len(ch.members),
                    notifications_received=ch.received, notifications_delivered=ch.delivered)
-        for (_, _, db), listener in proxy.listeners.items()
+        for (_, db), listener in proxy.listeners.items()
         for name, ch in listener.channels.items()
     ]  # fmt: skip
     return Snapshot(
@@ -341,9 +342,11 @@ def _users(
 # --- LISTEN/NOTIFY ----------------------------------------------------------------------------
 
 
-def _listener_row(key: tuple[str, int, str], listener: Listener) -> ListenerRow:
-    host, port, database = key
+def _listener_row(key: ListenerKey, listener: Listener) -> ListenerRow:
+    hosts, database = key
     conn = listener.conn
+    # The host it is on (of several: the primary it follows), else the first listed.
+    host, port = conn.address if conn is not None and not conn.closed else hosts[0]
     return ListenerRow(
         database=database, host=host, port=port, state=listener.state(),
         backend_pid=conn.pid if conn is not None and not conn.closed else None,

@@ -164,9 +164,15 @@ class DatabaseConfig:
     url: str = ""
     url_params: Mapping[str, str] = field(default_factory=dict, hash=False)
     auth_user: str | None = None  # overrides proxy.auth_user for this database
+    # Every (host, port) of a multi-host URL, in its order; ``host``/``port`` are the first.
+    hosts: tuple[tuple[str, int], ...] = ()
+    target_session_attrs: str = "any"  # libpq's meanings (pgproxy.pool.targets)
+    load_balance_hosts: str = "disable"  # "random": try the hosts in a random order
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url_params", MappingProxyType(dict(self.url_params)))
+        if not self.hosts:
+            object.__setattr__(self, "hosts", ((self.host, self.port),))
         if not self.url:
             path = "/" + quote(self.dbname, safe="") if self.dbname else ""
             if self.host.startswith("/"):  # a unix socket directory, as libpq writes it

@@ -211,6 +211,9 @@ def _parse_database(
         url=parsed.masked,
         url_params=parsed.params,
         auth_user=auth_user,
+        hosts=parsed.hosts,
+        target_session_attrs=parsed.target_session_attrs,
+        load_balance_hosts=parsed.load_balance_hosts,
     )
 
 

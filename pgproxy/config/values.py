@@ -219,19 +219,89 @@ def as_workers(value: object, path: str) -> int:
 # --------------------------------------------------------------------------- URLs
 
 
+# libpq's target_session_attrs and load_balance_hosts (libpq-connect.html, "Parameter Key Words").
+SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE = ("disable", "random")
+
+_HOST_ITEM_RE = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\],]*))(?::(?P<port>[^,]*))?")
+
+
 @dataclass(frozen=True)
 class ParsedUrl:
-    host: str
+    host: str  # the first of ``hosts``
     port: int
     dbname: str | None
     user: str | None
     password: str | None
     params: Mapping[str, str]
     masked: str
+    hosts: tuple[tuple[str, int], ...] = ()  # every (host, port), in the URL's order
+    target_session_attrs: str = "any"
+    load_balance_hosts: str = "disable"
+
+
+def _port(text: str, path: str) -> int | None:
+    """A port as libpq takes it: empty means the default."""
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]{1,5}", text):
+        raise ConfigError(f"{path}: URL has an invalid port")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{path}: URL port must be between 1 and 65535 (got {port})")
+    return port
+
+
+def _host_list(hostport: str, path: str) -> list[tuple[str | None, int | None]]:
+    """``h1:5432,[::1]:5433,h3`` (the netloc after any userinfo) as (host, port) pairs."""
+    out: list[tuple[str | None, int | None]] = []
+    for item in hostport.split(","):
+        m = _HOST_ITEM_RE.fullmatch(item)
+        if m is None:
+            raise ConfigError(f"{path}: URL has an invalid host list")
+        host = m.group("v6") if m.group("v6") is not None else unquote(m.group("host"))
+        out.append((host or None, _port(m.group("port") or "", path)))
+    return out
+
+
+def _check_host(host: str | None, path: str) -> None:
+    if host is not None and "%" in host:
+        raise ConfigError(f"{path}: URL host must not contain '%' (IPv6 zones are not supported)")
+    if host is not None and host.startswith("/") and "\0" in host:
+        raise ConfigError(f"{path}: URL socket directory must not contain NUL")
+
+
+def _hosts(
+    netloc_hosts: list[tuple[str | None, int | None]],
+    params: dict[str, str],
+    path: str,
+) -> tuple[tuple[str, int], ...]:
+    """Every (host, port), as libpq pairs them: ``host=``/``port=`` query parameters override
+    the URI's; a single port applies to every host, otherwise there must be one per host."""
+    hosts = [h for h, _ in netloc_hosts]
+    ports = [p for _, p in netloc_hosts]
+    if "host" in params:
+        hosts = [h or None for h in params.pop("host").split(",")]
+        ports = [None] * len(hosts) if len(ports) != len(hosts) else ports
+    if "port" in params:
+        given = [_port(p, path) for p in params.pop("port").split(",")]
+        if len(given) == 1:
+            ports = given * len(hosts)
+        elif len(given) == len(hosts):
+            ports = given
+        else:
+            raise ConfigError(f"{path}: URL has {len(hosts)} hosts but {len(given)} ports")
+    for host in hosts:
+        _check_host(host, path)
+    return tuple(
+        (host or DEFAULT_UPSTREAM_HOST, port or DEFAULT_UPSTREAM_PORT)
+        for host, port in zip(hosts, ports, strict=True)
+    )
 
 
 def parse_url(url: str, path: str) -> ParsedUrl:
-    """Parse a libpq URI.  Messages never echo the URL: it may hold a password."""
+    """Parse a libpq URI, several hosts included.  Messages never echo the URL: it may hold
+    a password."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -241,14 +311,20 @@ def parse_url(url: str, path: str) -> ParsedUrl:
         raise ConfigError(f"{path}: must be a 'postgresql://' or 'postgres://' URL{got}")
     if parts.fragment or url.endswith("#"):
         raise ConfigError(f"{path}: URL must not contain '#' (percent-encode it as %23)")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"{path}: URL has an invalid port") from None
-    host = parts.hostname or None
     hostport = parts.netloc.rpartition("@")[2]
-    if hostport[:3].lower() == "%2f":  # libpq's percent-encoded socket directory
-        host = unquote(hostport.partition(":")[0])
+    if "," in hostport:
+        netloc_hosts = _host_list(hostport, path)
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{path}: URL has an invalid port") from None
+        host = parts.hostname or None
+        if hostport[:3].lower() == "%2f":  # libpq's percent-encoded socket directory
+            host = unquote(hostport.partition(":")[0])
+        if port is not None and not 1 <= port <= 65535:
+            raise ConfigError(f"{path}: URL port must be between 1 and 65535 (got {port})")
+        netloc_hosts = [(host, port)]
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     dbname = unquote(parts.path[1:]) if parts.path not in ("", "/") else None
@@ -263,30 +339,19 @@ def parse_url(url: str, path: str) -> ParsedUrl:
             raise ConfigError(f"{path}: URL query parameter {name!r} given twice")
         params[name] = value
     # Like libpq, these query parameters override the corresponding URI parts.
-    if "host" in params:
-        host = params.pop("host") or None
-    if "port" in params:
-        port_text = params.pop("port")
-        if not re.fullmatch(r"[0-9]{1,5}", port_text):
-            raise ConfigError(f"{path}: URL has an invalid port")
-        port = int(port_text)
+    hosts = _hosts(netloc_hosts, params, path)
     if "user" in params:
         user = params.pop("user") or None
     if "dbname" in params:
         dbname = params.pop("dbname") or None
     if "password" in params:
         password = params.pop("password") or None
-
-    if port is None:
-        port = DEFAULT_UPSTREAM_PORT
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"{path}: URL port must be between 1 and 65535 (got {port})")
-    if host is not None and "," in host:
-        raise ConfigError(f"{path}: multiple hosts in one URL are not supported")
-    if host is not None and "%" in host:
-        raise ConfigError(f"{path}: URL host must not contain '%' (IPv6 zones are not supported)")
-    if host is not None and host.startswith("/") and "\0" in host:
-        raise ConfigError(f"{path}: URL socket directory must not contain NUL")
+    attrs = as_choice(
+        params.get("target_session_attrs", "any"), f"{path}: target_session_attrs", SESSION_ATTRS
+    )
+    balance = as_choice(
+        params.get("load_balance_hosts", "disable"), f"{path}: load_balance_hosts", LOAD_BALANCE
+    )
 
     netloc = parts.netloc
     userinfo, at, hostport = netloc.rpartition("@")
@@ -298,11 +363,14 @@ def parse_url(url: str, path: str) -> ParsedUrl:
     masked = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
     return ParsedUrl(
-        host=host or DEFAULT_UPSTREAM_HOST,
-        port=port,
+        host=hosts[0][0],
+        port=hosts[0][1],
         dbname=dbname,
         user=user,
         password=password,
         params=params,
         masked=masked,
+        hosts=hosts,
+        target_session_attrs=attrs,
+        load_balance_hosts=balance,
     )

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from pgproxy.config import Config
     from pgproxy.pool.pool import Pool
     from pgproxy.pubsub.listener import Listener
+    from pgproxy.pubsub.registry import ListenerKey
 
 
 class OpsHost(Protocol):
@@ -25,8 +26,8 @@ class OpsHost(Protocol):
         ...
 
     @property
-    def listeners(self) -> Mapping[tuple[str, int, str], Listener]:
-        """One listener per upstream (host, port, dbname)."""
+    def listeners(self) -> Mapping[ListenerKey, Listener]:
+        """One listener per upstream (hosts, dbname)."""
         ...
 
     @property

@@ -21,10 +21,11 @@ from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.backend import ServerConnection, ServerHome
 from pgproxy.config import DatabaseConfig, PoolMode
 from pgproxy.pool.stats import PoolStats
+from pgproxy.pool.targets import Upstream, open_suited, param_check
 from pgproxy.pool.waiters import Deliver, ServerRequest, chain, wake
 from pgproxy.protocol import errors
 from pgproxy.protocol.errors import PgError
-from pgproxy.server_open import UpstreamTls, open_server
+from pgproxy.server_open import UpstreamTls
 from pgproxy.wire import log
 
 
@@ -39,6 +40,7 @@ class PoolSettings:
     reset_query: str
     max_prepared_statements: int = 200
     tls: UpstreamTls | None = None
+    target_session_attrs: str = ""  # "": the database's (the listener asks for "primary")
 
 
 class Pool(ServerHome):
@@ -65,6 +67,10 @@ class Pool(ServerHome):
         self.settings = settings
         self.mode: PoolMode = settings.mode  # read on every message: an attribute, not a property
         self.startup = dict(startup or {})  # extra startup parameters for every server
+        # The role its servers must have (pool/targets.py), and whether one still has it by
+        # what it reported last (None: any will do): checked as servers come free.
+        self.target = settings.target_session_attrs or database.target_session_attrs
+        self.suits = param_check(self.target)
         self.idle: list[ServerConnection] = []
         self.active: set[ServerConnection] = set()
         self.waiters: deque[ServerRequest] = deque()
@@ -102,9 +108,12 @@ class Pool(ServerHome):
         """An idle server at once (no waiting, no task), or None."""
         while self.idle:
             server = self.idle.pop()
-            if not server.closed:
-                self.active.add(server)
+            if server.closed:
+                continue
+            self.active.add(server)
+            if self.suits is None or self.suits(server.params):
                 return server
+            self.close_for(server, "role changed")
         return None
 
     def request(self, deliver: Deliver, timeout: float) -> ServerRequest:
@@ -197,27 +206,19 @@ class Pool(ServerHome):
 
     async def _open(self) -> ServerConnection:
         params = {"user": self.upstream_user, "database": self.upstream_db, **self.startup}
+        settings = self.settings
+        upstream = Upstream(
+            self,
+            self.database,
+            self.target,
+            params,
+            self.credentials(),
+            settings.tls,
+            settings.max_prepared_statements,
+            settings.connect_timeout,
+        )
         try:
-            server = await asyncio.wait_for(
-                open_server(
-                    self,
-                    self.settings.max_prepared_statements,
-                    self.database.host,
-                    self.database.port,
-                    params,
-                    self.credentials(),
-                    self.settings.tls,
-                ),
-                self.settings.connect_timeout or None,
-            )
-        except TimeoutError:
-            error = PgError(
-                errors.CONNECTION_FAILURE,
-                f"could not connect to upstream server {self.database.host}:"
-                f"{self.database.port}: timeout after {self.settings.connect_timeout:g}s",
-            )
-            self._log_connect_failure(error)
-            raise error from None
+            server = await open_suited(upstream)
         except PgError as exc:
             self._log_connect_failure(exc)
             raise
@@ -228,13 +229,13 @@ class Pool(ServerHome):
             "%r: opened %r",
             self,
             server,
-            extra={"event": "server_opened", "pid": server.pid, **self._log_fields()},
+            extra={"event": "server_opened", "pid": server.pid, **self._log_fields(server)},
         )
         return server
 
-    def _log_fields(self) -> dict[str, object]:
-        db = self.database
-        upstream = f"[{db.host}]:{db.port}" if ":" in db.host else f"{db.host}:{db.port}"
+    def _log_fields(self, server: ServerConnection | None = None) -> dict[str, object]:
+        host, port = server.address if server is not None else self.database.hosts[0]
+        upstream = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return {
             "pool": self.name,
             "database": self.upstream_db,
@@ -290,6 +291,9 @@ class Pool(ServerHome):
             self.discard(server)
             return
         # Still counted as active here, so that closing it gives its slot back.
+        if self.suits is not None and not self.suits(server.params):
+            self.close_for(server, "role changed")  # promoted or made read-only under it
+            return
         lifetime = self.settings.lifetime
         if (
             not server.flow.idle
@@ -337,7 +341,8 @@ class Pool(ServerHome):
             removed = True
         if removed:
             fields = {"event": "server_closed", "pid": server.pid, "reason": reason}
-            log.info("%r: closed %r: %s", self, server, reason, extra=fields | self._log_fields())
+            fields |= self._log_fields(server)
+            log.info("%r: closed %r: %s", self, server, reason, extra=fields)
             self.total -= 1
             self._wake_waiter_to_connect()
         if self.stale:

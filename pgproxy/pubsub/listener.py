@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from pgproxy.backend import ServerConnection
 from pgproxy.params import quote_ident
 from pgproxy.pool.pool import Pool
+from pgproxy.pool.targets import unsuited
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
@@ -212,9 +213,7 @@ class Listener:
     async def _listen(self, name: str, channel: _Channel) -> None:
         try:
             conn = await self._connection()
-            result = await conn.run_internal(f"LISTEN {quote_ident(name)}")
-            if result.error is not None:
-                raise result.error
+            await run_listen(conn, f"LISTEN {quote_ident(name)}")
         except PgError as exc:
             self.last_error = exc.message
             if not channel.ready.done():
@@ -265,6 +264,7 @@ class Listener:
             try:
                 async with asyncio.timeout(self.ping_timeout or None):
                     await conn.run_internal("")
+                    wrong = await unsuited(conn, self.pool.target)
             except TimeoutError:
                 why = f"no answer to a ping within {self.ping_timeout:g}s"
                 log.warning("%r: %s; dropping the connection", self, why)
@@ -274,6 +274,14 @@ class Listener:
                 return
             except (PgError, ConnectionError):
                 return  # the connection's loss is reported through _on_lost
+            if wrong is not None:
+                # A failover behind its back: LISTEN is alive only on the primary.
+                why = f"the server's role changed ({wrong})"
+                log.warning("%r: %s; reconnecting", self, why)
+                conn.abort_with(
+                    PgError(errors.CONNECTION_FAILURE, f"listener connection lost: {why}")
+                )
+                return
 
     def map_pid(self, server_pid: int, virtual_pid: int) -> None:
         """Show ``server_pid``'s notifications as ``virtual_pid`` until the fence ends."""
@@ -373,9 +381,7 @@ class Listener:
             try:
                 conn = await self._connection()
                 names = list(self.channels)
-                result = await conn.run_internal(_listen_all(names))
-                if result.error is not None:
-                    raise result.error
+                await run_listen(conn, _listen_all(names))
             except (PgError, ConnectionError) as exc:
                 self.last_error = str(exc)
                 log.warning(
@@ -454,6 +460,23 @@ def _enable_keepalive(conn: ServerConnection) -> None:
             sock.setsockopt(level, name, value)
         except OSError as exc:
             log.debug("listener socket option %s not set: %s", name, exc)
+
+
+# LISTEN reads the queue from its tail; entries of transactions whose commit status is gone
+# (truncated pg_xact) make it fail so. pg_notification_queue_usage() advances the tail past them
+# (async.c), so one retry after it succeeds, as PostgREST does.
+STALE_QUEUE = "could not access status of transaction"
+
+
+async def run_listen(conn: ServerConnection, sql: str) -> None:
+    """Run LISTEN statements on the listener connection; raises PgError if they fail."""
+    result = await conn.run_internal(sql)
+    if result.error is not None and STALE_QUEUE in result.error.message:
+        log.warning("LISTEN failed (%s); advancing the queue tail, retrying", result.error.message)
+        await conn.run_internal("SELECT pg_catalog.pg_notification_queue_usage()")
+        result = await conn.run_internal(sql)
+    if result.error is not None:
+        raise result.error
 
 
 def _listen_all(names: Iterable[str]) -> str:

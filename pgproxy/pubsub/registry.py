@@ -13,10 +13,21 @@ from pgproxy.config import ProxySettings
 from pgproxy.pool.pool import Pool, PoolSettings
 from pgproxy.pubsub.listener import Listener
 
+ListenerKey = tuple[tuple[tuple[str, int], ...], str]
 
-def listener_key(pool: Pool) -> tuple[str, int, str]:
-    """Notifications are per upstream database: one listener per (host, port, dbname)."""
-    return (pool.database.host, pool.database.port, pool.upstream_db)
+
+def listener_key(pool: Pool) -> ListenerKey:
+    """Notifications are per upstream database: one listener per (hosts, dbname)."""
+    return (pool.database.hosts, pool.upstream_db)
+
+
+def listener_target(pool: Pool) -> str:
+    """The role the listener's server must have. LISTEN works only on a primary, so with
+    several hosts (or a URL that asks for one) it follows the primary whatever the pool's
+    own target; a lone host is taken as it is (a standby then answers LISTEN with 25006)."""
+    if len(pool.database.hosts) > 1 or pool.target in ("primary", "read-write"):
+        return "primary"
+    return pool.target
 
 
 def new_listener(pool: Pool, settings: ProxySettings) -> Listener:
@@ -31,6 +42,7 @@ def new_listener(pool: Pool, settings: ProxySettings) -> Listener:
         lifetime=0,
         reset_query="",
         tls=pool.settings.tls,
+        target_session_attrs=listener_target(pool),
     )
     startup = {
         "application_name": "pgproxy-listener",

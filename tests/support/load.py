@@ -13,9 +13,19 @@ from collections.abc import Callable
 import psycopg
 
 
+def select_one(conn: psycopg.Connection) -> None:
+    assert conn.execute("select 1").fetchone() == (1,)
+
+
 class ClientLoops:
-    def __init__(self, dsn: str, count: int = 4) -> None:
+    """``count`` threads each running ``work`` (one unit, on an autocommit connection) again
+    and again; ``select_one`` unless told otherwise."""
+
+    def __init__(
+        self, dsn: str, count: int = 4, work: Callable[[psycopg.Connection], None] = select_one
+    ) -> None:
         self.dsn = dsn
+        self.work = work
         self.done = 0
         self.unexpected: list[str] = []
         self._stop = threading.Event()
@@ -37,7 +47,7 @@ class ClientLoops:
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
-                assert conn.execute("select 1").fetchone() == (1,)
+                self.work(conn)
                 self.done += 1
             except psycopg.OperationalError:
                 conn = None  # its server died under the statement, or Postgres was down
