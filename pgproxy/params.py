@@ -139,5 +139,11 @@ def parse_options(options: str) -> dict[str, str]:
                 f"-c {name} requires a value",
                 severity="FATAL",
             )
+        if not name:  # "-c=" (a PgBouncer CVE class): refused here, as Postgres refuses it
+            raise PgError(
+                errors.UNDEFINED_OBJECT,
+                'unrecognized configuration parameter ""',
+                severity="FATAL",
+            )
         out[name.replace("-", "_").lower()] = value
     return out

@@ -93,7 +93,7 @@ class ClientSession(ClientListening):
             subs.listener.dropped += subs.drop_held()  # it left inside a transaction
             subs.listener.drop(self)
         if server is not None and self.pool is not None:
-            give_back(self.pool, server, self.proxy.spawn)
+            give_back(self.pool, server, self.proxy.spawn, mid_message=self._passthrough > 0)
 
     def _end_transaction_state(self) -> None:
         """The server running this client's transaction is gone: nothing of it committed."""

@@ -454,7 +454,9 @@ class ClientStream(ClientUnits):
     # --- ServerLink: the server's side of the link -------------------------------------------
 
     def server_released(self) -> bool:
-        if self.pool is None or self.pool.mode == "session" or self._inbuf:
+        # Mid-message (``_passthrough``), the server must get the rest of it before anyone
+        # else writes to it: it stays linked until a later ReadyForQuery.
+        if self.pool is None or self.pool.mode == "session" or self._inbuf or self._passthrough:
             return False
         self.mode = UNLINKED
         self.server = None

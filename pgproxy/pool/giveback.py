@@ -1,9 +1,11 @@
 """Taking back a server whose client has gone, so that no one inherits its state.
 
 Owns the rule for a server left behind by a client that disconnected (or was closed): reused
-only if provably clean. Mid-query (replies in flight, an unsynced extended unit, COPY) it is
-closed; inside a transaction it gets a ROLLBACK, and in session mode the pool's
-``reset_query``, each as internal work whose failure closes it; then it is released.
+only if provably clean. Mid-query (replies in flight, an unsynced extended unit, COPY) or
+mid-message (the client left part of a message unsent: the server would read whatever comes
+next as the rest of it) it is closed; inside a transaction it gets a ROLLBACK, and in session
+mode the pool's ``reset_query``, each as internal work whose failure closes it; then it is
+released.
 
 Rule: the server is either released or closed, exactly once, and never handed to another
 client before its cleanup has succeeded.
@@ -20,11 +22,18 @@ from pgproxy.protocol.errors import PgError
 
 
 def give_back(
-    pool: Pool, server: ServerConnection, spawn: Callable[[Coroutine[Any, Any, Any]], None]
+    pool: Pool,
+    server: ServerConnection,
+    spawn: Callable[[Coroutine[Any, Any, Any]], None],
+    mid_message: bool = False,
 ) -> None:
-    """Take back ``server`` into ``pool``; the cleanup runs in a task ``spawn`` starts."""
+    """Take back ``server`` into ``pool``; the cleanup runs in a task ``spawn`` starts.
+    ``mid_message``: the server has received only the start of the client's last message."""
     flow = server.flow
     if server.closed:
+        return
+    if mid_message:
+        pool.close_for(server, "client left mid-message")
         return
     if flow.pending or flow.unsynced or flow.copy_in:
         # Mid-query: its results would go nowhere and its state is unknown.
