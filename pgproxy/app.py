@@ -328,7 +328,8 @@ class Proxy:
         )
         if tls_context is None:
             return None
-        return UpstreamTls(tls_context, tls.upstream_requires_tls(tls_mode))
+        direct = db.url_params.get("sslnegotiation") == "direct"  # checked by the config
+        return UpstreamTls(tls_context, tls.upstream_requires_tls(tls_mode), direct)
 
     def _upstream_credentials(
         self, db: DatabaseConfig, user: str
