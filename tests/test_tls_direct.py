@@ -84,15 +84,17 @@ def _raw_direct(port: int, alpn: list[str] | None) -> bytes:
     ctx.verify_mode = ssl.CERT_NONE
     if alpn is not None:
         ctx.set_alpn_protocols(alpn)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw) as tls:
-            tls.sendall(m.startup_message({"user": "postgres", "database": "postgres"}))
-            answer = b""
-            while chunk := tls.recv(65536):
-                answer += chunk
-                if b"Z\0\0\0\5" in answer:
-                    break
-            return answer
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(m.startup_message({"user": "postgres", "database": "postgres"}))
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+            if b"Z\0\0\0\5" in answer:
+                break
+        return answer
 
 
 # --- from clients ------------------------------------------------------------------------------
