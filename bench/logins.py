@@ -12,6 +12,7 @@ TLS, as libpq's default) or ``direct`` (TLS from the first byte with ALPN ``post
 libpq 17's ``sslnegotiation=direct``); any TLS case runs pgproxy with ``client_tls_mode =
 "prefer"`` and a throwaway certificate (``trustme``).  ``--tree DIR`` runs the pgproxy of
 another checkout (to compare before/after a change on the same machine, interleaved by round).
+``--quick`` (4 clients, 1 s, one round, every TLS case) is the smoke test.
 """
 
 from __future__ import annotations
@@ -138,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tls", default="none", help=f"comma-separated: {', '.join(TLS_CASES)}")
+    parser.add_argument("--quick", action="store_true", help="a few seconds: the smoke test")
     parser.add_argument("--tree", action="append", type=Path, default=[],
                         help="a checkout to measure (repeatable; default: this one)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.seconds, args.rounds, args.tls = 4, 1.0, 1, ",".join(TLS_CASES)
     cases = args.tls.split(",")
     if any(case not in TLS_CASES for case in cases):
         parser.error(f"--tls: one or more of {', '.join(TLS_CASES)}")
