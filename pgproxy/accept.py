@@ -22,7 +22,6 @@ Rules that keep it honest:
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -37,9 +36,9 @@ from pgproxy.wire import log
 # up to its backlog, 100 by default; libuv takes all there are).
 ACCEPT_BATCH: Final = 32
 BACKLOG: Final = 4096
-# accept() failing for want of resources: wait this long before trying again (as asyncio).
+# accept() failing (out of file descriptors: EMFILE): wait this long before trying again
+# (as asyncio), rather than be woken at once for the same error, again and again.
 _RESOURCE_PAUSE_S: Final = 1.0
-_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def bind_tcp(host: str, port: int, *, reuse_port: bool) -> list[socket.socket]:
@@ -120,9 +119,7 @@ class TcpListener:
                 return
             except ConnectionAbortedError:
                 continue  # reset before we took it
-            except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    raise
+            except OSError as exc:  # out of file descriptors, or worse: pause, never spin
                 log.error("cannot accept connections: %s; trying again in %.0f s",
                           exc, _RESOURCE_PAUSE_S)  # fmt: skip
                 self._loop.remove_reader(listening.fileno())
