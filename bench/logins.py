@@ -3,7 +3,8 @@
 A throwaway cluster and one pgproxy (transaction mode, trust); ``--clients`` concurrent raw
 protocol clients (uvloop, one process) each open a connection, send the startup packet, read
 up to the first ReadyForQuery and say Terminate, for ``--seconds``.  It reports logins per
-second and the latency of one login (TCP connect to ReadyForQuery: p50, p99).
+second, the latency of one login (TCP connect to ReadyForQuery: p50, p99) and pgproxy's CPU
+per login (user + system, from /proc: the figure a busy shared machine moves least).
 
     .venv/bin/python -m bench.logins --clients 20 --seconds 10 --tls none,sslrequest,direct
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 from bench._cli import run
+from bench.throughput import group_cpu
 from pgproxy.testing import servers
 from pgproxy.testing.cluster import PgCluster
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(case not in TLS_CASES for case in cases):
         parser.error(f"--tls: one or more of {', '.join(TLS_CASES)}")
     trees = [t.resolve() for t in args.tree] or [REPO]
-    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp_dir, PgCluster() as pg:
         tmp = Path(tmp_dir)
         for rnd in range(args.rounds):
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             for tree in order:
                 for case in cases:
                     proc, port = _start_pgproxy(tmp, tree, pg.port, case != "none")
+                    cpu_before = group_cpu(proc.pid)
                     try:
                         out = subprocess.run(
                             [sys.executable, "-c", "import sys; from bench.logins import "
@@ -165,18 +168,23 @@ def main(argv: list[str] | None = None) -> int:
                              str(port), case, str(args.clients), str(args.seconds)],
                             cwd=REPO, check=True, capture_output=True, text=True,
                         ).stdout.split()  # fmt: skip
+                        cpu = group_cpu(proc.pid) - cpu_before
                     finally:
                         servers.stop_server(proc)
                     rate, p50, p99 = (float(x) for x in out)
-                    results.setdefault((str(tree), case), []).append((rate, p50, p99))
+                    per_login = cpu / (rate * args.seconds) * 1e6  # µs
+                    results.setdefault((str(tree), case), []).append((rate, p50, p99, per_login))
                     print(f"round {rnd + 1} {tree} {case}: {rate:.0f} logins/s "
-                          f"p50 {p50:.2f} ms p99 {p99:.2f} ms", flush=True)  # fmt: skip
+                          f"p50 {p50:.2f} ms p99 {p99:.2f} ms, pgproxy CPU {per_login:.0f} µs "
+                          "per login", flush=True)  # fmt: skip
     print(f"\nmedians over {args.rounds} rounds, {args.clients} clients:")
     for (tree, case), samples in results.items():
         rate = statistics.median(s[0] for s in samples)
         p50 = statistics.median(s[1] for s in samples)
         p99 = statistics.median(s[2] for s in samples)
-        print(f"{tree} {case:>10}: {rate:8.0f} logins/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
+        cpu = statistics.median(s[3] for s in samples)
+        print(f"{tree} {case:>10}: {rate:8.0f} logins/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+              f"pgproxy CPU {cpu:5.0f} µs/login")  # fmt: skip
     return 0
 
 
