@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from pgproxy import compiled, tls
+from pgproxy.accept import TcpListener, bind_tcp
 from pgproxy.admin import capture, whole
 from pgproxy.admin.commands import Result
 from pgproxy.admin.periods import StatsPeriods
@@ -65,7 +66,7 @@ class Proxy:
         self.listeners: dict[ListenerKey, Listener] = {}  # per upstream database
         self.clients: dict[int, ClientSession] = {}  # by virtual pid, logged-in clients
         self.client_count = 0
-        self._server: asyncio.Server | None = None
+        self._tcp: TcpListener | None = None
         self._port = config.proxy.listen_port
         self._unix_server: asyncio.Server | None = None
         self._unix: UnixListener | None = None  # the socket file this process owns
@@ -88,15 +89,19 @@ class Proxy:
     async def start(self) -> None:
         settings = self.config.proxy
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ClientSession(self),
+        # Workers share the port; so do two pgproxies with so_reuseport (a restart beside a
+        # draining one). Our own accept path: it sees a direct-TLS ClientHello (pgproxy.accept).
+        sockets = bind_tcp(
             settings.listen_host,
             settings.listen_port,
-            reuse_address=True,
-            # Workers share the port; so do two pgproxies with so_reuseport (a restart beside
-            # a draining one).
             reuse_port=self.peers is not None or settings.so_reuseport,
-            backlog=4096,
+        )
+        self._tcp = TcpListener(
+            sockets,
+            lambda: ClientSession(self),
+            lambda: self.client_tls,
+            lambda: self.config.proxy.client_login_timeout,
+            self.spawn,
         )
         if settings.unix_socket_dir:
             sock = self.inherited_unix
@@ -131,9 +136,8 @@ class Proxy:
     def port(self) -> int:
         """The port it listens on (before start(): the configured one; after a drain closed
         the socket: the one it had)."""
-        if self._server is not None and self._server.sockets:
-            sock: socket.socket = self._server.sockets[0]
-            self._port = int(sock.getsockname()[1])
+        if self._tcp is not None and self._tcp.sockets[0].fileno() >= 0:
+            self._port = int(self._tcp.sockets[0].getsockname()[1])
         return self._port
 
     @property
@@ -147,16 +151,17 @@ class Proxy:
     def stop_accepting(self) -> None:
         """Close the TCP listening socket: with SO_REUSEPORT the kernel gives new connections
         to the other sockets on the port. The unix socket stays, for the admin console."""
-        if self._server is not None:
-            self._server.close()
+        if self._tcp is not None:
+            self._tcp.close()
 
     def login_refusal(self, database: str) -> PgError | None:
         return self.control.login_refusal(database)
 
     async def stop(self) -> None:
         await self.ops.stop()
-        if self._server is not None:
-            self._server.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp.abort_waiting()
         if self._unix_server is not None:
             self._unix_server.close()
         if self._unix is not None:
@@ -182,8 +187,6 @@ class Proxy:
         await self.auth_query.close()
         for task in list(self._tasks):
             task.cancel()
-        if self._server is not None:
-            await self._server.wait_closed()
         if self._unix_server is not None:
             await self._unix_server.wait_closed()
 
@@ -324,7 +327,8 @@ class Proxy:
         )
         if tls_context is None:
             return None
-        return UpstreamTls(tls_context, tls.upstream_requires_tls(tls_mode))
+        direct = db.url_params.get("sslnegotiation") == "direct"  # checked by the config
+        return UpstreamTls(tls_context, tls.upstream_requires_tls(tls_mode), direct)
 
     def _upstream_credentials(
         self, db: DatabaseConfig, user: str

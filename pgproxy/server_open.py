@@ -1,7 +1,8 @@
 """Opening an upstream server connection: connect, TLS negotiation, startup and authentication.
 
 Owns everything a :class:`~pgproxy.backend.ServerConnection` goes through before its first
-query: the socket (TCP or unix), the SSLRequest exchange, the StartupMessage, authentication
+query: the socket (TCP or unix), TLS (the SSLRequest exchange, or direct TLS when the URL
+says ``sslnegotiation=direct``), the StartupMessage, authentication
 (auth/upstream.py) and the startup replies up to the first ReadyForQuery (parameters, key
 data).
 
@@ -15,8 +16,8 @@ Rules that keep it honest:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgproxy.auth.credentials import UpstreamSecret
@@ -34,6 +35,7 @@ from pgproxy.wire import log
 class UpstreamTls:
     context: ssl.SSLContext
     required: bool  # False: "prefer" (plaintext if the server says no)
+    direct: bool = False  # sslnegotiation=direct: TLS from the first byte (PostgreSQL 17+)
 
 
 async def open_server(
@@ -62,16 +64,24 @@ async def open_server(
         try:
             if path is not None:
                 _, conn = await loop.create_unix_connection(server, path)
+            elif tls is not None and tls.direct:
+                conn = await _open_direct_tls(server, host, port, tls.context)
             else:
                 _, conn = await loop.create_connection(server, host, port)
+        except ssl.SSLError as exc:  # a certificate refused among them
+            raise PgError(
+                errors.CONNECTION_FAILURE, f"TLS handshake with upstream {host} failed: {exc}"
+            ) from exc
         except OSError as exc:
             raise PgError(
                 errors.CONNECTION_FAILURE,
                 f"could not connect to upstream server {host}:{port}: {exc.strerror or exc}",
             ) from exc
         try:
-            if tls is not None and path is None:
+            if tls is not None and path is None and not tls.direct:
                 await _negotiate_tls(conn, tls, host)
+            elif conn.tls:
+                _check_alpn(conn, host)
             await _handshake(conn, params, password, version)
         except PgError as exc:
             conn.abort()
@@ -92,12 +102,28 @@ def _refuses_protocol(error: PgError) -> bool:
     return "protocol" in error.message.lower()
 
 
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+async def _open_direct_tls(
+    server: Callable[[], ServerConnection], host: str, port: int, context: ssl.SSLContext
+) -> ServerConnection:
+    """A connection encrypted from its first byte (libpq's ``sslnegotiation=direct``): no
+    SSLRequest round trip. Python sends SNI when ``host`` is a name, never for an address."""
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(server, host, port, ssl=context, server_hostname=host)
+    conn.tls = True
+    return conn
+
+
+def _check_alpn(conn: ServerConnection, host: str) -> None:
+    """As libpq: over direct TLS the server must have agreed to ALPN ``postgresql``, or
+    nothing says it is a PostgreSQL server (or one that understands direct TLS)."""
+    ssl_object = conn.transport.get_extra_info("ssl_object")
+    if ssl_object is None or ssl_object.selected_alpn_protocol() != "postgresql":
+        raise PgError(
+            errors.CONNECTION_FAILURE,
+            # (No word "protocol" here: that would read as a refused 3.2, tried again as 3.0.)
+            f"upstream {host}: direct TLS connection established without ALPN 'postgresql' "
+            "(sslnegotiation=direct needs PostgreSQL 17 or later)",
+        )
 
 
 async def _negotiate_tls(conn: ServerConnection, tls: UpstreamTls, host: str) -> None:
@@ -113,9 +139,8 @@ async def _negotiate_tls(conn: ServerConnection, tls: UpstreamTls, host: str) ->
             # Bytes sent before the handshake would be trusted as if encrypted
             # (CVE-2021-23222 in libpq).
             raise PgError(errors.PROTOCOL_VIOLATION, "received unencrypted data after SSL response")
-        name = None if _is_ip_address(host) else host  # SNI only for names
-        try:
-            await conn.start_tls(tls.context, server_side=False, server_hostname=name or host)
+        try:  # Python sends SNI only when host is a name
+            await conn.start_tls(tls.context, server_side=False, server_hostname=host)
         except (ssl.SSLError, OSError, ConnectionError) as exc:
             raise PgError(
                 errors.CONNECTION_FAILURE, f"TLS handshake with upstream {host} failed: {exc}"

@@ -9,7 +9,8 @@ Upstream (pgproxy as the client): ``server_tls_mode``, overridden per database b
 ``sslmode``, follows libpq's sslmode meanings: ``prefer`` tries TLS and falls back, ``require``
 insists without checking the certificate, ``verify-ca`` checks the chain against
 ``server_tls_ca_file`` (or the system store), ``verify-full`` also checks the host name (SNI is
-sent whenever the host is a name).
+sent whenever the host is a name). ALPN ``postgresql`` is offered on both sides, as
+PostgreSQL 17 does: direct TLS (``sslnegotiation=direct``) needs it, SSLRequest allows it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def client_side_context(mode: str, ca_file: str) -> ssl.SSLContext | None:
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    # As libpq 17+, on both negotiations (servers before 17 ignore it; direct TLS needs it).
+    ctx.set_alpn_protocols(["postgresql"])
     return ctx
 
 

@@ -198,6 +198,11 @@ class WireProtocol(asyncio.Protocol):
         del self._hs_buf[:1]
         return b
 
+    async def peek_byte(self) -> int:
+        """The next byte of the handshake, left to be read."""
+        await self._fill(1)
+        return self._hs_buf[0]
+
     async def read_startup_packet(self, max_length: int) -> bytes:
         """A length-prefixed startup-phase packet (no type byte); returns its body."""
         await self._fill(4)

@@ -46,6 +46,26 @@ def test_quick_benchmark_reports_all_targets() -> None:
 
 
 @pytest.mark.timeout(150)
+def test_quick_login_benchmark_logs_in_over_each_tls_case() -> None:
+    """``python -m bench.logins --quick``: plaintext, SSLRequest and direct TLS logins."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.logins", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rates = {}
+    for line in proc.stdout.splitlines():
+        words = line.split()
+        if len(words) > 3 and words[1] in ("none:", "sslrequest:", "direct:"):
+            rates[words[1].rstrip(":")] = float(words[2])
+    assert set(rates) == {"none", "sslrequest", "direct"}, proc.stdout
+    assert all(rate > 0 for rate in rates.values()), rates
+
+
+@pytest.mark.timeout(150)
 def test_quick_fanout_benchmark_delivers_exactly_once() -> None:
     """``python -m bench.fanout --quick``: 20 listeners through pgproxy, 20 + 20 notifications."""
     proc = subprocess.run(

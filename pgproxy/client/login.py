@@ -33,7 +33,7 @@ from pgproxy.pool.pool import Pool
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError, fatal
-from pgproxy.wire import WireProtocol
+from pgproxy.wire import WireProtocol, log
 
 
 @dataclass
@@ -53,7 +53,8 @@ NEWEST_MINOR: Final = 2
 
 
 async def log_in(conn: WireProtocol, host: ProxyServices, local: bool) -> Login | None:
-    """Read the startup, authenticate, choose the pool; None: it was a CancelRequest."""
+    """Read the startup, authenticate, choose the pool; None: no login (a CancelRequest, a
+    refused direct-TLS ClientHello)."""
     startup = await _read_startup(conn, host, local)
     if startup is None:
         return None
@@ -65,6 +66,15 @@ async def log_in(conn: WireProtocol, host: ProxyServices, local: bool) -> Login 
 async def _read_startup(
     conn: WireProtocol, host: ProxyServices, local: bool
 ) -> m.StartupMessage | None:
+    if not conn.tls and await conn.peek_byte() == m.TLS_HANDSHAKE_RECORD:
+        # A direct-TLS ClientHello where no TLS is offered (pgproxy.accept hands it to TLS
+        # when client TLS is configured): a TLS alert libpq can name, where Postgres just
+        # closes, and a plaintext error would read as "wrong version number".
+        log.info("direct TLS from %s refused: %s", conn.transport.get_extra_info("peername"),
+                 "no TLS on unix sockets" if local else "client TLS is not configured")  # fmt: skip
+        conn.write(m.TLS_REFUSAL_ALERT)
+        conn.close()
+        return None
     seen_ssl = seen_gss = False
     while True:
         packet = m.parse_startup_packet(await conn.read_startup_packet(m.STARTUP_MAX_LENGTH))

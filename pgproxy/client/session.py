@@ -77,6 +77,16 @@ class ClientSession(ClientListening):
         else:
             self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "[unknown]"
         self._host.client_opened(self)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # direct TLS (pgproxy.accept): encrypted from the first byte
+            self.tls = True
+            if ssl_object.selected_alpn_protocol() != "postgresql":
+                # As Postgres: without ALPN nothing says the client meant to speak PostgreSQL
+                # over this TLS (ALPACA-style cross-protocol attacks); closed without a word.
+                log.info("direct TLS from %s without ALPN postgresql: refused", self.peer)
+                self.end_reason = "direct TLS without ALPN"
+                self.close()
+                return
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def on_lost(self, exc: Exception | None) -> None:

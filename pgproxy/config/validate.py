@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from pgproxy import tls
 from pgproxy.auth import hba
 from pgproxy.auth.hba import HbaRule
 from pgproxy.config.schema import (
@@ -198,6 +199,7 @@ def _parse_database(
             f"({proxy.min_pool_size}) (got {size})"
         )
 
+    _check_tls_negotiation(parsed.params, proxy, url_path)
     return DatabaseConfig(
         name=name,
         host=parsed.host,
@@ -215,6 +217,19 @@ def _parse_database(
         target_session_attrs=parsed.target_session_attrs,
         load_balance_hosts=parsed.load_balance_hosts,
     )
+
+
+def _check_tls_negotiation(params: Mapping[str, str], proxy: ProxySettings, path: str) -> None:
+    """``sslnegotiation`` as libpq 17 takes it: direct TLS only where TLS is required."""
+    negotiation = params.get("sslnegotiation", "postgres")
+    if negotiation not in ("postgres", "direct"):
+        raise ConfigError(f"{path}: sslnegotiation must be 'postgres' or 'direct'")
+    mode = params.get("sslmode", proxy.server_tls_mode)
+    if negotiation == "direct" and not tls.upstream_requires_tls(mode):
+        raise ConfigError(
+            f"{path}: weak sslmode {mode!r} may not be used with sslnegotiation=direct "
+            "(use require, verify-ca or verify-full)"
+        )
 
 
 def _parse_user(

@@ -73,6 +73,10 @@ PROTOCOL_3_2: Final = PROTOCOL_3_0 | 2
 SSL_REQUEST_CODE: Final = 80877103
 GSSENC_REQUEST_CODE: Final = 80877104
 CANCEL_REQUEST_CODE: Final = 80877102
+# A TLS handshake record's first byte (direct TLS's ClientHello; no startup length starts so).
+TLS_HANDSHAKE_RECORD: Final = 0x16
+# A fatal TLS alert, handshake_failure, in clear: "no TLS here" to a direct-TLS ClientHello.
+TLS_REFUSAL_ALERT: Final = b"\x15\x03\x03\x00\x02\x02\x28"
 
 # Transaction status in ReadyForQuery
 IDLE: Final = ord("I")
