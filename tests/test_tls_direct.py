@@ -328,9 +328,7 @@ def test_upstream_direct_tls_without_alpn_is_refused(
 
 
 @pytest.fixture(scope="module")
-def pg18_tls(
-    certs: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PgCluster]:
+def pg18_tls(certs: dict[str, str]) -> Iterator[PgCluster]:
     """A PostgreSQL 18 cluster built with OpenSSL (``scripts/postgres18``; direct TLS is 17+)
     with ssl = on, taking TLS connections only."""
     # Directly under /tmp: PostgreSQL runs as another user, who cannot enter pytest's 0700 tree.
