@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -39,8 +38,8 @@ from pgproxy.testing.cluster import PgCluster
 from pgproxy.testing.servers import free_port, raise_nofile
 from tests.conftest import MakeProxy
 from tests.support.fleet import Fleet, Listener, open_fleet, publish_sql
-from tests.support.load import hears_after_listen, no_server_stays_taken
-from tests.support.process import pgproxy_output
+from tests.support.load import hears_after_listen, no_server_stays_taken, servers_in_use
+from tests.support.process import accepting, memory_kib, pgproxy_output
 
 CLIENTS = 30
 STEPS = 60
@@ -225,21 +224,6 @@ async def test_notification_soak(make_proxy: MakeProxy, pg: PgCluster) -> None:
     await asyncio.to_thread(no_server_stays_taken, proxy)
 
 
-def _memory_kib(pid: int) -> dict[str, int]:
-    """The process's resident set now and at its peak (VmRSS, VmHWM), KiB."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
-
-
-def _servers_in_use(console_dsn: str) -> int:
-    with psycopg.connect(console_dsn, autocommit=True) as console:
-        rows = console.execute("SHOW POOLS").fetchall()
-        names = [d.name for d in console.execute("SHOW POOLS").description or ()]
-    return sum(int(dict(zip(names, row, strict=True))["sv_active"]) for row in rows)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(not os.environ.get("PGPROXY_SOAK"), reason="opt-in: PGPROXY_SOAK=1")
@@ -261,17 +245,17 @@ async def test_notification_soak_full(
     )
     dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     with pgproxy_output(config) as out:
-        await asyncio.to_thread(_accepting, port)
+        await asyncio.to_thread(accepting, port)
         pid = out.proc.pid
-        idle = _memory_kib(pid)
+        idle = memory_kib(pid)
         run = await run_notification_soak(port, dsn, publishers, listeners, total, limit=1500)
-        after = _memory_kib(pid)
+        after = memory_kib(pid)
         cut = check_soak(run)
         for lst in run.listeners:
             lst.close()
         await asyncio.to_thread(hears_after_listen, dsn, pg.dsn(), "after_full_soak")
         in_use = await asyncio.to_thread(
-            _servers_in_use, f"postgresql://postgres@127.0.0.1:{port}/pgbouncer"
+            servers_in_use, f"postgresql://postgres@127.0.0.1:{port}/pgbouncer"
         )
         assert in_use == 0, f"{in_use} servers still in use"
         warnings = [line for line in out.since() if "Traceback" in line or "ERROR" in line]
@@ -286,17 +270,6 @@ async def test_notification_soak_full(
             f"{after['VmRSS'] / 1024:.1f} MiB after, peak {after['VmHWM'] / 1024:.1f} MiB"
         )
     assert not warnings, warnings[:5]
-
-
-def _accepting(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, "pgproxy did not start listening"
-            time.sleep(0.05)
 
 
 async def test_the_fleet_check_catches_gaps_repeats_reorders_and_accepts_errors() -> None:
