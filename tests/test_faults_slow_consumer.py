@@ -55,6 +55,7 @@ class Flood:
     sent: int = 0
     rounds: int = 0
     cut_after: int = 0  # rounds until every slow client was cut off
+    max_lag: float = 0.0  # seconds from a commit to a fast listener having it, at worst
     rounds_held: int = 0  # rounds all fast listeners had in full while a stuck one was held
     most_held: int = 0  # the most bytes the proxy held for one client
     rss_kib: list[int] = field(default_factory=list)  # the proxy's RSS after each round
@@ -144,6 +145,7 @@ async def flood(
         assert lst.notifications < run.sent
     for lst in run.fast:
         lst.close()
+    run.max_lag = fleet.max_lag
     return run
 
 
@@ -239,7 +241,8 @@ async def test_slow_consumers_beside_a_thousand_listeners(
             f"of {PER_ROUND * len(CHANNELS)} notifications of ~1 KB ({run.sent * PAD / 2**20:.0f} "
             f"MiB to each fast listener, {run.sent * PAD * 1000 / 2**30:.1f} GiB in all) in "
             f"{seconds:.1f} s; all slow ones cut off after round {run.cut_after}; every fast "
-            f"listener had each round in full; pgproxy RSS after round 1 {first / 1024:.1f} MiB, "
+            f"listener had each round in full (worst delay from commit {run.max_lag:.2f} s); "
+            f"pgproxy RSS after round 1 {first / 1024:.1f} MiB, "
             f"at the cut {at_cut / 1024:.1f} MiB, after the last round {last / 1024:.1f} MiB, peak "
             f"{peak / 1024:.1f} MiB (bound checked: {bound / 1024:.0f} MiB)"
         )
