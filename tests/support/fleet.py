@@ -61,7 +61,7 @@ class Fleet:
     """Shared by the listeners of one run: the log, and the worst lag seen by any of them."""
 
     log: NotificationLog = field(default_factory=NotificationLog)
-    max_lag: float = 0.0  # seconds from a notification's commit to a listener having it
+    max_lag: float = 0.0  # seconds from a notification's commit to a fast listener having it
 
 
 class Listener(asyncio.Protocol):
@@ -158,7 +158,8 @@ class Listener(asyncio.Protocol):
             self.offset += len(message)
         self._tail = buf
         oldest_new = log.count_before(before)  # the longest-travelled message it now has
-        if oldest_new < log.count_before(self.offset):
+        fast = not (self.slow or self.stuck)
+        if fast and oldest_new < log.count_before(self.offset):
             lag = time.time() - log.sent_at[oldest_new]
             self.fleet.max_lag = max(self.fleet.max_lag, lag)
 
