@@ -103,3 +103,11 @@ def hears_after_listen(proxy_dsn: str, direct_dsn: str, channel: str) -> None:
             direct.execute(f"NOTIFY {channel}, 'heard'")
         got = list(listener.notifies(timeout=10, stop_after=1))
         assert [n.payload for n in got] == ["heard"]
+
+
+def servers_in_use(console_dsn: str) -> int:
+    """Pooled servers in use (``sv_active`` of every pool), asked of a proxy's console."""
+    with psycopg.connect(console_dsn, autocommit=True) as console:
+        cur = console.execute("SHOW POOLS")
+        names = [d.name for d in cur.description or ()]
+        return sum(int(dict(zip(names, row, strict=True))["sv_active"]) for row in cur.fetchall())

@@ -141,3 +141,23 @@ def clean_env(**variables: str) -> dict[str, str]:
         if not k.startswith("PGPROXY_") and k not in ("DATABASE_URL", "DATABASE_URLS")
     }
     return {**env, **variables}
+
+
+def accepting(port: int, timeout: float = 30) -> None:
+    """Until something accepts connections on 127.0.0.1:``port`` (a process started apart)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "pgproxy did not start listening"
+            time.sleep(0.05)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """The process's resident set now and at its peak (VmRSS, VmHWM), KiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
