@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from pgproxy.auth.credentials import UpstreamSecret
@@ -92,6 +92,9 @@ class Pool(ServerHome):
         self.last_connect_error: PgError | None = None
         self.logged_states: set[str] = set()  # kinds of untracked session state, logged once
         self.last_login = 0.0  # when a server last logged in (monotonic; 0: never): /readyz
+        # With workers (pgproxy.pubsub.siblings): told of each server (awaited before its use).
+        self.server_opened: Callable[[ServerConnection], Awaitable[None]] | None = None
+        self.server_closed: Callable[[ServerConnection], None] | None = None
 
     def __repr__(self) -> str:
         return f"<pool {self.name} total={self.total} idle={len(self.idle)}>"
@@ -230,6 +233,12 @@ class Pool(ServerHome):
             server,
             extra={"event": "server_opened", "pid": server.pid, **self._log_fields()},
         )
+        if self.server_opened is not None:
+            try:
+                await self.server_opened(server)
+            except BaseException:
+                server.close()
+                raise
         return server
 
     def _log_fields(self) -> dict[str, object]:
@@ -338,6 +347,8 @@ class Pool(ServerHome):
         if removed:
             fields = {"event": "server_closed", "pid": server.pid, "reason": reason}
             log.info("%r: closed %r: %s", self, server, reason, extra=fields | self._log_fields())
+            if self.server_closed is not None:
+                self.server_closed(server)
             self.total -= 1
             self._wake_waiter_to_connect()
         if self.stale:

@@ -14,6 +14,8 @@ Theory of operation (DESIGN.md, "LISTEN / UNLISTEN / NOTIFY in transaction mode"
   handed out at the end of each upstream read, all of a member's in one piece (one write):
   when they are all for one channel (the usual case, a single one included) every member gets
   the same bytes, without per-member collecting.
+* With workers, a notification from another worker's server waits until that worker says
+  whose it is (``siblings``, pgproxy.pubsub.siblings); None without workers.
 * The listener never stops reading. If its connection dies, subscribers are told (the policy of
   what to do is theirs) and the listener reconnects with backoff and re-LISTENs every channel
   that still has members.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from pgproxy.backend import ServerConnection
@@ -52,7 +54,16 @@ class Subscriber(Protocol):
     def listener_lost(self, error: PgError) -> None: ...
 
 
-class _Channel:
+class WorkerSiblings(Protocol):
+    """The other workers' part in attributing notifications (pgproxy.pubsub.siblings)."""
+
+    def holds(self, listener: Listener, channel: Channel, pid: int, body: bytes) -> bool: ...
+    def fence(self, listener: Listener) -> Awaitable[None]: ...
+    def drained(self, listener: Listener) -> Awaitable[None]: ...
+    def lost(self, listener: Listener) -> None: ...
+
+
+class Channel:
     __slots__ = ("delivered", "members", "ready", "received", "refs")
 
     def __init__(self, ready: asyncio.Future[None]) -> None:
@@ -72,8 +83,9 @@ class Listener:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self._pinger: asyncio.Task[None] | None = None
+        self.siblings: WorkerSiblings | None = None  # with workers only
         self.conn: ServerConnection | None = None
-        self.channels: dict[str, _Channel] = {}
+        self.channels: dict[str, Channel] = {}
         self.subscriptions: dict[Subscriber, set[str]] = {}
         self._connecting: asyncio.Task[ServerConnection] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -93,7 +105,7 @@ class Listener:
         self._pid_map: dict[int, int] = {}
         # (channel, NotificationResponse) received during the current upstream read, handed
         # out at its end: one write per member per read, not one per notification.
-        self._batch: list[tuple[_Channel, bytes]] = []
+        self._batch: list[tuple[Channel, bytes]] = []
 
     def __repr__(self) -> str:
         return f"<listener {self.pool.name} channels={len(self.channels)}>"
@@ -189,7 +201,7 @@ class Listener:
     def _take(self, name: str) -> None:
         channel = self.channels.get(name)
         if channel is None:
-            channel = _Channel(asyncio.get_running_loop().create_future())
+            channel = Channel(asyncio.get_running_loop().create_future())
             channel.ready.add_done_callback(_consume_exception)
             self.channels[name] = channel
             self._spawn_listen(name, channel)
@@ -208,11 +220,11 @@ class Listener:
             conn.send_internal(f"UNLISTEN {quote_ident(name)}")
         # A LISTEN still being set up will find the channel gone and undo itself.
 
-    def _spawn_listen(self, name: str, channel: _Channel) -> None:
+    def _spawn_listen(self, name: str, channel: Channel) -> None:
         task = asyncio.get_running_loop().create_task(self._listen(name, channel))
         task.add_done_callback(_consume_exception)
 
-    async def _listen(self, name: str, channel: _Channel) -> None:
+    async def _listen(self, name: str, channel: Channel) -> None:
         try:
             conn = await self._connection()
             result = await conn.run_internal(f"LISTEN {quote_ident(name)}")
@@ -282,6 +294,9 @@ class Listener:
         """Show ``server_pid``'s notifications as ``virtual_pid`` until the fence ends."""
         self._pid_map[server_pid] = virtual_pid
 
+    def virtual_pid(self, server_pid: int) -> int | None:
+        return self._pid_map.get(server_pid)
+
     def unmap_pid(self, server_pid: int, virtual_pid: int) -> None:
         if self._pid_map.get(server_pid) == virtual_pid:
             del self._pid_map[server_pid]
@@ -300,11 +315,17 @@ class Listener:
         return self._run_fence(server_pid, virtual_pid)
 
     async def _run_fence(self, server_pid: int, virtual_pid: int) -> None:
-        try:
-            conn = await self._connection()
-            await conn.run_internal("")
+        try:  # with workers, the siblings' listeners too
+            await (self.sync() if self.siblings is None else self.siblings.fence(self))
         finally:
             self.unmap_pid(server_pid, virtual_pid)
+
+    async def sync(self) -> None:
+        """Until every notification committed so far has been read and handed out."""
+        conn = await self._connection()
+        await conn.run_internal("")
+        if self.siblings is not None:
+            await self.siblings.drained(self)
 
     def _on_notification(self, body: bytes) -> None:
         self.notifications += 1
@@ -317,6 +338,9 @@ class Listener:
         if channel is None or not channel.members:
             return
         channel.received += 1
+        siblings = self.siblings
+        if siblings is not None and siblings.holds(self, channel, notification.pid, body):
+            return  # another worker's, or behind one: handed out in order once attributed
         virtual_pid = self._pid_map.get(notification.pid)
         if virtual_pid is not None:
             body = virtual_pid.to_bytes(4, "big") + body[4:]
@@ -348,6 +372,8 @@ class Listener:
 
     def _on_lost(self, error: PgError) -> None:
         self._flush()  # whole notifications read before the loss still go out, first
+        if self.siblings is not None:
+            self.siblings.lost(self)
         self.conn = None
         if self.closing:
             return
