@@ -93,6 +93,10 @@ class WorkersProxy:
         return self
 
     @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
     def port(self) -> int:
         return self._port
 
