@@ -10,6 +10,8 @@ tests compare), self-notifications included, and come in the order it was sent.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,3 +135,44 @@ async def test_every_notification_carries_its_senders_pid_across_workers(
             assert last.get(sender, -1) + 1 == i, f"{me} got {payload} out of order"
             last[sender] = i
         assert set(last) == pids and set(last.values()) == {SENT - 1}
+
+
+def _on_worker(proxy: WorkersProxy, index: int) -> psycopg.Connection[Any]:
+    for _ in range(300):
+        conn = psycopg.connect(proxy.dsn(), autocommit=True)
+        if vpid_owner(conn.info.backend_pid, WORKERS) == index:
+            return conn
+        conn.close()
+    raise AssertionError(f"300 connections, none served by worker {index}")
+
+
+def test_a_stopped_worker_costs_a_notifier_its_timeout_only(running: WorkersProxy) -> None:
+    """A sibling that does not answer (SIGSTOP) delays a NOTIFY by the fence's timeout, is
+    logged, and the notifier still gets its own notification, with its PID; the stopped one
+    gets it when it runs again, and attribution across workers works again."""
+    assert running.output is not None
+    here, there = _on_worker(running, 0), _on_worker(running, 1)
+    try:
+        here.execute("LISTEN alone")
+        there.execute("LISTEN alone")
+        mark = running.output.mark()
+        os.kill(running.pids[1], signal.SIGSTOP)
+        try:
+            here.execute("NOTIFY alone, 'stopped'")
+            [n] = here.notifies(timeout=0.5, stop_after=1)  # came before the ReadyForQuery
+            assert (n.payload, n.pid) == ("stopped", here.info.backend_pid)
+            running.output.wait_for(r"worker 1's listener fence failed", mark)
+        finally:
+            os.kill(running.pids[1], signal.SIGCONT)
+        # Not lost; and as the notifier's fence gave up on worker 1, its server may have had
+        # another holder by the time worker 1 asked: the real PID then (never a wrong client's).
+        [n] = there.notifies(timeout=10, stop_after=1)
+        assert n.payload == "stopped"
+        assert n.pid == here.info.backend_pid or vpid_owner(n.pid, WORKERS) is None
+        here.execute("NOTIFY alone, 'running'")
+        for conn in (here, there):
+            [n] = conn.notifies(timeout=10, stop_after=1)
+            assert (n.payload, n.pid) == ("running", here.info.backend_pid)
+    finally:
+        here.close()
+        there.close()
