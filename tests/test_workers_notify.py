@@ -20,7 +20,9 @@ import psycopg
 import pytest
 
 from pgproxy.app import vpid_owner
+from pgproxy.protocol import messages as m
 from pgproxy.testing.cluster import PgCluster
+from pgproxy.workers import peerwire
 from tests.conftest import build_config
 from tests.support.workers import WorkersProxy
 
@@ -176,3 +178,46 @@ def test_a_stopped_worker_costs_a_notifier_its_timeout_only(running: WorkersProx
     finally:
         here.close()
         there.close()
+
+
+# --------------------------------------------------------------------------- the channel
+
+
+async def _read(data: bytes, how: Any = peerwire.read_request) -> Any:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return await how(reader)
+
+
+async def test_attribution_messages_parse_as_built_and_bounded() -> None:
+    server = ("127.0.0.1", 5432, 4242)
+    assert await _read(peerwire.servers_changed(1, True, [server])) == peerwire.ServersChanged(
+        1, True, (server,)
+    )
+    assert await _read(peerwire.servers_request(3)) == peerwire.ServersAsked(3)
+    assert await _read(peerwire.who_holds("h", 1, [7, 8])) == peerwire.WhoHolds("h", 1, (7, 8))
+    assert await _read(peerwire.fence_request("h", 1, "db")) == peerwire.FenceAsked("h", 1, "db")
+    assert await _read(peerwire.answered(None), peerwire.read_ack) is None
+    assert await _read(peerwire.answered([server]), peerwire.read_servers) == (server,)
+    vpids = await _read(peerwire.answered([5, 0]), lambda r: peerwire.read_vpids(r, 2))
+    assert vpids == (5, 0)
+    for bad, why in [
+        (b"W\x00\x01\x00\x01", "too long"),  # 64 KiB + 1: never read
+        (b'L\x00\x00\x00\x05["a"]', "bad servers request"),
+        (b"L\x00\x00\x00\x11[" + b" " * 15 + b"]", "too long"),
+        (b'F\x00\x00\x00\x0c["h",1,true]', "bad fence request"),
+        (b'W\x00\x00\x00\x0c["h",1,[-1]]', "bad PID list"),
+        (b'W\x00\x00\x00\x0d["h",1,[1.5]]', "bad PID list"),
+        (b"O\x00\x00\x00\x0e[0,true,[[1]]]", "bad server list"),
+        (b"O\x00\x00\x00\x0a[0,1,[[]]]", "bad servers message"),
+    ]:
+        with pytest.raises(m.ProtocolError, match=why):
+            await _read(bad)
+    with pytest.raises(m.ProtocolError, match="bad attribution answer"):
+        await _read(peerwire.answered([5]), lambda r: peerwire.read_vpids(r, 2))
+    with pytest.raises(m.ProtocolError, match="too long"):
+        await _read(b"K\x00\x00\x00\x05false", peerwire.read_ack)
+    too_many = peerwire.who_holds("h", 1, list(range(1025)))
+    with pytest.raises(m.ProtocolError, match="bad PID list"):
+        await _read(too_many)

@@ -244,12 +244,16 @@ class Siblings:
                 elif self.owners.get(key) == request.worker:
                     del self.owners[key]
             return None
-        if isinstance(request, peerwire.ServersAsked):
+        if isinstance(request, peerwire.ServersAsked):  # a worker (re)started: its
+            # predecessor's servers died with it, closed or not
+            for key in [k for k, owner in self.owners.items() if owner == request.worker]:
+                del self.owners[key]
             return list(self.own)
         if isinstance(request, peerwire.WhoHolds):
             return [self._holder(request.host, request.port, pid) for pid in request.pids]
         listener = self.listeners.get((request.host, request.port, request.dbname))
-        if listener is not None and listener.channels and listener.conn is not None:
+        conn = listener.conn if listener is not None else None
+        if listener is not None and listener.channels and conn is not None and not conn.closed:
             try:
                 await listener.sync()
             except (PgError, ConnectionError) as exc:

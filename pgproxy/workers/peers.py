@@ -153,7 +153,8 @@ class Peers:
 
     async def servers(self, timeout: float) -> dict[int, Sequence[peerwire.ServerKey] | Exception]:
         """Every other worker's servers."""
-        return await self._everyone(peerwire.servers_request(), peerwire.read_servers, timeout)
+        request = peerwire.servers_request(self.index)
+        return await self._everyone(request, peerwire.read_servers, timeout)
 
     async def who_holds(
         self, owner: int, host: str, port: int, pids: list[int], timeout: float

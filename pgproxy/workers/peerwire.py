@@ -15,7 +15,8 @@ For NOTIFY attribution across workers (``pgproxy.pubsub.siblings``), a server is
 
 * ``O`` the sender's servers opened or closed, ``[worker, opened, [server, ...]]``; answered
   ``K`` + ``null`` once recorded.
-* ``L`` "your servers", no body; answered ``K`` + ``[server, ...]``.
+* ``L`` "your servers", ``[worker]`` (the asker, which just started: what was said of its
+  predecessor's servers no longer holds); answered ``K`` + ``[server, ...]``.
 * ``W`` "which virtual PID holds each of these servers now", ``[host, port, [pid, ...]]``;
   answered ``K`` + ``[vpid or 0, ...]`` in the same order.
 * ``F`` a listener fence, ``[host, port, dbname]``; answered ``K`` + ``null`` once the
@@ -94,7 +95,7 @@ _REQUEST_MAX: Final = {
     SNAPSHOT: 0,
     CONTROL: _CONTROL_MAX,
     _CHANGED: _LIST_MAX,
-    _SERVERS: 0,
+    _SERVERS: 16,
     _WHO: _LIST_MAX,
     _FENCE: _FENCE_MAX,
 }
@@ -123,7 +124,9 @@ class ServersChanged:
 
 @dataclass(frozen=True)
 class ServersAsked:
-    """The request "your servers" (a worker that starts learns its siblings' servers)."""
+    """The request "your servers" from worker ``worker``, which just started."""
+
+    worker: int
 
 
 @dataclass(frozen=True)
@@ -179,8 +182,8 @@ def servers_changed(worker: int, opened: bool, servers: list[ServerKey]) -> byte
     return _frame(_CHANGED, _compact([worker, opened, servers]))
 
 
-def servers_request() -> bytes:
-    return _frame(_SERVERS, b"")
+def servers_request(worker: int) -> bytes:
+    return _frame(_SERVERS, _compact([worker]))
 
 
 def who_holds(host: str, port: int, pids: list[int]) -> bytes:
@@ -241,7 +244,10 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
             raise m.ProtocolError("not a cancel request")
         return packet
     if kind == _SERVERS:
-        return ServersAsked()
+        [worker] = _json(body, list, 1)
+        if not _is_int(worker):
+            raise m.ProtocolError("bad servers request")
+        return ServersAsked(worker)
     if kind == CONTROL:
         verb, arg = _json(body, list)
         if not isinstance(verb, str) or not isinstance(arg, str):
