@@ -111,7 +111,10 @@ class Siblings:
             self.own.discard(key)
             raise
         for index, answer in answers.items():
-            if answer is not None:
+            if isinstance(answer, (FileNotFoundError, ConnectionRefusedError)):
+                # Not running (starting, restarting): it asks for the servers when it starts.
+                log.debug("worker %d not told of server %d: %s", index, server.pid, answer)
+            elif answer is not None:
                 log.warning("worker %d not told of server %d: %s", index, server.pid, answer)
 
     def closed(self, server: ServerConnection) -> None:
