@@ -42,9 +42,11 @@ from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
 from pgproxy.pubsub.listener import Listener
 from pgproxy.pubsub.registry import ListenerKey, listener_key, new_listener
+from pgproxy.pubsub.siblings import Siblings
 from pgproxy.server_open import UpstreamTls, send_cancel
 from pgproxy.unixsocket import UnixListener, socket_path
 from pgproxy.wire import log
+from pgproxy.workers import peerwire
 from pgproxy.workers.peers import Peers
 
 _VPID_BASE = 1 << 22
@@ -56,6 +58,7 @@ class Proxy:
     # In a worker of a multi-process pgproxy (pgproxy.workers), set by serve.py before start():
     # the channel to the other workers, and the unix socket the supervisor bound.
     peers: Peers | None = None
+    siblings: Siblings | None = None  # NOTIFY attribution across workers (with peers)
     inherited_unix: socket.socket | None = None
     # Set by serve.py: loads the configuration again as SIGHUP does (the console's RELOAD).
     loader: Callable[[], Config] | None = None
@@ -288,6 +291,7 @@ class Proxy:
         listener = self.listeners.get(key)
         if listener is None:
             listener = self.listeners[key] = new_listener(pool, self.config.proxy)
+            listener.siblings = self.siblings
         return listener
 
     def _new_pool(self, database: str, user: str) -> Pool | None:
@@ -308,16 +312,18 @@ class Proxy:
             max_prepared_statements=proxy.max_prepared_statements,
             tls=self._upstream_tls(db),
         )
-        upstream_user = db.user or user
-        return Pool(
+        pool = Pool(
             f"{database}/{user}",
             db,
             db.dbname or database,
-            upstream_user,
+            db.user or user,
             password,
             settings,
             pass_through=pass_through,
         )
+        if self.siblings is not None:
+            pool.server_opened, pool.server_closed = self.siblings.opened, self.siblings.closed
+        return pool
 
     def _upstream_tls(self, db: DatabaseConfig) -> UpstreamTls | None:
         proxy = self.config.proxy
@@ -426,6 +432,11 @@ class Proxy:
     def perform(self, verb: str, arg: str) -> Awaitable[str]:
         """A control command another worker's console sent here (``pgproxy.workers.peers``)."""
         return whole.here(self.control, verb, arg)
+
+    def attribution(self, request: peerwire.Attribution) -> Awaitable[peerwire.Answer]:
+        """NOTIFY attribution another worker asks for (``pgproxy.pubsub.siblings``)."""
+        assert self.siblings is not None
+        return self.siblings.answer(request)
 
     def reload_config(self) -> None:
         """The console's RELOAD: what SIGHUP does, with the error told to the caller."""

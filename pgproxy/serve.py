@@ -25,6 +25,7 @@ from pgproxy.config import Config, ConfigError, load_config
 from pgproxy.filewatch import FileWatch
 from pgproxy.ops import logs
 from pgproxy.ops.service import MetricsListenError
+from pgproxy.pubsub.siblings import Siblings
 from pgproxy.wire import log
 from pgproxy.workers.peers import Peers
 from pgproxy.workers.role import WorkerRole
@@ -61,12 +62,15 @@ async def _serve(config: Config, load: Callable[[], Config], role: WorkerRole | 
     proxy.loader = load
     if role is not None:
         proxy.peers = Peers(role)
+        proxy.siblings = Siblings(proxy.peers, proxy.listeners, proxy.spawn)
         if role.unix_fd >= 0:
             proxy.inherited_unix = socket.socket(fileno=role.unix_fd)
     try:
-        await proxy.start()
-        if proxy.peers is not None:
+        if proxy.peers is not None and proxy.siblings is not None:
+            # Before any client: the siblings' servers known, and this worker's told.
             await proxy.peers.start(proxy)
+            await proxy.siblings.learn()
+        await proxy.start()
     except OSError as exc:
         if isinstance(exc, MetricsListenError):  # its message names the address
             log.error("%s", exc.strerror)

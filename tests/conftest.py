@@ -9,10 +9,19 @@ Fixtures:
   **sections) -> ProxyThread``; the given tables are shallow-merged over the defaults
   below. Every proxy made is stopped at teardown.
 * ``proxy`` (function): ``make_proxy()`` with the defaults.
+
+``PGPROXY_TEST_WORKERS=N`` (N > 1) makes ``make_proxy`` start a real ``pgproxy`` with
+``workers = N`` (``tests/support/workers.py``) instead of the in-process proxy, for every test
+not marked ``in_process`` (those poke the proxy's insides, and always get the in-process one):
+``scripts/test`` runs the LISTEN tests that way too. Such a process is started once per
+configuration and shared by the tests that ask for the same one in a row (starting N+1
+Python processes per test would cost more than the tests; one runs at a time, so what Postgres
+shows is that one's), so those tests close what they open.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +29,9 @@ import pytest
 
 from pgproxy.testing.cluster import PgCluster
 from tests.support.proxy_runner import ProxyThread
+from tests.support.workers import WorkersProxy
+
+TEST_WORKERS = int(os.environ.get("PGPROXY_TEST_WORKERS", "1"))  # see above
 
 DEFAULT_PROXY: dict[str, Any] = {
     "listen": "127.0.0.1:0",
@@ -75,9 +87,21 @@ def build_config(
     return data
 
 
+@pytest.fixture(scope="session")
+def _worker_processes() -> Iterator[dict[str, WorkersProxy]]:
+    """The multi-worker pgproxies started so far, by configuration (stopped at the end)."""
+    running: dict[str, WorkersProxy] = {}
+    yield running
+    for process in running.values():
+        process.stop()
+
+
 @pytest.fixture
-def make_proxy(pg: PgCluster) -> Iterator[MakeProxy]:
+def make_proxy(
+    pg: PgCluster, request: pytest.FixtureRequest, _worker_processes: dict[str, WorkersProxy]
+) -> Iterator[MakeProxy]:
     made: list[ProxyThread] = []
+    workers = 1 if request.node.get_closest_marker("in_process") else TEST_WORKERS
 
     def factory(
         proxy: dict[str, Any] | None = None,
@@ -87,8 +111,16 @@ def make_proxy(pg: PgCluster) -> Iterator[MakeProxy]:
     ) -> ProxyThread:
         from pgproxy.config import parse_config
 
-        config = parse_config(build_config(pg, proxy, databases, users, **sections))
-        runner = ProxyThread(config)
+        data = build_config(pg, proxy, databases, users, **sections)
+        if workers > 1:
+            key = repr(data)
+            process = _worker_processes.get(key)
+            for other in [k for k in _worker_processes if k != key]:
+                _worker_processes.pop(other).stop()  # one at a time: its listeners only
+            if process is None or not process.running:
+                process = _worker_processes[key] = WorkersProxy(data, workers).start()
+            return process  # type: ignore[return-value]  # ProxyThread's shape, not its type
+        runner = ProxyThread(parse_config(data))
         made.append(runner)
         runner.start()
         return runner

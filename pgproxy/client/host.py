@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pgproxy.auth.query import AuthQuery
     from pgproxy.config import Config
     from pgproxy.pool.pool import Pool
-    from pgproxy.pubsub.listener import Listener
+    from pgproxy.pubsub.listener import Listener, WorkerSiblings
 
 
 class ProxyServices(ConsoleHost, Protocol):
@@ -37,6 +37,11 @@ class ProxyServices(ConsoleHost, Protocol):
 
     @property
     def client_count(self) -> int: ...
+    @property
+    def siblings(self) -> WorkerSiblings | None:
+        """With workers: NOTIFY attribution across them (None: one process)."""
+        ...
+
     def cancel(self, request: m.CancelRequest) -> None: ...
     def pool_for(self, database: str, user: str) -> Pool: ...
     def listener_for(self, pool: Pool) -> Listener: ...

@@ -139,7 +139,7 @@ class ClientListening(ClientStream):
         subs.may_have_notified = False
         server, pool = self.server, self.pool
         listener = self.proxy.existing_listener(pool) if pool is not None else None
-        if server is None or listener is None or not listener.channels:
+        if server is None or listener is None or not (listener.channels or listener.siblings):
             subs.unmap_pid(self.vpid)
             return False  # nobody listens on this database: nothing to attribute or deliver
         subs.pid_mapped = None  # the fence unmaps it when it ends

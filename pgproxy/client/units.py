@@ -300,8 +300,12 @@ class ClientUnits(WireProtocol, ServerLink):
         subs = self._subscriptions()
         subs.may_have_notified = self.may_stall = True
         pool = self.pool
-        listener = self.proxy.existing_listener(pool) if pool is not None else None
-        if listener is not None and listener.channels:
+        if pool is None:
+            return
+        listener = self.proxy.existing_listener(pool)
+        if listener is None and self.proxy.siblings is not None:
+            listener = self.proxy.listener_for(pool)  # another worker's client may listen
+        if listener is not None and (listener.channels or listener.siblings is not None):
             subs.map_pid(listener, server.pid, self.vpid)
 
     # --- effects and their outcome -----------------------------------------------------------

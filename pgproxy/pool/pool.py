@@ -14,14 +14,14 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from pgproxy.auth.credentials import UpstreamSecret
 from pgproxy.backend import ServerConnection, ServerHome
 from pgproxy.config import DatabaseConfig, PoolMode
 from pgproxy.pool.stats import PoolStats
-from pgproxy.pool.targets import Upstream, open_suited, param_check
+from pgproxy.pool.targets import Upstream, address_text, open_suited, param_check
 from pgproxy.pool.waiters import Deliver, ServerRequest, chain, wake
 from pgproxy.protocol import errors
 from pgproxy.protocol.errors import PgError
@@ -98,6 +98,9 @@ class Pool(ServerHome):
         self.last_connect_error: PgError | None = None
         self.logged_states: set[str] = set()  # kinds of untracked session state, logged once
         self.last_login = 0.0  # when a server last logged in (monotonic; 0: never): /readyz
+        # With workers (pgproxy.pubsub.siblings): told of each server (awaited before its use).
+        self.server_opened: Callable[[ServerConnection], Awaitable[None]] | None = None
+        self.server_closed: Callable[[ServerConnection], None] | None = None
 
     def __repr__(self) -> str:
         return f"<pool {self.name} total={self.total} idle={len(self.idle)}>"
@@ -220,7 +223,8 @@ class Pool(ServerHome):
         try:
             server = await open_suited(upstream)
         except PgError as exc:
-            self._log_connect_failure(exc)
+            fields = {"event": "server_connect_failed", "reason": exc.message, **self._log_fields()}
+            log.warning("%r: connecting a server failed: %s", self, exc.message, extra=fields)
             raise
         self.last_login = time.monotonic()
         if self.server_params is None:
@@ -231,25 +235,22 @@ class Pool(ServerHome):
             server,
             extra={"event": "server_opened", "pid": server.pid, **self._log_fields(server)},
         )
+        if self.server_opened is not None:
+            try:
+                await self.server_opened(server)
+            except BaseException:
+                server.close()
+                raise
         return server
 
     def _log_fields(self, server: ServerConnection | None = None) -> dict[str, object]:
         host, port = server.address if server is not None else self.database.hosts[0]
-        upstream = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return {
             "pool": self.name,
             "database": self.upstream_db,
             "user": self.upstream_user,
-            "upstream": upstream,
+            "upstream": address_text(host, port),
         }
-
-    def _log_connect_failure(self, error: PgError) -> None:
-        log.warning(
-            "%r: connecting a server failed: %s",
-            self,
-            error.message,
-            extra={"event": "server_connect_failed", "reason": error.message, **self._log_fields()},
-        )
 
     def credentials(self) -> UpstreamSecret | None:
         if self.password is None and self.pass_through is not None:
@@ -343,6 +344,8 @@ class Pool(ServerHome):
             fields = {"event": "server_closed", "pid": server.pid, "reason": reason}
             fields |= self._log_fields(server)
             log.info("%r: closed %r: %s", self, server, reason, extra=fields)
+            if self.server_closed is not None:
+                self.server_closed(server)
             self.total -= 1
             self._wake_waiter_to_connect()
         if self.stale:

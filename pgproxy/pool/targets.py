@@ -156,7 +156,7 @@ async def open_suited(up: Upstream) -> ServerConnection:
             except PgError as exc:
                 if single or not _try_next_host(exc):
                     raise
-                failures.append(f"{_where(host, port)}: {exc.message}")
+                failures.append(f"{address_text(host, port)}: {exc.message}")
                 continue
             if target == "any":
                 return server
@@ -164,12 +164,12 @@ async def open_suited(up: Upstream) -> ServerConnection:
                 role = await role_of(server)
             except (PgError, ConnectionError) as exc:
                 server.close()
-                failures.append(f"{_where(host, port)}: role check failed: {exc}")
+                failures.append(f"{address_text(host, port)}: role check failed: {exc}")
                 continue
             if suits(role, target):
                 return server
             server.close()
-            failures.append(f"{_where(host, port)}: {_NOT_SUITED[target]}")
+            failures.append(f"{address_text(host, port)}: {_NOT_SUITED[target]}")
     raise PgError(
         errors.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
         f"no upstream host suits target_session_attrs={up.target}: " + "; ".join(failures),
@@ -199,5 +199,6 @@ async def _open_one(up: Upstream, host: str, port: int) -> ServerConnection:
         ) from None
 
 
-def _where(host: str, port: int) -> str:
+def address_text(host: str, port: int) -> str:
+    """``host:port`` as people write it (IPv6 in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

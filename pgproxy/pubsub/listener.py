@@ -14,6 +14,8 @@ Theory of operation (DESIGN.md, "LISTEN / UNLISTEN / NOTIFY in transaction mode"
   handed out at the end of each upstream read, all of a member's in one piece (one write):
   when they are all for one channel (the usual case, a single one included) every member gets
   the same bytes, without per-member collecting.
+* With workers, a notification from another worker's server waits until that worker says
+  whose it is (``siblings``, pgproxy.pubsub.siblings); None without workers.
 * The listener never stops reading. If its connection dies, subscribers are told (the policy of
   what to do is theirs) and the listener reconnects with backoff and re-LISTENs every channel
   that still has members.
@@ -22,8 +24,7 @@ Theory of operation (DESIGN.md, "LISTEN / UNLISTEN / NOTIFY in transaction mode"
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from pgproxy.backend import ServerConnection
@@ -33,16 +34,11 @@ from pgproxy.pool.targets import unsuited
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PgError
+from pgproxy.pubsub.connection import enable_keepalive, listen_all, run_listen
 from pgproxy.wire import log
 
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 5.0
-# TCP keepalive for the listener socket: the kernel probes an idle connection, and
-# TCP_USER_TIMEOUT bounds how long sent data may stay unacknowledged (PROTOCOL-NOTES 35).
-_KEEPALIVE_IDLE = 30
-_KEEPALIVE_INTERVAL = 10
-_KEEPALIVE_COUNT = 3
-_USER_TIMEOUT_MS = 60_000
 
 
 class Subscriber(Protocol):
@@ -53,7 +49,16 @@ class Subscriber(Protocol):
     def listener_lost(self, error: PgError) -> None: ...
 
 
-class _Channel:
+class WorkerSiblings(Protocol):
+    """The other workers' part in attributing notifications (pgproxy.pubsub.siblings)."""
+
+    def holds(self, listener: Listener, channel: Channel, pid: int, body: bytes) -> bool: ...
+    def fence(self, listener: Listener) -> Awaitable[None]: ...
+    def drained(self, listener: Listener) -> Awaitable[None]: ...
+    def lost(self, listener: Listener) -> None: ...
+
+
+class Channel:
     __slots__ = ("delivered", "members", "ready", "received", "refs")
 
     def __init__(self, ready: asyncio.Future[None]) -> None:
@@ -73,8 +78,9 @@ class Listener:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self._pinger: asyncio.Task[None] | None = None
+        self.siblings: WorkerSiblings | None = None  # with workers only
         self.conn: ServerConnection | None = None
-        self.channels: dict[str, _Channel] = {}
+        self.channels: dict[str, Channel] = {}
         self.subscriptions: dict[Subscriber, set[str]] = {}
         self._connecting: asyncio.Task[ServerConnection] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -94,7 +100,7 @@ class Listener:
         self._pid_map: dict[int, int] = {}
         # (channel, NotificationResponse) received during the current upstream read, handed
         # out at its end: one write per member per read, not one per notification.
-        self._batch: list[tuple[_Channel, bytes]] = []
+        self._batch: list[tuple[Channel, bytes]] = []
 
     def __repr__(self) -> str:
         return f"<listener {self.pool.name} channels={len(self.channels)}>"
@@ -187,7 +193,7 @@ class Listener:
     def _take(self, name: str) -> None:
         channel = self.channels.get(name)
         if channel is None:
-            channel = _Channel(asyncio.get_running_loop().create_future())
+            channel = Channel(asyncio.get_running_loop().create_future())
             channel.ready.add_done_callback(_consume_exception)
             self.channels[name] = channel
             self._spawn_listen(name, channel)
@@ -206,11 +212,11 @@ class Listener:
             conn.send_internal(f"UNLISTEN {quote_ident(name)}")
         # A LISTEN still being set up will find the channel gone and undo itself.
 
-    def _spawn_listen(self, name: str, channel: _Channel) -> None:
+    def _spawn_listen(self, name: str, channel: Channel) -> None:
         task = asyncio.get_running_loop().create_task(self._listen(name, channel))
         task.add_done_callback(_consume_exception)
 
-    async def _listen(self, name: str, channel: _Channel) -> None:
+    async def _listen(self, name: str, channel: Channel) -> None:
         try:
             conn = await self._connection()
             await run_listen(conn, f"LISTEN {quote_ident(name)}")
@@ -250,7 +256,7 @@ class Listener:
         conn.notifications_done = self._flush
         conn.lost_callback = self._on_lost
         self.conn = conn
-        _enable_keepalive(conn)
+        enable_keepalive(conn)
         if self.ping_interval > 0:
             self._pinger = asyncio.get_running_loop().create_task(self._ping(conn))
         log.info("%r: connected (%r)", self, conn, extra=self._event("listener_connected"))
@@ -287,6 +293,9 @@ class Listener:
         """Show ``server_pid``'s notifications as ``virtual_pid`` until the fence ends."""
         self._pid_map[server_pid] = virtual_pid
 
+    def virtual_pid(self, server_pid: int) -> int | None:
+        return self._pid_map.get(server_pid)
+
     def unmap_pid(self, server_pid: int, virtual_pid: int) -> None:
         if self._pid_map.get(server_pid) == virtual_pid:
             del self._pid_map[server_pid]
@@ -305,11 +314,17 @@ class Listener:
         return self._run_fence(server_pid, virtual_pid)
 
     async def _run_fence(self, server_pid: int, virtual_pid: int) -> None:
-        try:
-            conn = await self._connection()
-            await conn.run_internal("")
+        try:  # with workers, the siblings' listeners too
+            await (self.sync() if self.siblings is None else self.siblings.fence(self))
         finally:
             self.unmap_pid(server_pid, virtual_pid)
+
+    async def sync(self) -> None:
+        """Until every notification committed so far has been read and handed out."""
+        conn = await self._connection()
+        await conn.run_internal("")
+        if self.siblings is not None:
+            await self.siblings.drained(self)
 
     def _on_notification(self, body: bytes) -> None:
         self.notifications += 1
@@ -322,6 +337,9 @@ class Listener:
         if channel is None or not channel.members:
             return
         channel.received += 1
+        siblings = self.siblings
+        if siblings is not None and siblings.holds(self, channel, notification.pid, body):
+            return  # another worker's, or behind one: handed out in order once attributed
         virtual_pid = self._pid_map.get(notification.pid)
         if virtual_pid is not None:
             body = virtual_pid.to_bytes(4, "big") + body[4:]
@@ -353,6 +371,8 @@ class Listener:
 
     def _on_lost(self, error: PgError) -> None:
         self._flush()  # whole notifications read before the loss still go out, first
+        if self.siblings is not None:
+            self.siblings.lost(self)
         self.conn = None
         if self.closing:
             return
@@ -381,7 +401,7 @@ class Listener:
             try:
                 conn = await self._connection()
                 names = list(self.channels)
-                await run_listen(conn, _listen_all(names))
+                await run_listen(conn, listen_all(names))
             except (PgError, ConnectionError) as exc:
                 self.last_error = str(exc)
                 log.warning(
@@ -440,47 +460,6 @@ class Listener:
             "notifications": self.notifications,
             "connected": int(self.conn is not None and not self.conn.closed),
         }
-
-
-def _enable_keepalive(conn: ServerConnection) -> None:
-    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    options = [
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), _KEEPALIVE_IDLE),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), _KEEPALIVE_INTERVAL),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), _KEEPALIVE_COUNT),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), _USER_TIMEOUT_MS),
-    ]
-    for level, name, value in options:
-        if name is None:
-            continue  # not on this platform
-        try:
-            sock.setsockopt(level, name, value)
-        except OSError as exc:
-            log.debug("listener socket option %s not set: %s", name, exc)
-
-
-# LISTEN reads the queue from its tail; entries of transactions whose commit status is gone
-# (truncated pg_xact) make it fail so. pg_notification_queue_usage() advances the tail past them
-# (async.c), so one retry after it succeeds, as PostgREST does.
-STALE_QUEUE = "could not access status of transaction"
-
-
-async def run_listen(conn: ServerConnection, sql: str) -> None:
-    """Run LISTEN statements on the listener connection; raises PgError if they fail."""
-    result = await conn.run_internal(sql)
-    if result.error is not None and STALE_QUEUE in result.error.message:
-        log.warning("LISTEN failed (%s); advancing the queue tail, retrying", result.error.message)
-        await conn.run_internal("SELECT pg_catalog.pg_notification_queue_usage()")
-        result = await conn.run_internal(sql)
-    if result.error is not None:
-        raise result.error
-
-
-def _listen_all(names: Iterable[str]) -> str:
-    return "; ".join(f"LISTEN {quote_ident(n)}" for n in names)
 
 
 def _consume_exception(fut: asyncio.Future[Any]) -> None:

@@ -5,7 +5,9 @@ Each worker listens on a unix socket in a private (0700) directory the superviso
 them): a CancelRequest for one of its clients (a client's virtual backend PID encodes the
 index of its worker, ``pgproxy.app.vpid_owner``, so a worker that receives a cancel for
 another's client forwards the raw request), "your snapshot" (the admin console and /metrics
-show the whole proxy), and a console control command to run (PAUSE, RESUME, KILL, ...).
+show the whole proxy), a console control command to run (PAUSE, RESUME, KILL, ...), and what
+attributing notifications across workers needs (``pgproxy.pubsub.siblings``: servers opened
+and closed, "who holds this server now", listener fences).
 
 Rules: this module carries requests and answers; it never judges them. Only the owner knows a
 client's secret, and its :class:`PeerHost` compares it in constant time, as for a local
@@ -23,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Protocol, TypeVar
 
 from pgproxy.admin.snapshot import Snapshot
@@ -53,6 +55,10 @@ class PeerHost(Protocol):
 
     def perform(self, verb: str, arg: str) -> Awaitable[str]:
         """Run a console control command in this process: its tag, or the PgError."""
+        ...
+
+    def attribution(self, request: peerwire.Attribution) -> Awaitable[peerwire.Answer]:
+        """Answer a NOTIFY attribution request (``pgproxy.pubsub.siblings``)."""
         ...
 
 
@@ -136,6 +142,37 @@ class Peers:
 
         return await self._everyone(request, read, timeout)
 
+    # --- NOTIFY attribution (pgproxy.pubsub.siblings) ------------------------------------------
+
+    async def servers_changed(
+        self, opened: bool, servers: list[peerwire.ServerKey], timeout: float
+    ) -> dict[int, Exception | None]:
+        """Tell every other worker that these servers of this one opened (else closed)."""
+        request = peerwire.servers_changed(self.index, opened, servers)
+        return await self._everyone(request, peerwire.read_ack, timeout)
+
+    async def servers(self, timeout: float) -> dict[int, Sequence[peerwire.ServerKey] | Exception]:
+        """Every other worker's servers."""
+        request = peerwire.servers_request(self.index)
+        return await self._everyone(request, peerwire.read_servers, timeout)
+
+    async def who_holds(
+        self, owner: int, host: str, port: int, pids: list[int], timeout: float
+    ) -> tuple[int, ...]:
+        """The virtual PID holding each of worker ``owner``'s servers ``pids`` (0: none)."""
+
+        async def read(reader: asyncio.StreamReader) -> tuple[int, ...]:
+            return await peerwire.read_vpids(reader, len(pids))
+
+        return await self._exchange(owner, peerwire.who_holds(host, port, pids), read, timeout)
+
+    async def fence(
+        self, host: str, port: int, dbname: str, timeout: float
+    ) -> dict[int, Exception | None]:
+        """Every other worker's listener fence for one upstream database."""
+        request = peerwire.fence_request(host, port, dbname)
+        return await self._everyone(request, peerwire.read_ack, timeout)
+
     async def _everyone(
         self,
         request: bytes,
@@ -195,6 +232,13 @@ async def _answer(
         return
     if request is None:
         answer = peerwire.snapshot_answer(host.snapshot())
+    elif not isinstance(request, peerwire.Control):
+        try:
+            async with asyncio.timeout(PEER_TIMEOUT):  # the asker waits no longer either
+                answer = peerwire.answered(await host.attribution(request))
+        except TimeoutError:
+            log.warning("%s from another worker not answered in time", type(request).__name__)
+            return
     else:
         try:
             answer = peerwire.done(await host.perform(request.verb, request.arg))

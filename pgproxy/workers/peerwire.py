@@ -10,6 +10,19 @@ request per connection; a frame is a kind byte, a 4-byte big-endian body length,
 * ``X`` a console control command, body the JSON ``[verb, argument]``; answered ``K`` + the
   JSON command tag once it is done, or ``E`` + the JSON ``[sqlstate, message]`` it failed with.
 
+For NOTIFY attribution across workers (``pgproxy.pubsub.siblings``), a server is the JSON
+``[host, port, backend pid]`` of a pooled server connection:
+
+* ``O`` the sender's servers opened or closed, ``[worker, opened, [server, ...]]``; answered
+  ``K`` + ``null`` once recorded.
+* ``L`` "your servers", ``[worker]`` (the asker, which just started: what was said of its
+  predecessor's servers no longer holds); answered ``K`` + ``[server, ...]``.
+* ``W`` "which virtual PID holds each of these servers now", ``[host, port, [pid, ...]]``;
+  answered ``K`` + ``[vpid or 0, ...]`` in the same order.
+* ``F`` a listener fence, ``[host, port, dbname]``; answered ``K`` + ``null`` once the
+  receiver's listener for that database has read and attributed every notification committed
+  before the request.
+
 Rule: every length is checked against its kind's bound before anything is read or allocated
 (a cancel as Postgres bounds it, a command 1 KiB, a snapshot ``SNAPSHOT_MAX``), and whatever
 does not parse as the kind it claims is a :class:`~pgproxy.protocol.messages.ProtocolError`;
@@ -33,20 +46,39 @@ __all__ = [
     "CONTROL",
     "SNAPSHOT",
     "SNAPSHOT_MAX",
+    "Answer",
+    "Attribution",
     "Control",
+    "FenceAsked",
+    "ServerKey",
+    "ServersAsked",
+    "ServersChanged",
+    "WhoHolds",
+    "answered",
     "cancel_request",
     "control_request",
     "done",
     "failed",
+    "fence_request",
+    "read_ack",
     "read_answer",
     "read_request",
+    "read_servers",
+    "read_vpids",
+    "servers_changed",
+    "servers_request",
     "snapshot_answer",
     "snapshot_request",
+    "who_holds",
 ]
 
 CANCEL: Final = ord("C")
 SNAPSHOT: Final = ord("S")
 CONTROL: Final = ord("X")
+_CHANGED: Final = ord("O")
+_SERVERS: Final = ord("L")
+_WHO: Final = ord("W")
+_FENCE: Final = ord("F")
 _DONE: Final = ord("K")
 _FAILED: Final = ord("E")
 _HEAD: Final = struct.Struct("!BI")
@@ -54,7 +86,19 @@ SNAPSHOT_MAX: Final = 256 << 20  # JSON bytes: ~500 bytes a client or server, so
 _CANCEL_MIN, _CANCEL_MAX = 16, 4 + 4 + 4 + 256  # length, code, pid, key (protocol 3.2: <= 256)
 _CONTROL_MAX: Final = 1024
 _ERROR_MAX: Final = 64 * 1024
-_REQUEST_MAX: Final = {CANCEL: _CANCEL_MAX, SNAPSHOT: 0, CONTROL: _CONTROL_MAX}
+_PIDS_MAX: Final = 1024  # servers in one O or W message
+_LIST_MAX: Final = 64 * 1024  # an O or W body, a W answer: ~30 bytes a server
+_SERVERS_MAX: Final = 8 << 20  # an L answer: every server of a worker
+_FENCE_MAX: Final = 1024
+_REQUEST_MAX: Final = {
+    CANCEL: _CANCEL_MAX,
+    SNAPSHOT: 0,
+    CONTROL: _CONTROL_MAX,
+    _CHANGED: _LIST_MAX,
+    _SERVERS: 16,
+    _WHO: _LIST_MAX,
+    _FENCE: _FENCE_MAX,
+}
 _SNAPSHOT_KEYS: Final = frozenset(Snapshot.__required_keys__)
 
 
@@ -66,7 +110,46 @@ class Control:
     arg: str
 
 
-Request = m.CancelRequest | Control | None  # None: "your snapshot"
+ServerKey = tuple[str, int, int]  # a pooled server: upstream host, port, backend PID
+
+
+@dataclass(frozen=True)
+class ServersChanged:
+    """Worker ``worker``'s ``servers`` opened (else closed)."""
+
+    worker: int
+    opened: bool
+    servers: tuple[ServerKey, ...]
+
+
+@dataclass(frozen=True)
+class ServersAsked:
+    """The request "your servers" from worker ``worker``, which just started."""
+
+    worker: int
+
+
+@dataclass(frozen=True)
+class WhoHolds:
+    """The question "which virtual PID holds each of these servers now" (0: none)."""
+
+    host: str
+    port: int
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FenceAsked:
+    """Fence the receiver's listener for one upstream database."""
+
+    host: str
+    port: int
+    dbname: str
+
+
+Attribution = ServersChanged | ServersAsked | WhoHolds | FenceAsked
+Answer = list[ServerKey] | list[int] | None  # what an Attribution request is answered
+Request = m.CancelRequest | Control | Attribution | None  # None: "your snapshot"
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -89,6 +172,31 @@ def control_request(verb: str, arg: str) -> bytes:
     if len(body) > _CONTROL_MAX:
         raise ValueError("control command too long")  # the console's grammar never makes one
     return _frame(CONTROL, body)
+
+
+def _compact(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def servers_changed(worker: int, opened: bool, servers: list[ServerKey]) -> bytes:
+    return _frame(_CHANGED, _compact([worker, opened, servers]))
+
+
+def servers_request(worker: int) -> bytes:
+    return _frame(_SERVERS, _compact([worker]))
+
+
+def who_holds(host: str, port: int, pids: list[int]) -> bytes:
+    return _frame(_WHO, _compact([host, port, pids]))
+
+
+def fence_request(host: str, port: int, dbname: str) -> bytes:
+    return _frame(_FENCE, _compact([host, port, dbname]))
+
+
+def answered(value: Answer) -> bytes:
+    """The answer to an attribution request (``None``: done)."""
+    return _frame(_DONE, _compact(value))
 
 
 def snapshot_answer(snapshot: Snapshot) -> bytes:
@@ -135,10 +243,28 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
         if not isinstance(packet, m.CancelRequest):
             raise m.ProtocolError("not a cancel request")
         return packet
-    verb, arg = _json(body, list)
-    if not isinstance(verb, str) or not isinstance(arg, str):
-        raise m.ProtocolError("bad control command")
-    return Control(verb, arg)
+    if kind == _SERVERS:
+        [worker] = _json(body, list, 1)
+        if not _is_int(worker):
+            raise m.ProtocolError("bad servers request")
+        return ServersAsked(worker)
+    if kind == CONTROL:
+        verb, arg = _json(body, list)
+        if not isinstance(verb, str) or not isinstance(arg, str):
+            raise m.ProtocolError("bad control command")
+        return Control(verb, arg)
+    first, second, third = _json(body, list, 3)
+    if kind == _CHANGED:
+        if not isinstance(first, int) or not isinstance(second, bool):
+            raise m.ProtocolError("bad servers message")
+        return ServersChanged(first, second, _servers(third))
+    if not isinstance(first, str) or not _is_int(second):
+        raise m.ProtocolError("bad attribution request")
+    if kind == _WHO:
+        return WhoHolds(first, second, _ints(third))
+    if not isinstance(third, str):
+        raise m.ProtocolError("bad fence request")
+    return FenceAsked(first, second, third)
 
 
 async def read_answer(reader: asyncio.StreamReader, kind: int) -> Snapshot | str:
@@ -157,11 +283,61 @@ async def read_answer(reader: asyncio.StreamReader, kind: int) -> Snapshot | str
     return str(_json(body, str))
 
 
-def _json(body: bytes, kind: type[Any]) -> Any:
+async def read_ack(reader: asyncio.StreamReader) -> None:
+    """The answer to ``servers_changed`` or ``fence_request``."""
+    _, body = await _read_frame(reader, {_DONE: 4})
+    if body != b"null":
+        raise m.ProtocolError("bad peer acknowledgement")
+
+
+async def read_servers(reader: asyncio.StreamReader) -> tuple[ServerKey, ...]:
+    """The answer to ``servers_request``."""
+    _, body = await _read_frame(reader, {_DONE: _SERVERS_MAX})
+    return _servers(_json(body, list, None), limit=None)
+
+
+async def read_vpids(reader: asyncio.StreamReader, count: int) -> tuple[int, ...]:
+    """The answer to ``who_holds`` for ``count`` PIDs."""
+    _, body = await _read_frame(reader, {_DONE: _LIST_MAX})
+    vpids = _ints(_json(body, list, None))
+    if len(vpids) != count:
+        raise m.ProtocolError("bad attribution answer")
+    return vpids
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 32
+
+
+def _ints(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > _PIDS_MAX or not all(map(_is_int, value)):
+        raise m.ProtocolError("bad PID list")
+    return tuple(value)
+
+
+def _servers(value: object, limit: int | None = _PIDS_MAX) -> tuple[ServerKey, ...]:
+    if not isinstance(value, list) or (limit is not None and len(value) > limit):
+        raise m.ProtocolError("bad server list")
+    out = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not isinstance(item[0], str)
+            or not _is_int(item[1])
+            or not _is_int(item[2])
+        ):
+            raise m.ProtocolError("bad server list")
+        out.append((item[0], item[1], item[2]))
+    return tuple(out)
+
+
+def _json(body: bytes, kind: type[Any], items: int | None = 2) -> Any:
+    """``body`` parsed as JSON of ``kind`` (a list of exactly ``items``, None: any length)."""
     try:
         value = json.loads(body)
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise m.ProtocolError(f"bad peer message: {exc}") from None
-    if not isinstance(value, kind) or (kind is list and len(value) != 2):
+    if not isinstance(value, kind) or (kind is list and items is not None and len(value) != items):
         raise m.ProtocolError("bad peer message")
     return value
