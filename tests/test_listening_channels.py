@@ -188,6 +188,7 @@ def test_first_prepared_use_inside_a_transaction(pg: PgCluster, proxy: ProxyThre
         twins.close()
 
 
+@pytest.mark.in_process  # reads the in-process pool
 def test_a_pooled_server_does_not_carry_one_clients_channels_to_another(
     pg: PgCluster, make_proxy: MakeProxy
 ) -> None:
