@@ -1,0 +1,175 @@
+"""Real job queues through pgproxy in transaction mode, at their defaults, woken only by NOTIFY.
+
+procrastinate (psycopg 3: a pool plus a LISTEN connection per worker), pgqueuer (asyncpg: one
+connection per worker that both LISTENs and queries, with a NOTIFY round-trip health check
+every 10 s) and pg-boss (Node, ``useListenNotify``: a LISTEN connection checked with
+``pg_listening_channels()``) each run in a process of their own (tests/frameworks/), with
+polling set to a minute: a job can start within a second of its enqueue only because the
+library's LISTEN heard the NOTIFY through the proxy. Each test asserts what a user of the
+library would see: every worker listening, every job started exactly once within a second of
+its enqueue, and not one warning or error from the library.
+
+The fleet test runs a hundred and more workers of both Python libraries against a cluster of
+its own with ``max_connections = 40``, which could not hold them directly.
+``PGPROXY_TEST_FRAMEWORK_FLEET=1`` with ``-m slow`` runs a bigger fleet for longer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgproxy.testing.cluster import PgCluster
+from tests.conftest import MakeProxy, build_config
+from tests.support.proxy_runner import ProxyThread
+
+ROOT = Path(__file__).resolve().parents[1]
+START_WITHIN_S = 1.0  # from enqueue to the job running: only a NOTIFY can be that quick
+RUN_TIMEOUT_S = 120
+
+
+class QueueProcess:
+    """A queue's process (tests/frameworks/): it reports ``{"ready": n}`` once its workers
+    listen, starts enqueueing on :meth:`go`, and ends with ``{"latency": ...}``."""
+
+    def __init__(self, command: list[str], *, cwd: Path = ROOT) -> None:
+        self.proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def ready(self) -> int:
+        """How many workers listen (the process times its own wait out)."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.finish()  # raises with the process's exit status and stderr
+        return int(json.loads(line)["ready"])
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> Outcome:
+        try:
+            out, err = self.proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        assert self.proc.returncode == 0, f"exit {self.proc.returncode}\n{out}\n{err}"
+        report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        latency = {int(job): times for job, times in report["latency"].items()}
+        return Outcome(latency, err)
+
+
+@dataclass
+class Outcome:
+    """When each job started (seconds after its enqueue), and the library's stderr."""
+
+    latency: dict[int, list[float]]
+    stderr: str
+
+    def assert_served(self, jobs: int) -> None:
+        assert self.stderr.strip() == "", f"the library logged:\n{self.stderr}"
+        missing = sorted(set(range(jobs)) - set(self.latency))
+        assert not missing, f"jobs never started: {missing}"
+        twice = {job: t for job, t in self.latency.items() if len(t) != 1}
+        assert not twice, f"jobs started more than once: {twice}"
+        late = {job: t[0] for job, t in self.latency.items() if t[0] > START_WITHIN_S}
+        assert not late, f"jobs started later than {START_WITHIN_S}s after enqueue: {late}"
+
+
+def run_fleets(commands: dict[str, tuple[list[str], int, int]]) -> None:
+    """Start every queue (command, workers, jobs); once all listen, let them enqueue at once."""
+    queues = {name: QueueProcess(command) for name, (command, _, _) in commands.items()}
+    try:
+        for name, queue in queues.items():
+            workers = commands[name][1]
+            assert queue.ready() == workers, f"{name}: not all {workers} workers came to LISTEN"
+        for queue in queues.values():
+            queue.go()
+        for name, queue in queues.items():
+            jobs = commands[name][2]
+            outcome = queue.finish()
+            try:
+                outcome.assert_served(jobs)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from None
+    finally:
+        for queue in queues.values():
+            if queue.proc.poll() is None:
+                queue.proc.kill()
+                queue.proc.wait()
+
+
+def python_queue(
+    library: str, dsn: str, *, workers: int = 1, jobs: int = 10, gap: float = 0.2
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tests.frameworks.py_queues",
+        f"--library={library}",
+        f"--dsn={dsn}",
+        f"--workers={workers}",
+        f"--jobs={jobs}",
+        f"--gap={gap}",
+    ]
+
+
+@pytest.fixture
+def database(pg: PgCluster) -> Iterator[str]:
+    """A database of the test's own on the shared cluster (each library installs its schema)."""
+    yield from _fresh_database(pg, "frameworks")
+
+
+def _fresh_database(pg: PgCluster, name: str) -> Iterator[str]:
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("library", ["procrastinate", "pgqueuer"])
+def test_python_queue_wakes_on_notify(database: str, make_proxy: MakeProxy, library: str) -> None:
+    proxy = make_proxy()
+    dsn = proxy.dsn(dbname=database)
+    run_fleets({library: (python_queue(library, dsn, workers=2, jobs=15), 2, 15)})
+
+
+def test_fleet_beyond_max_connections() -> None:
+    """130 workers (100 pgqueuer, 30 procrastinate: 250 client connections) on a server that
+    takes 40. Every NOTIFY wakes every worker of its library, so jobs come every half second."""
+    with PgCluster(settings={"max_connections": "40"}) as cluster:
+        database = "fleet"  # gone with the cluster
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {database}")
+        config = build_config(cluster, proxy={"default_pool_size": 10})
+        with ProxyThread(config) as proxy:
+            dsn = proxy.dsn(dbname=database)
+            run_fleets(
+                {
+                    library: (python_queue(library, dsn, workers=n, jobs=10, gap=0.5), n, 10)
+                    for library, n in (("pgqueuer", 100), ("procrastinate", 30))
+                }
+            )
