@@ -33,6 +33,7 @@ from tests.conftest import MakeProxy, build_config
 from tests.support.proxy_runner import ProxyThread
 
 ROOT = Path(__file__).resolve().parents[1]
+NODE_DIR = ROOT / "tests" / "frameworks" / "node"
 START_WITHIN_S = 1.0  # from enqueue to the job running: only a NOTIFY can be that quick
 RUN_TIMEOUT_S = 120
 
@@ -95,33 +96,41 @@ class Outcome:
         assert not late, f"jobs started later than {START_WITHIN_S}s after enqueue: {late}"
 
 
-def run_fleets(commands: dict[str, tuple[list[str], int, int]]) -> None:
-    """Start every queue (command, workers, jobs); once all listen, let them enqueue at once."""
-    queues = {name: QueueProcess(command) for name, (command, _, _) in commands.items()}
+@dataclass
+class Queue:
+    """A queue's process to run: its command, how many workers it starts, how many jobs."""
+
+    command: list[str]
+    workers: int
+    jobs: int
+    cwd: Path = ROOT
+
+
+def run_fleets(queues: dict[str, Queue]) -> None:
+    """Start every queue; once all of them listen, let them enqueue at once; check each."""
+    running = {name: QueueProcess(q.command, cwd=q.cwd) for name, q in queues.items()}
     try:
-        for name, queue in queues.items():
-            workers = commands[name][1]
-            assert queue.ready() == workers, f"{name}: not all {workers} workers came to LISTEN"
-        for queue in queues.values():
-            queue.go()
-        for name, queue in queues.items():
-            jobs = commands[name][2]
-            outcome = queue.finish()
+        for name, proc in running.items():
+            workers = queues[name].workers
+            assert proc.ready() == workers, f"{name}: not all {workers} workers came to LISTEN"
+        for proc in running.values():
+            proc.go()
+        for name, proc in running.items():
             try:
-                outcome.assert_served(jobs)
+                proc.finish().assert_served(queues[name].jobs)
             except AssertionError as e:
                 raise AssertionError(f"{name}: {e}") from None
     finally:
-        for queue in queues.values():
-            if queue.proc.poll() is None:
-                queue.proc.kill()
-                queue.proc.wait()
+        for proc in running.values():
+            if proc.proc.poll() is None:
+                proc.proc.kill()
+                proc.proc.wait()
 
 
 def python_queue(
     library: str, dsn: str, *, workers: int = 1, jobs: int = 10, gap: float = 0.2
-) -> list[str]:
-    return [
+) -> Queue:
+    command = [
         sys.executable,
         "-m",
         "tests.frameworks.py_queues",
@@ -131,6 +140,35 @@ def python_queue(
         f"--jobs={jobs}",
         f"--gap={gap}",
     ]
+    return Queue(command, workers, jobs)
+
+
+def pgboss_queue(dsn: str, *, workers: int = 1, jobs: int = 10, gap: float = 0.2) -> Queue:
+    """pg-boss checking its LISTEN every second (``pg_listening_channels()``), not every 10."""
+    command = [
+        "node",
+        "pgboss_queue.mjs",
+        f"--dsn={dsn}",
+        f"--workers={workers}",
+        f"--jobs={jobs}",
+        f"--gap={gap}",
+        "--heartbeat-ms=1000",
+    ]
+    return Queue(command, workers, jobs, cwd=NODE_DIR)
+
+
+@pytest.fixture(scope="session")
+def node_queues() -> None:
+    """The Node queues of tests/frameworks/node/package-lock.json (scripts/test installs them;
+    installed here if missing)."""
+    if not (NODE_DIR / "node_modules" / "pg-boss" / "package.json").exists():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
 
 
 @pytest.fixture
@@ -154,7 +192,16 @@ def _fresh_database(pg: PgCluster, name: str) -> Iterator[str]:
 def test_python_queue_wakes_on_notify(database: str, make_proxy: MakeProxy, library: str) -> None:
     proxy = make_proxy()
     dsn = proxy.dsn(dbname=database)
-    run_fleets({library: (python_queue(library, dsn, workers=2, jobs=15), 2, 15)})
+    run_fleets({library: python_queue(library, dsn, workers=2, jobs=15)})
+
+
+@pytest.mark.usefixtures("node_queues")
+def test_pgboss_wakes_on_notify(database: str, make_proxy: MakeProxy) -> None:
+    """pg-boss's listener check (``SELECT EXISTS (SELECT 1 FROM pg_listening_channels() ...
+    WHERE channel = $1)``) must find its channel, or pg-boss reports the registration lost and
+    reconnects its listener."""
+    proxy = make_proxy()
+    run_fleets({"pg-boss": pgboss_queue(proxy.dsn(dbname=database), workers=2, jobs=15)})
 
 
 def test_fleet_beyond_max_connections() -> None:
@@ -169,7 +216,7 @@ def test_fleet_beyond_max_connections() -> None:
             dsn = proxy.dsn(dbname=database)
             run_fleets(
                 {
-                    library: (python_queue(library, dsn, workers=n, jobs=10, gap=0.5), n, 10)
+                    library: python_queue(library, dsn, workers=n, jobs=10, gap=0.5)
                     for library, n in (("pgqueuer", 100), ("procrastinate", 30))
                 }
             )
