@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -314,16 +315,19 @@ def session_effects(sql: str) -> list[Effect] | None:
     return None if parsed is None else [s for s in parsed if s is not None]
 
 
-def apply_effects(channels: set[str], effects: list[Subscription | SettingEffect]) -> set[str]:
-    """The channel set after ``effects`` run in order on ``channels``."""
-    out = set(channels)
+def apply_effects(
+    channels: Iterable[str], effects: list[Subscription | SettingEffect]
+) -> list[str]:
+    """The channel list after ``effects`` run in order on ``channels``, in the order Postgres
+    lists them: a LISTEN appends a channel not listed yet, an UNLISTEN takes one out."""
+    out = dict.fromkeys(channels)
     for effect in effects:
         if not isinstance(effect, Listen | Unlisten):
             continue
         if isinstance(effect, Listen):
-            out.add(effect.channel)
+            out.setdefault(effect.channel)
         elif effect.channel is None:
             out.clear()
         else:
-            out.discard(effect.channel)
-    return out
+            out.pop(effect.channel, None)
+    return list(out)

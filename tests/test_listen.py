@@ -577,7 +577,7 @@ def test_pg_listening_channels_answers_the_clients_own_channels(proxy: ProxyThre
             cur = conn.execute(form)
             assert cur.description is not None
             assert cur.description[0].name == "pg_listening_channels"
-            assert cur.fetchall() == [("Alpha",), ("zeta",)]
+            assert cur.fetchall() == [("zeta",), ("Alpha",)]  # LISTEN order, as Postgres
         assert peer.execute("SELECT pg_listening_channels()").fetchall() == [("other",)]
         conn.execute("UNLISTEN *")
         assert conn.execute("SELECT pg_listening_channels()").fetchall() == []

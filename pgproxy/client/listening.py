@@ -65,9 +65,7 @@ class ClientListening(ClientStream):
 
     def _answer_without_server(self, body: bytes) -> bool | None:
         if is_listening_channels_query(body):
-            listener = self.subs.listener if self.subs is not None else None
-            channels = sorted(listener.channels_of(self)) if listener is not None else []
-            self.write(listening_channels_reply(channels) + self._ready_idle())
+            self.write(listening_channels_reply(self._channels()) + self._ready_idle())
             return True
         statements = subscription_query(body)
         if statements is None:
@@ -85,12 +83,14 @@ class ClientListening(ClientStream):
         assert self.pool is not None
         listener = self.proxy.listener_for(self.pool)
         self._subscriptions().listener = listener
-        wanted = sql.apply_effects(listener.channels_of(self), list(statements))
+        channels = sql.apply_effects(self._channels(), list(statements))
+        wanted = set(channels)
         if listener.update_now(self, wanted):
+            self._channels_committed(channels)
             self.write(notices + subscription_tags(statements) + self._ready_idle())
             return True
         self._task = asyncio.get_running_loop().create_task(
-            self._answer_subscriptions(listener, statements, wanted, notices)
+            self._answer_subscriptions(listener, statements, channels, notices)
         )
         return False
 
@@ -98,15 +98,16 @@ class ClientListening(ClientStream):
         self,
         listener: Listener,
         statements: list[sql.Subscription],
-        wanted: set[str],
+        channels: list[str],
         notices: bytes,
     ) -> None:
         try:
-            await listener.update(self, wanted)
+            await listener.update(self, set(channels))
         except PgError as exc:
             err = exc.with_severity("ERROR")
             reply = m.error_response(err.fields())
         else:
+            self._channels_committed(channels)
             reply = subscription_tags(statements)
         if self._task is asyncio.current_task():
             self._task = None  # a finished task would stay with the client (~0.7 KiB)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from pgproxy import params, prepared
+from pgproxy import listening_channels, params, prepared
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import fatal
@@ -38,13 +38,17 @@ def _renamer(server_name: str, client_name: str) -> prepared.ErrorRewrite:
 
 
 class ClientStatements:
-    __slots__ = ("named", "unnamed")
+    __slots__ = ("_reading_channels", "named", "unnamed")
 
     def __init__(self) -> None:
         self.named: dict[str, prepared.Statement] = {}
         # The Parse body (after the name) of the client's unnamed statement; servers compare
         # it by identity to tell whether the unnamed statement they hold is this one.
         self.unnamed: bytes | None = None
+        # Statements ("": the unnamed one) whose text holds the client's channels (a call of
+        # pg_listening_channels() rewritten), to be written anew when they change: the text
+        # and the parameter types of their Parse (None until the first: few clients call it).
+        self._reading_channels: dict[str, tuple[listening_channels.Rewritten, bytes]] | None = None
 
     def parse(self, server: ServerConnection, name: str, tail: bytes) -> bytes | None:
         """A Parse of ``name`` with body ``tail`` (after the name); None: forward as it is."""
@@ -52,6 +56,8 @@ class ClientStatements:
         replies = server.replies
         cache = server.statements
         server.stats.server_parse_count += 1  # forwarded, renamed or not
+        if self._reading_channels and not (name and name in self.named):
+            self._reading_channels.pop(name, None)  # replaced (parse_rewritten puts it back)
         if not name:
             self.unnamed = cache.unnamed = tail
             cache.unnamed_unit = unit
@@ -77,6 +83,42 @@ class ClientStatements:
                 out = _evict(server, cache.add(stmt.server_name), unit)
         replies.expect(m.PARSE_COMPLETE, False, unit)
         return out + stmt.parse_message()
+
+    def parse_rewritten(
+        self,
+        server: ServerConnection,
+        name: str,
+        rewritten: listening_channels.Rewritten,
+        parameter_types: bytes,
+        channels: list[str],
+    ) -> bytes:
+        """A Parse of ``name`` whose text reads the client's channels: sent with ``channels``
+        written in; from now on the client's ``name`` is the statement holding its current
+        channels (:meth:`channels_changed`), so each Bind runs with the list of its time."""
+        exists = bool(name) and name in self.named  # then the server raises 42P05
+        tail = _with_channels(rewritten, parameter_types, channels)
+        out = self.parse(server, name, tail)
+        if not exists:
+            if self._reading_channels is None:
+                self._reading_channels = {}
+            self._reading_channels[name] = (rewritten, parameter_types)
+        return m.message(m.PARSE, b"\0" + tail) if out is None else out  # None: unnamed
+
+    def channels_changed(self, channels: list[str]) -> None:
+        """The client's committed channels changed: its statements that read them become
+        statements with the new list (a server that lacks one gets its Parse at the next
+        Bind or Describe, as for any statement)."""
+        reading = self._reading_channels
+        if not reading:
+            return
+        for name, (rewritten, parameter_types) in list(reading.items()):
+            tail = _with_channels(rewritten, parameter_types, channels)
+            if name and name in self.named:
+                self.named[name] = prepared.statement_for(tail)
+            elif not name and self.unnamed is not None:
+                self.unnamed = tail
+            else:
+                del reading[name]  # closed, deallocated or replaced since
 
     def bind(
         self, server: ServerConnection, body: bytes, name: str, name_at: int, rest_at: int
@@ -161,6 +203,14 @@ class ClientStatements:
         server.replies.expect(m.PARSE_COMPLETE, True, unit)
         server.stats.server_parse_count += 1
         return out + stmt.parse_message()
+
+
+def _with_channels(
+    rewritten: listening_channels.Rewritten, parameter_types: bytes, channels: list[str]
+) -> bytes:
+    return m.parse_tail(
+        rewritten.text(listening_channels.channels_literal(channels)), parameter_types
+    )
 
 
 def _evict(server: ServerConnection, names: list[str], unit: int) -> bytes:

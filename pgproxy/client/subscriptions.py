@@ -26,10 +26,21 @@ if TYPE_CHECKING:
 
 
 class Subscriptions:
-    __slots__ = ("fence_done", "held", "held_bytes", "listener", "may_have_notified", "pid_mapped")
+    __slots__ = (
+        "channels",
+        "fence_done",
+        "held",
+        "held_bytes",
+        "listener",
+        "may_have_notified",
+        "pid_mapped",
+    )
 
     def __init__(self) -> None:
         self.listener: Listener | None = None  # set on the first LISTEN
+        # The committed channels, in the order Postgres lists them (pg_listening_channels():
+        # LISTEN order); the listener holds the same names as a set.
+        self.channels: list[str] = []
         self.held: list[bytes] = []  # notifications held until the transaction ends
         self.held_bytes = 0
         self.may_have_notified = False  # the transaction in flight may have sent NOTIFY

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-from pgproxy import precheck, sql
+from pgproxy import listening_channels, precheck, sql
 from pgproxy.backend import ServerConnection, ServerLink
 from pgproxy.client.host import ProxyServices
 from pgproxy.client.pending import Effect, StatementEffect, TransactionEffects
@@ -185,6 +185,9 @@ class ClientUnits(WireProtocol, ServerLink):
                 released = self._effects().savepoint(effect)
                 if released:
                     self._unhold(released)
+        rewritten = self._listening_rewrite(text)
+        if rewritten is not None:  # parsed anew each time: the channels go into the text
+            return m.query(rewritten.text(listening_channels.channels_literal(self._channels())))
         return None
 
     def _inspect_parse(self, server: ServerConnection, body: bytes) -> bytes | None:
@@ -192,6 +195,7 @@ class ClientUnits(WireProtocol, ServerLink):
         name, tail_at = ("", 1) if body[:1] == b"\0" else m.read_cstring(body, 0)
         effects: list[StatementEffect] = []
         notifies = False
+        rewritten: listening_channels.Rewritten | None = None
         text_end = body.find(b"\0", tail_at)
         if text_end < 0:
             raise m.ProtocolError("missing string terminator")
@@ -214,13 +218,41 @@ class ClientUnits(WireProtocol, ServerLink):
                 ):
                     effects.append(effect)
             notifies = sql.may_notify(text)
+            rewritten = self._listening_rewrite(text)
         if effects or notifies:
             if any(isinstance(e, sql.Listen | sql.Unlisten) for e in effects):
                 server.needs_unlisten = True
             self._effects().parsed(name, effects, notifies)
         elif self.pending is not None:
             self.pending.parsed(name, effects, notifies)
+        if rewritten is not None:
+            rest = body[text_end + 1 :]  # the parameter types
+            return self._statements().parse_rewritten(
+                server, name, rewritten, rest, self._channels()
+            )
         return self._statements().parse(server, name, body[tail_at:])
+
+    # --- pg_listening_channels(): the client's channels, not the server's -------------------
+
+    def _channels(self) -> list[str]:
+        """The client's committed channels, in Postgres' order."""
+        return self.subs.channels if self.subs is not None else []
+
+    def _listening_rewrite(self, text: str) -> listening_channels.Rewritten | None:
+        """``text`` with its pg_listening_channels() calls reading the client's channels,
+        where pglast reads the text as the server does (else the server answers)."""
+        if "pg_listening_channels" not in text.lower():  # most texts the pre-check passes
+            return None
+        if not self.settings.text_rules_ok():
+            return None
+        return listening_channels.rewrite(text)
+
+    def _channels_committed(self, channels: list[str]) -> None:
+        """The client's channel list is now ``channels``: its prepared statements that read
+        it map to server statements holding the new list."""
+        self._subscriptions().channels = channels
+        if self.stmts is not None:
+            self.stmts.channels_changed(channels)
 
     # --- session state transaction pooling cannot carry --------------------------------------
 
@@ -329,8 +361,10 @@ class ClientUnits(WireProtocol, ServerLink):
             change.apply_to(server)
         listener = self.subs.listener if self.subs is not None else None
         if listener is not None and any(isinstance(e, sql.Listen | sql.Unlisten) for e in effects):
-            wanted = sql.apply_effects(listener.channels_of(self), effects)
+            channels = sql.apply_effects(self._channels(), effects)
+            wanted = set(channels)
             listener.set_channels(self, wanted)
+            self._channels_committed(channels)
             not_live = listener.pending_readiness(wanted)
             if not_live:
                 # Acknowledge only what is true: the COMMIT's reply waits for the listener.

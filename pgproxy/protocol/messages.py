@@ -467,6 +467,11 @@ def parse(name: str, sql: str, oids: Sequence[int] = ()) -> bytes:
     return message(PARSE, body)
 
 
+def parse_tail(sql: str, parameter_types: bytes) -> bytes:
+    """A Parse body after the statement name: the text, then the parameter types as sent."""
+    return _cstr(sql) + parameter_types
+
+
 def bind(
     portal: str, statement: str, params: Sequence[bytes | None] = (), formats: Sequence[int] = ()
 ) -> bytes:

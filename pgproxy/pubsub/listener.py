@@ -100,9 +100,6 @@ class Listener:
 
     # --- subscriptions -----------------------------------------------------------------------
 
-    def channels_of(self, client: Subscriber) -> set[str]:
-        return set(self.subscriptions.get(client, ()))
-
     async def update(self, client: Subscriber, wanted: set[str]) -> None:
         """Make ``client``'s channel set exactly ``wanted``, all or nothing.
 
