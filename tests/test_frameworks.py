@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,7 @@ def run_fleets(queues: dict[str, Queue]) -> None:
 def python_queue(
     library: str, dsn: str, *, workers: int = 1, jobs: int = 10, gap: float = 0.2
 ) -> Queue:
+    """procrastinate or pgqueuer (tests/frameworks/py_queues.py)."""
     command = [
         sys.executable,
         "-m",
@@ -204,9 +206,10 @@ def test_pgboss_wakes_on_notify(database: str, make_proxy: MakeProxy) -> None:
     run_fleets({"pg-boss": pgboss_queue(proxy.dsn(dbname=database), workers=2, jobs=15)})
 
 
-def test_fleet_beyond_max_connections() -> None:
-    """130 workers (100 pgqueuer, 30 procrastinate: 250 client connections) on a server that
-    takes 40. Every NOTIFY wakes every worker of its library, so jobs come every half second."""
+def run_fleet(workers: dict[str, int], *, jobs: int, gap: float) -> None:
+    """Fleets of each library against a cluster of their own with ``max_connections = 40``,
+    through one proxy with a pool of 10. Every NOTIFY wakes every worker of its library (each
+    then asks for a job), so ``gap`` must leave the herd time to settle."""
     with PgCluster(settings={"max_connections": "40"}) as cluster:
         database = "fleet"  # gone with the cluster
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
@@ -214,9 +217,27 @@ def test_fleet_beyond_max_connections() -> None:
         config = build_config(cluster, proxy={"default_pool_size": 10})
         with ProxyThread(config) as proxy:
             dsn = proxy.dsn(dbname=database)
-            run_fleets(
-                {
-                    library: python_queue(library, dsn, workers=n, jobs=10, gap=0.5)
-                    for library, n in (("pgqueuer", 100), ("procrastinate", 30))
-                }
-            )
+            queues = {
+                library: (pgboss_queue if library == "pg-boss" else partial(python_queue, library))(
+                    dsn, workers=n, jobs=jobs, gap=gap
+                )
+                for library, n in workers.items()
+            }
+            run_fleets(queues)
+
+
+@pytest.mark.usefixtures("node_queues")
+def test_fleet_beyond_max_connections() -> None:
+    """140 workers (about 300 client connections) on a server that takes 40."""
+    run_fleet({"pgqueuer": 100, "procrastinate": 30, "pg-boss": 10}, jobs=10, gap=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("PGPROXY_TEST_FRAMEWORK_FLEET") != "1",
+    reason="a fleet of 530 workers for a minute: PGPROXY_TEST_FRAMEWORK_FLEET=1 runs it",
+)
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("node_queues")
+def test_big_fleet_beyond_max_connections() -> None:
+    run_fleet({"pgqueuer": 400, "procrastinate": 100, "pg-boss": 30}, jobs=60, gap=0.5)
