@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -30,8 +31,9 @@ import psycopg
 import pytest
 
 from pgproxy.testing.cluster import PgCluster
-from tests.conftest import MakeProxy, build_config
+from tests.conftest import build_config, pg_server_url
 from tests.support.proxy_runner import ProxyThread
+from tests.test_workers import WORKERS, supervisor_process
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "tests" / "frameworks" / "node"
@@ -107,8 +109,9 @@ class Queue:
     cwd: Path = ROOT
 
 
-def run_fleets(queues: dict[str, Queue]) -> None:
-    """Start every queue; once all of them listen, let them enqueue at once; check each."""
+def run_fleets(queues: dict[str, Queue], *, stagger: float = 0.0) -> None:
+    """Start every queue; once all of them listen, let them enqueue, ``stagger`` seconds
+    apart (so their enqueues interleave rather than collide); check each."""
     running = {name: QueueProcess(q.command, cwd=q.cwd) for name, q in queues.items()}
     try:
         for name, proc in running.items():
@@ -116,6 +119,7 @@ def run_fleets(queues: dict[str, Queue]) -> None:
             assert proc.ready() == workers, f"{name}: not all {workers} workers came to LISTEN"
         for proc in running.values():
             proc.go()
+            time.sleep(stagger)  # paces the producers, as their own gaps do
         for name, proc in running.items():
             try:
                 proc.finish().assert_served(queues[name].jobs)
@@ -190,20 +194,37 @@ def _fresh_database(pg: PgCluster, name: str) -> Iterator[str]:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@pytest.fixture(params=[1, 2], ids=["workers=1", "workers=2"])
+def proxy_dsn(
+    request: pytest.FixtureRequest, pg: PgCluster, database: str, tmp_path: Path
+) -> Iterator[str]:
+    """A DSN of ``database`` through pgproxy in transaction mode: in this process
+    (``workers = 1``), or as a supervisor with two worker processes (``workers = 2``), where a
+    library's clients land on either worker."""
+    if request.param == 1:
+        with ProxyThread(build_config(pg)) as proxy:
+            yield proxy.dsn(dbname=database)
+        return
+    config = tmp_path / "pgproxy.toml"
+    config.write_text(
+        f'[proxy]\nlisten = "127.0.0.1:0"\nworkers = {WORKERS}\ndefault_pool_size = 5\n'
+        f'[databases.{database}]\nurl = "{pg_server_url(pg)}/{database}"\n'
+    )
+    with supervisor_process(config) as sup:
+        yield sup.dsn(database)
+
+
 @pytest.mark.parametrize("library", ["procrastinate", "pgqueuer"])
-def test_python_queue_wakes_on_notify(database: str, make_proxy: MakeProxy, library: str) -> None:
-    proxy = make_proxy()
-    dsn = proxy.dsn(dbname=database)
-    run_fleets({library: python_queue(library, dsn, workers=2, jobs=15)})
+def test_python_queue_wakes_on_notify(proxy_dsn: str, library: str) -> None:
+    run_fleets({library: python_queue(library, proxy_dsn, workers=2, jobs=10)})
 
 
 @pytest.mark.usefixtures("node_queues")
-def test_pgboss_wakes_on_notify(database: str, make_proxy: MakeProxy) -> None:
+def test_pgboss_wakes_on_notify(proxy_dsn: str) -> None:
     """pg-boss's listener check (``SELECT EXISTS (SELECT 1 FROM pg_listening_channels() ...
     WHERE channel = $1)``) must find its channel, or pg-boss reports the registration lost and
     reconnects its listener."""
-    proxy = make_proxy()
-    run_fleets({"pg-boss": pgboss_queue(proxy.dsn(dbname=database), workers=2, jobs=15)})
+    run_fleets({"pg-boss": pgboss_queue(proxy_dsn, workers=2, jobs=10)})
 
 
 def run_fleet(workers: dict[str, int], *, jobs: int, gap: float) -> None:
@@ -223,21 +244,21 @@ def run_fleet(workers: dict[str, int], *, jobs: int, gap: float) -> None:
                 )
                 for library, n in workers.items()
             }
-            run_fleets(queues)
+            run_fleets(queues, stagger=gap / len(queues))
 
 
 @pytest.mark.usefixtures("node_queues")
 def test_fleet_beyond_max_connections() -> None:
-    """140 workers (about 300 client connections) on a server that takes 40."""
-    run_fleet({"pgqueuer": 100, "procrastinate": 30, "pg-boss": 10}, jobs=10, gap=0.5)
+    """100 workers (about 220 client connections) on a server that takes 40."""
+    run_fleet({"pgqueuer": 70, "procrastinate": 20, "pg-boss": 10}, jobs=10, gap=0.5)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("PGPROXY_TEST_FRAMEWORK_FLEET") != "1",
-    reason="a fleet of 530 workers for a minute: PGPROXY_TEST_FRAMEWORK_FLEET=1 runs it",
+    reason="a fleet of 200 workers for a minute: PGPROXY_TEST_FRAMEWORK_FLEET=1 runs it",
 )
 @pytest.mark.timeout(600)
 @pytest.mark.usefixtures("node_queues")
 def test_big_fleet_beyond_max_connections() -> None:
-    run_fleet({"pgqueuer": 400, "procrastinate": 100, "pg-boss": 30}, jobs=60, gap=0.5)
+    run_fleet({"pgqueuer": 140, "procrastinate": 40, "pg-boss": 20}, jobs=40, gap=1.0)
