@@ -7,11 +7,12 @@ every 10 s) and pg-boss (Node, ``useListenNotify``: a LISTEN connection checked 
 polling set to a minute: a job can start within a second of its enqueue only because the
 library's LISTEN heard the NOTIFY through the proxy. Each test asserts what a user of the
 library would see: every worker listening, every job started exactly once within a second of
-its enqueue, and not one warning or error from the library.
+its enqueue, and not one warning or error from the library. Each runs against pgproxy with
+``workers = 1`` (in this process) and ``workers = 2`` (a supervisor and two worker processes).
 
-The fleet test runs a hundred and more workers of both Python libraries against a cluster of
-its own with ``max_connections = 40``, which could not hold them directly.
-``PGPROXY_TEST_FRAMEWORK_FLEET=1`` with ``-m slow`` runs a bigger fleet for longer.
+The fleet test runs 100 workers of the three libraries against a cluster of its own with
+``max_connections = 40``, which could not hold their some 200 connections directly.
+``PGPROXY_TEST_FRAMEWORK_FLEET=1`` with ``-m slow`` runs 200 for 40 jobs each.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def run_fleet(workers: dict[str, int], *, jobs: int, gap: float) -> None:
 
 @pytest.mark.usefixtures("node_queues")
 def test_fleet_beyond_max_connections() -> None:
-    """100 workers (about 220 client connections) on a server that takes 40."""
+    """100 workers (about 200 client connections) on a server that takes 40."""
     run_fleet({"pgqueuer": 70, "procrastinate": 20, "pg-boss": 10}, jobs=10, gap=0.5)
 
 
