@@ -18,7 +18,9 @@ The fleet test runs 100 workers of the three libraries against a cluster of its 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -197,14 +199,21 @@ def _fresh_database(pg: PgCluster, name: str) -> Iterator[str]:
 
 @pytest.fixture(params=[1, 2], ids=["workers=1", "workers=2"])
 def proxy_dsn(
-    request: pytest.FixtureRequest, pg: PgCluster, database: str, tmp_path: Path
+    request: pytest.FixtureRequest,
+    pg: PgCluster,
+    database: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> Iterator[str]:
     """A DSN of ``database`` through pgproxy in transaction mode: in this process
     (``workers = 1``), or as a supervisor with two worker processes (``workers = 2``), where a
-    library's clients land on either worker."""
+    library's clients land on either worker. pgproxy itself must log no warning either (e.g.
+    session state it cannot carry)."""
     if request.param == 1:
         with ProxyThread(build_config(pg)) as proxy:
             yield proxy.dsn(dbname=database)
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not warned, f"pgproxy logged: {warned}"
         return
     config = tmp_path / "pgproxy.toml"
     config.write_text(
@@ -213,6 +222,9 @@ def proxy_dsn(
     )
     with supervisor_process(config) as sup:
         yield sup.dsn(database)
+        with sup.changed:
+            warned = [line for line in sup.lines if re.search(r" (WARNING|ERROR|CRITICAL) ", line)]
+        assert not warned, f"pgproxy logged: {warned}"
 
 
 @pytest.mark.parametrize("library", ["procrastinate", "pgqueuer"])
