@@ -5,7 +5,9 @@ on servers by a proxy-wide name) and the Parse body of its unnamed statement. Fo
 message it returns what to send in its place: the message renamed, preceded where the server
 lacks the statement by the Parse that recreates it (and the Closes of what that evicts), with
 the :class:`~pgproxy.prepared.ReplyFilter` told which replies belong to the proxy. The theory is
-in :mod:`pgproxy.prepared`.
+in :mod:`pgproxy.prepared`. A statement whose text reads the client's channels
+(``pg_listening_channels()``, :mod:`pgproxy.listening_channels`) is sent with them written in;
+when they change, the client's name for it maps to the statement with the new list.
 
 Rule: no I/O and no session. It reads and updates only the server's statement records
 (``server.statements``, ``server.replies``) and returns bytes for the caller to write.

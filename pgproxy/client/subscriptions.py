@@ -8,8 +8,9 @@ Also the replies the proxy makes for LISTEN/UNLISTEN and ``pg_listening_channels
 server.
 
 Rule: no I/O and no session. The channel sets live in the
-:class:`~pgproxy.pubsub.listener.Listener` (keyed by the session); this object only remembers
-which listener that is, and returns bytes or facts for the session to act on.
+:class:`~pgproxy.pubsub.listener.Listener` (keyed by the session); this object remembers which
+listener that is and the client's channels in Postgres' order (set only where the listener's
+set changes, by the session), and returns bytes or facts for the session to act on.
 """
 
 from __future__ import annotations
