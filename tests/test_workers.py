@@ -73,6 +73,13 @@ def supervisor(tmp_path: Path, pg: PgCluster, extra: str = "") -> Iterator[Super
         f"default_pool_size = 4\n{extra}\n"
         f'[databases.postgres]\nurl = "{pg_server_url(pg)}/postgres"\n'
     )
+    with supervisor_process(config) as sup:
+        yield sup
+
+
+@contextmanager
+def supervisor_process(config: Path) -> Iterator[Supervisor]:
+    """``pgproxy --config CONFIG`` (which sets ``workers``), stopped afterwards."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgproxy", "--config", str(config)],
         cwd=ROOT,
