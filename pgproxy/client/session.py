@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable
 from typing import Final, Protocol
 
+from pgproxy import pacing
 from pgproxy.admin.commands import Result
 from pgproxy.admin.console import Console, greeting
 from pgproxy.backend import ServerConnection
@@ -77,7 +78,15 @@ class ClientSession(ClientListening):
         else:
             self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "[unknown]"
         self._host.client_opened(self)
+        self._pacer = pacer = pacing.pacer()
+        pacer.admit(self._start_login)
+
+    def _start_login(self) -> bool:
+        """Start the login task (its turn has come); False: the client already left."""
+        if self.closed or not self._handshaking:  # gone, or logged in by hand (testing.memory)
+            return False
         self._task = asyncio.get_running_loop().create_task(self._login())
+        return True
 
     def on_lost(self, exc: Exception | None) -> None:
         self._host.client_closed(self)
