@@ -25,7 +25,7 @@ _HEADER = struct.Struct("!ci")
 
 
 async def _login(port: int, password: str, held: list[asyncio.StreamWriter]) -> str:
-    """"ok" (and the connection kept in ``held``), or the SQLSTATE the login ended with."""
+    """ "ok" (and the connection kept in ``held``), or the SQLSTATE the login ended with."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(m.startup_message({"user": USER, "database": "postgres"}))
     client = scram_client.ScramClient(password)
