@@ -266,9 +266,7 @@ class Row:
         return percentile(values, qq) if values else float("nan")
 
 
-async def run_storm(
-    target: str, rnd: int, port: int, pid: int, args: argparse.Namespace, tmp: Path
-) -> Row:
+async def run_storm(target: str, rnd: int, port: int, pid: int, args: argparse.Namespace) -> Row:
     steady = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.storm", "--steady", str(port),
         "--interval-ms", str(args.interval_ms), cwd=REPO,
