@@ -61,7 +61,10 @@ def run(env: Env) -> list[Finding]:
     def said(rows: list[tuple[float, str]]) -> str:
         waits = ", ".join(f"{w:.1f}" for w, _ in sorted(rows))
         told = sorted({what for _, what in rows})
-        return f"clients arriving at +0, +{spacing:g}, +{2 * spacing:g} s waited {waits} s; told: " + "; ".join(f"`{t}`" for t in told)  # fmt: skip
+        arrivals = f"+0, +{spacing:g}, +{2 * spacing:g} s"
+        return f"clients arriving at {arrivals} waited {waits} s; told: " + "; ".join(
+            f"`{t}`" for t in told
+        )
 
     worst = max(w for w, _ in results["pgproxy"])
     ok = len(results["pgproxy"]) == 3 and worst <= CONNECT_TIMEOUT + 1.0

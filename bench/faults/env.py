@@ -77,7 +77,8 @@ class Env:
         config.write_text(text)
         log = self.tmp / f"pgproxy-{port}.log"
         cmd = [sys.executable, "-m", "pgproxy", "--config", str(config)]
-        return self._started("pgproxy", port, servers.start_server("pgproxy", cmd, port, log, REPO), log)  # fmt: skip
+        proc = servers.start_server("pgproxy", cmd, port, log, REPO)
+        return self._started("pgproxy", port, proc, log)
 
     def pgbouncer(
         self, settings: Mapping[str, Any] | None = None, databases: Mapping[str, str] | None = None
@@ -105,7 +106,8 @@ class Env:
             self.tmp.chmod(0o777)
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         log = self.tmp / f"pgbouncer-{port}.log"
-        return self._started("pgbouncer", port, servers.start_server("pgbouncer", cmd, port, log), log)  # fmt: skip
+        proc = servers.start_server("pgbouncer", cmd, port, log)
+        return self._started("pgbouncer", port, proc, log)
 
     def _started(self, name: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> Target:
         target = Target(name, port, proc, log)

@@ -54,7 +54,10 @@ def run(env: Env) -> list[Finding]:
         stuck, served = _after(target)
         if target is proxy:
             stuck_proxy = stuck
-        said[target.name] = f"{stuck} servers stuck in use {SETTLE:.0f} s after the last of {total} hostile connections closed ({took:.0f} s); {served}"  # fmt: skip
+        said[target.name] = (
+            f"{stuck} servers stuck in use {SETTLE:.0f} s after the last of {total} hostile "
+            f"connections closed ({took:.0f} s); {served}"
+        )
     title = f"{total} hostile connections (session mode)"
     ok = stuck_proxy == 0 and "served" in said["pgproxy"]
     return [Finding(title, said["pgproxy"], said["pgbouncer"], ok)]

@@ -36,7 +36,8 @@ def run(env: Env) -> list[Finding]:
             when = (
                 f"served again {back - up:.2f} s" if back else f"not served within {LONGEST:.0f} s"
             )
-            seen[name] = (back, f"{when} after Postgres was back; meanwhile {describe(loops.errors(down))}")  # fmt: skip
+            meanwhile = describe(loops.errors(down))
+            seen[name] = (back, f"{when} after Postgres was back; meanwhile {meanwhile}")
         proxy_back = seen["pgproxy"][0]
         findings.append(
             Finding(
