@@ -40,6 +40,23 @@ from pgproxy.protocol.errors import PgError, fatal
 from pgproxy.wire import WireProtocol, log
 
 _IDLE: Final = m.IDLE
+_AUTH_OK: Final = m.authentication_ok()
+_READY_IDLE: Final = m.ready_for_query(_IDLE)
+_STATUS_BLOCKS = 256
+_status_blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+
+def _status_block(parameters: tuple[tuple[str, str], ...]) -> bytes:
+    """The ParameterStatus messages of a greeting; most logins of a pool send the same ones,
+    so they are built once (up to 256 distinct sets, then all forgotten at once)."""
+    block = _status_blocks.get(parameters)
+    if block is None:
+        if len(_status_blocks) >= _STATUS_BLOCKS:
+            _status_blocks.clear()
+        block = _status_blocks[parameters] = b"".join(
+            m.parameter_status(k, v) for k, v in parameters
+        )
+    return block
 
 
 class SessionHost(ProxyServices, Protocol):
@@ -245,12 +262,13 @@ class ClientSession(ClientListening):
 
     def _greet(self, parameters: dict[str, str]) -> None:
         """AuthenticationOk, the parameters, a virtual PID and secret, ReadyForQuery."""
-        out = [m.authentication_ok()]
-        out += [m.parameter_status(k, v) for k, v in parameters.items()]
         self.vpid, self.secret = self._host.register(self)
-        out.append(m.backend_key_data(self.vpid, self.secret))
-        out.append(m.ready_for_query(_IDLE))
-        self.write(b"".join(out))
+        self.write(
+            _AUTH_OK
+            + _status_block(tuple(parameters.items()))
+            + m.backend_key_data(self.vpid, self.secret)
+            + _READY_IDLE
+        )
 
     # --- getting a server, and what the server sees of the session ---------------------------
 
