@@ -15,11 +15,12 @@ def kind(exc: BaseException) -> str:
     """What an error says, short: its SQLSTATE and message (libpq's connection errors have
     no SQLSTATE field: the FATAL's text, then)."""
     sqlstate = getattr(exc, "sqlstate", None)
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0].rsplit("failed: ", 1)[-1] if lines else type(exc).__name__
     found = re.search(r"(?:FATAL|ERROR):\s+(.*)", str(exc))
     if found:
         text = found[1]
-    text = text.strip()[:70]
+    text = text.strip()[:80]
     return f"{sqlstate} {text}" if sqlstate else text
 
 
