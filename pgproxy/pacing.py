@@ -33,9 +33,6 @@ from pgproxy import gcpause
 
 # ~0.1-0.3 ms each on a 2-core machine: a few milliseconds of login work per turn at most.
 STEPS_PER_TURN: Final = 16
-# Seconds without a waiting login before the GC's full collections come back (a storm comes
-# in waves), and after an overdue hold before the next one.
-QUIET: Final = 1.0
 
 
 class LoginPacer:
@@ -48,11 +45,6 @@ class LoginPacer:
         self._refill_due = False
         # What runs when its turn comes: a login's next step, or a login to start.
         self._waiting: deque[Callable[[], bool]] = deque()
-        # Logins are waiting: full collections held off (gcpause); calling it lets them go,
-        # as does the pacer's end with its loop's (a test's loop closed mid-storm).
-        self._gc_hold: weakref.finalize[[], LoginPacer] | None = None
-        self._quiet_check: asyncio.TimerHandle | None = None
-        self._hold_again_at = 0.0  # after an overdue hold: a pause for a full collection
 
     @property
     def waiting(self) -> int:
@@ -97,36 +89,9 @@ class LoginPacer:
                 left -= 1
         self._left = left
         if waiting:
-            self._hold_gc()
-        elif self._holding_gc and self._quiet_check is None:
-            self._quiet_check = self._loop.call_later(QUIET, self._release_gc_if_quiet)
+            gcpause.hold()  # renewed every turn while logins wait
         if waiting or left < self._per_turn:
             self._schedule_refill()
-
-    @property
-    def _holding_gc(self) -> bool:
-        return self._gc_hold is not None
-
-    def _hold_gc(self) -> None:
-        now = self._loop.time()
-        if self._gc_hold is not None and gcpause.overdue():
-            self._release_gc()  # a full collection may run now, once in a long storm
-            self._hold_again_at = now + QUIET
-        elif self._gc_hold is None and now >= self._hold_again_at:
-            gcpause.hold()
-            self._gc_hold = weakref.finalize(self, gcpause.release)
-
-    def _release_gc(self) -> None:
-        if self._gc_hold is not None:
-            self._gc_hold()  # gcpause.release(), once
-            self._gc_hold = None
-
-    def _release_gc_if_quiet(self) -> None:
-        self._quiet_check = None
-        if not self._waiting:
-            self._release_gc()
-        elif self._holding_gc:
-            self._quiet_check = self._loop.call_later(QUIET, self._release_gc_if_quiet)
 
 
 def _resume(fut: asyncio.Future[None]) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 
-from pgproxy import pacing
+from pgproxy import gcpause, pacing
 
 
 async def test_steps_are_spread_over_turns_in_arrival_order() -> None:
@@ -45,9 +46,17 @@ async def test_a_client_gone_before_its_turn_takes_no_room() -> None:
     assert started == [0, 2]
 
 
+def _no_hold() -> tuple[int, int, int]:
+    """The thresholds once an earlier test's hold (renewed a moment ago) has ended."""
+    if gcpause.holding():
+        time.sleep(gcpause.QUIET * 1.2)
+        gc.collect(0)
+    assert not gcpause.holding()
+    return gc.get_threshold()
+
+
 async def test_full_collections_wait_while_logins_wait_and_come_back_after() -> None:
-    gc.collect()  # pacers of earlier tests' closed loops let go of their holds
-    before = gc.get_threshold()
+    before = _no_hold()
     pacer = pacing.LoginPacer(asyncio.get_running_loop(), per_turn=2)
     held: list[int] = []
 
@@ -56,6 +65,16 @@ async def test_full_collections_wait_while_logins_wait_and_come_back_after() -> 
         held.append(gc.get_threshold()[2])
 
     await asyncio.gather(*(login() for _ in range(10)))
-    assert max(held) > before[2]  # held off during the storm
-    await asyncio.sleep(pacing.QUIET * 2)
-    assert gc.get_threshold() == before  # and back once no login waited for a while
+    assert gcpause.holding() and max(held) > before[2]  # held off during the storm
+    await asyncio.sleep(gcpause.QUIET * 1.5)
+    gc.collect(0)  # a young collection notices the quiet
+    assert not gcpause.holding() and gc.get_threshold() == before
+
+
+def test_a_hold_nobody_renews_ends_by_itself() -> None:
+    before = _no_hold()
+    gcpause.hold()
+    assert gcpause.holding()
+    time.sleep(gcpause.QUIET * 1.2)  # the holder went away (a closed loop): nobody renews
+    gc.collect(0)
+    assert not gcpause.holding() and gc.get_threshold() == before
