@@ -19,6 +19,7 @@ import ssl
 import struct
 from typing import Final, cast
 
+from pgproxy.pacing import LoginPacer
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.framing import read_length
 
@@ -39,6 +40,7 @@ class WireProtocol(asyncio.Protocol):
         "_handshaking",
         "_held",
         "_hs_buf",
+        "_pacer",
         "_waiter",
         "closed",
         "read_paused",
@@ -58,6 +60,8 @@ class WireProtocol(asyncio.Protocol):
         self.read_paused = False
         self._held: list[bytes] | None = None  # output held back, in order (hold_output)
         self.tls = False
+        # Set for a client's login: each handshake read waits for its turn (pgproxy.pacing).
+        self._pacer: LoginPacer | None = None
 
     # --- asyncio callbacks -----------------------------------------------------------------
 
@@ -212,6 +216,8 @@ class WireProtocol(asyncio.Protocol):
         await self._fill(length)
         body = bytes(self._hs_buf[4:length])
         del self._hs_buf[:length]
+        if self._pacer is not None:
+            await self._pacer.step()
         return body
 
     async def read_message(self, max_length: int) -> tuple[int, bytes]:
@@ -224,6 +230,8 @@ class WireProtocol(asyncio.Protocol):
         await self._fill(length + 1)
         body = bytes(self._hs_buf[5 : length + 1])
         del self._hs_buf[: length + 1]
+        if self._pacer is not None:
+            await self._pacer.step()
         return type_, body
 
     def has_buffered_input(self) -> bool:

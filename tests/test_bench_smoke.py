@@ -262,3 +262,41 @@ def test_relay_floor_pools_transactions(pg: PgCluster, tmp_path: Path, compiled:
     log = tmp_path / ("floor-compiled.log" if compiled else "floor.log")
     build = "compiled" if compiled else "pure Python"
     assert f"relay_floor ready ({build})" in log.read_text()
+
+
+@pytest.mark.timeout(150)
+def test_quick_storm_benchmark_reports_both_poolers() -> None:
+    if not (shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists()):
+        pytest.skip("pgbouncer binary not installed (apt-get install pgbouncer)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.storm", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "checks: OK" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| pg")]
+    assert [row.split("|")[1].strip() for row in rows] == ["pgproxy", "pgbouncer"]
+    assert "53300: " in rows[0] and "08P01: " in rows[1]  # the refusals beyond max_client_conn
+
+
+@pytest.mark.timeout(150)
+def test_quick_datasheet_rewrites_only_its_section(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    start, end = (
+        "<!-- datasheet:start (python -m bench.datasheet rewrites this part) -->",
+        ("<!-- datasheet:end -->"),
+    )
+    readme.write_text(f"# before\n\n{start}\nold table\n{end}\n\n# after\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.datasheet", "--quick", "--scenarios", "listener",
+         "--readme", str(readme)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    text = readme.read_text()
+    assert text.startswith("# before\n\n" + start) and text.endswith(end + "\n\n# after\n")
+    assert "old table" not in text
+    assert "| Listener backend killed (10 listeners) | 1 listener backend killed: 10 of 10" in text

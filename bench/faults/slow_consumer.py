@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 from bench.faults.env import Env, Finding, progress
-
 from tests.support.process import memory_kib
 from tests.test_faults_slow_consumer import BUFFER, CHANNELS, PAD, PER_ROUND, flood
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 from bench.faults.env import Env, Finding, progress
-
 from tests.support.load import hears_after_listen
 from tests.support.process import memory_kib
 from tests.test_soak import SoakRun, check_soak, run_notification_soak

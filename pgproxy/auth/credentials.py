@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pgproxy.auth.scram import ScramPassThrough, ScramVerifier
+from pgproxy.auth.scram import ScramPassThrough, parse_verifier
 
 _STORE_SIZE = 100_000  # users; an entry is ~200 bytes
 
@@ -76,7 +76,7 @@ class PassThroughStore:
         if is_md5_hash(secret):
             entry = Md5PassThrough(secret)
         elif secret.startswith("SCRAM-SHA-256$"):
-            verifier = ScramVerifier.parse(secret)
+            verifier = parse_verifier(secret)
             entry = None
             if verifier is not None and client_key is not None:
                 entry = ScramPassThrough(verifier, client_key)

@@ -87,7 +87,7 @@ async def authenticate_client(
         raise ValueError(f"unknown authentication method {method!r}")
     if secret is not None and not secret.strip():
         secret = None  # an empty password is no password: the same doomed exchange
-    verifier = scram.ScramVerifier.parse(secret) if secret is not None else None
+    verifier = scram.parse_verifier(secret) if secret is not None else None
     if method == MD5 and secret is not None and verifier is None and not _looks_like_scram(secret):
         return await _md5_exchange(chan, user, secret)
     return await _scram_exchange(chan, user, secret, verifier, channel_binding)

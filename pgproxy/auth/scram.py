@@ -279,3 +279,19 @@ def is_printable(value: bytes) -> bool:
 def is_attr(part: bytes) -> bool:
     """``attr-val``: one ASCII letter, '=', then anything (extension values may be empty)."""
     return len(part) >= 2 and chr(part[0]).isascii() and chr(part[0]).isalpha() and part[1] == 0x3D
+
+
+_PARSED_SIZE = 1024
+_parsed: dict[str, ScramVerifier | None] = {}
+
+
+def parse_verifier(text: str) -> ScramVerifier | None:
+    """:meth:`ScramVerifier.parse`, remembered for up to 1,024 secrets (then forgotten all at
+    once): every login of a user parses the same stored verifier, twice (to check the proof,
+    to learn pass-through)."""
+    if text in _parsed:
+        return _parsed.get(text)
+    if len(_parsed) >= _PARSED_SIZE:
+        _parsed.clear()
+    verifier = _parsed[text] = ScramVerifier.parse(text)
+    return verifier

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable
 from typing import Final, Protocol
 
+from pgproxy import pacing
 from pgproxy.admin.commands import Result
 from pgproxy.admin.console import Console, greeting
 from pgproxy.backend import ServerConnection
@@ -39,6 +40,23 @@ from pgproxy.protocol.errors import PgError, fatal
 from pgproxy.wire import WireProtocol, log
 
 _IDLE: Final = m.IDLE
+_AUTH_OK: Final = m.authentication_ok()
+_READY_IDLE: Final = m.ready_for_query(_IDLE)
+_STATUS_BLOCKS = 256
+_status_blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+
+def _status_block(parameters: tuple[tuple[str, str], ...]) -> bytes:
+    """The ParameterStatus messages of a greeting; most logins of a pool send the same ones,
+    so they are built once (up to 256 distinct sets, then all forgotten at once)."""
+    block = _status_blocks.get(parameters)
+    if block is None:
+        if len(_status_blocks) >= _STATUS_BLOCKS:
+            _status_blocks.clear()
+        block = _status_blocks[parameters] = b"".join(
+            m.parameter_status(k, v) for k, v in parameters
+        )
+    return block
 
 
 class SessionHost(ProxyServices, Protocol):
@@ -87,7 +105,15 @@ class ClientSession(ClientListening):
                 self.end_reason = "direct TLS without ALPN"
                 self.close()
                 return
+        self._pacer = pacer = pacing.pacer()
+        pacer.admit(self._start_login)
+
+    def _start_login(self) -> bool:
+        """Start the login task (its turn has come); False: the client already left."""
+        if self.closed or not self._handshaking:  # gone, or logged in by hand (testing.memory)
+            return False
         self._task = asyncio.get_running_loop().create_task(self._login())
+        return True
 
     def on_lost(self, exc: Exception | None) -> None:
         self._host.client_closed(self)
@@ -246,12 +272,13 @@ class ClientSession(ClientListening):
 
     def _greet(self, parameters: dict[str, str]) -> None:
         """AuthenticationOk, the parameters, a virtual PID and secret, ReadyForQuery."""
-        out = [m.authentication_ok()]
-        out += [m.parameter_status(k, v) for k, v in parameters.items()]
         self.vpid, self.secret = self._host.register(self)
-        out.append(m.backend_key_data(self.vpid, self.secret))
-        out.append(m.ready_for_query(_IDLE))
-        self.write(b"".join(out))
+        self.write(
+            _AUTH_OK
+            + _status_block(tuple(parameters.items()))
+            + m.backend_key_data(self.vpid, self.secret)
+            + _READY_IDLE
+        )
 
     # --- getting a server, and what the server sees of the session ---------------------------
 
