@@ -10,6 +10,7 @@ import struct
 import time
 
 import psycopg
+import pytest
 
 from pgproxy.protocol import messages as m
 from tests.conftest import MakeProxy
@@ -52,8 +53,11 @@ async def _hostile(port: int, payload: bytes) -> None:
         writer.close()
 
 
-async def test_hundreds_of_hostile_connections_leave_nothing_behind(make_proxy: MakeProxy) -> None:
-    proxy = make_proxy(proxy={"client_login_timeout": 1, "default_pool_size": 4})
+@pytest.mark.parametrize("mode", ["transaction", "session"])  # session: a server per login
+async def test_hundreds_of_hostile_connections_leave_nothing_behind(
+    make_proxy: MakeProxy, mode: str
+) -> None:
+    proxy = make_proxy(proxy={"client_login_timeout": 1, "default_pool_size": 4, "pool_mode": mode})
     with psycopg.connect(proxy.dsn(), autocommit=True) as warm:  # a pool and servers exist
         warm.execute("select 1")
     attacks = [_hostile(proxy.port, p) for p in HOSTILE.values() for _ in range(40)]

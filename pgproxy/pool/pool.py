@@ -159,6 +159,10 @@ class Pool(ServerHome):
             return await fut
         except asyncio.CancelledError:
             req.cancel()
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Handed over (a release delivers synchronously) before the cancel reached
+                # this task, which never resumed to take it: it goes back, or stays in use.
+                self.release(fut.result())
             raise
 
     def _schedule_expiry(self, when: float) -> None:
