@@ -6,11 +6,8 @@ own (killing it ends that one client's connection, as direct)."""
 
 from __future__ import annotations
 
-import time
-
-import psycopg
-
 from bench.faults.env import Env, Finding, progress
+from bench.faults.load import hears_again, listening, told_of_loss
 
 TITLE = "Listener backend killed"
 KILL = (
@@ -22,36 +19,20 @@ KILL = (
 def run(env: Env) -> list[Finding]:
     count = 10 if env.quick else 100
     proxy = env.pgproxy({"default_pool_size": 4})
-    listeners = [psycopg.connect(proxy.dsn(), autocommit=True) for _ in range(count)]
-    for conn in listeners:
-        conn.execute("LISTEN datasheet")
+    listeners = listening(proxy.dsn(), count, "datasheet")
     progress(f"[listener] {count} listeners, killing the listener backend ...")
     killed = env.cluster.psql(KILL).strip()
-    told = silent = 0
-    for conn in listeners:
-        try:
-            conn.execute("select 1")
-            silent += 1
-        except psycopg.OperationalError as exc:
-            told += "listener" in str(exc)
-        finally:
-            conn.close()
-    started = time.monotonic()
-    heard = False
-    with psycopg.connect(proxy.dsn(), autocommit=True) as again:
-        again.execute("LISTEN datasheet")
-        with psycopg.connect(env.cluster.dsn(), autocommit=True) as direct:
-            direct.execute("NOTIFY datasheet, 'back'")
-        heard = [n.payload for n in again.notifies(timeout=10, stop_after=1)] == ["back"]
-    back = time.monotonic() - started
+    told, silent = told_of_loss(listeners)
+    back = hears_again(proxy.dsn(), env.cluster.dsn(), "datasheet")
     said = (
         f"{killed} listener backend killed: {told} of {count} listeners told (connection closed "
         f"with an error naming the listener), {silent} left silent; a new LISTEN "
-        + (f"heard a NOTIFY {back:.1f} s later" if heard else "heard nothing")
+        + (f"heard a NOTIFY {back:.1f} s later" if back is not None else "heard nothing")
     )
     bouncer = (
         "not run: LISTEN is unsupported in transaction mode; in session mode each listener "
         "has a server of its own, whose loss ends that client's connection"
     )
     title = f"Listener backend killed ({count} listeners)"
-    return [Finding(title, said, bouncer, ok=silent == 0 and told == count and heard)]
+    ok = silent == 0 and told == count and back is not None
+    return [Finding(title, said, bouncer, ok=ok)]

@@ -1,5 +1,6 @@
 """Client loops that keep a pooler busy while a scenario breaks something, and remember what
-each attempt got and when (the datasheet needs times; tests/support/load.py only counts)."""
+each attempt got and when (the datasheet needs times; tests/support/load.py only counts); and
+what listeners were told when the proxy's listener connection was lost."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import psycopg
 
@@ -75,3 +77,38 @@ def describe(errors: Counter[str]) -> str:
     top = "; ".join(f"{n} x `{what}`" for what, n in errors.most_common(3))
     more = len(errors) - 3
     return top + (f"; {more} other kinds" if more > 0 else "")
+
+
+def listening(dsn: str, count: int, channel: str) -> list[psycopg.Connection[tuple[Any, ...]]]:
+    """``count`` clients of ``dsn`` that LISTEN on ``channel``."""
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(count)]
+    for conn in conns:
+        conn.execute(f"LISTEN {channel}")
+    return conns
+
+
+def told_of_loss(listeners: list[psycopg.Connection[tuple[Any, ...]]]) -> tuple[int, int]:
+    """How many listeners were closed with an error naming the listener, and how many are
+    still open as if nothing happened (listener_loss = "disconnect": none may be); closes all."""
+    told = silent = 0
+    for conn in listeners:
+        try:
+            conn.execute("select 1")
+            silent += 1
+        except psycopg.OperationalError as exc:
+            told += "listener" in str(exc)
+        finally:
+            conn.close()
+    return told, silent
+
+
+def hears_again(dsn: str, direct_dsn: str, channel: str) -> float | None:
+    """Seconds until a new LISTEN through ``dsn`` heard a NOTIFY sent directly (None: not
+    within 10 s)."""
+    started = time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as again:
+        again.execute(f"LISTEN {channel}")
+        with psycopg.connect(direct_dsn, autocommit=True) as direct:
+            direct.execute(f"NOTIFY {channel}, 'back'")
+        heard = [n.payload for n in again.notifies(timeout=10, stop_after=1)] == ["back"]
+    return time.monotonic() - started if heard else None

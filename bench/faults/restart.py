@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import time
 
-import psycopg
-
 from bench.faults.env import Env, Finding, progress
-from bench.faults.load import Loops, describe
+from bench.faults.load import Loops, describe, hears_again, listening, told_of_loss
 
 TITLE = "Postgres restarted under load"
 LONGEST = 40.0  # seconds to wait for a pooler to serve again
@@ -24,9 +22,7 @@ def run(env: Env) -> list[Finding]:
     findings = []
     for mode in ("fast", "immediate"):
         progress(f"[restart {mode}] {count} listeners through pgproxy ...")
-        listeners = [psycopg.connect(proxy.dsn(), autocommit=True) for _ in range(count)]
-        for conn in listeners:
-            conn.execute("LISTEN datasheet_restart")
+        listeners = listening(proxy.dsn(), count, "datasheet_restart")
         with Loops(proxy.dsn()) as on_proxy, Loops(bouncer.dsn()) as on_bouncer:
             time.sleep(1.0)
             down = time.monotonic()
@@ -38,8 +34,8 @@ def run(env: Env) -> list[Finding]:
             ):
                 time.sleep(0.05)
             time.sleep(1.0)
-        told, silent = _told(listeners)
-        heard = _hears_again(proxy.dsn(), env.cluster.dsn())
+        told, silent = told_of_loss(listeners)
+        heard = hears_again(proxy.dsn(), env.cluster.dsn(), "datasheet_restart") is not None
         seen = {}
         for name, loops in (("pgproxy", on_proxy), ("pgbouncer", on_bouncer)):
             back = loops.first_ok_after(up)
@@ -49,14 +45,14 @@ def run(env: Env) -> list[Finding]:
             meanwhile = describe(loops.errors(down))
             seen[name] = (back, f"{when} after Postgres was back; meanwhile {meanwhile}")
         proxy_back = seen["pgproxy"][0]
-        listening = (
+        heard_text = (
             f"; {told} of {count} listeners told their listener was lost, {silent} left silent;"
             f" a new LISTEN {'heard a NOTIFY' if heard else 'heard nothing'}"
         )
         findings.append(
             Finding(
                 f"Postgres restarted ({mode}) under load, {count} listeners",
-                seen["pgproxy"][1] + listening,
+                seen["pgproxy"][1] + heard_text,
                 seen["pgbouncer"][1] + " (no listeners: LISTEN is unsupported in transaction mode)",
                 ok=proxy_back is not None
                 and proxy_back - up < 5.0
@@ -65,26 +61,3 @@ def run(env: Env) -> list[Finding]:
             )
         )
     return findings
-
-
-def _told(listeners: list[psycopg.Connection[tuple[object, ...]]]) -> tuple[int, int]:
-    """How many listeners were closed with an error naming the listener, and how many are
-    still open as if nothing happened (listener_loss = "disconnect": none may be)."""
-    told = silent = 0
-    for conn in listeners:
-        try:
-            conn.execute("select 1")
-            silent += 1
-        except psycopg.OperationalError as exc:
-            told += "listener" in str(exc)
-        finally:
-            conn.close()
-    return told, silent
-
-
-def _hears_again(proxy_dsn: str, direct_dsn: str) -> bool:
-    with psycopg.connect(proxy_dsn, autocommit=True) as again:
-        again.execute("LISTEN datasheet_restart")
-        with psycopg.connect(direct_dsn, autocommit=True) as direct:
-            direct.execute("NOTIFY datasheet_restart, 'back'")
-        return [n.payload for n in again.notifies(timeout=10, stop_after=1)] == ["back"]
