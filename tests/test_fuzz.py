@@ -230,3 +230,11 @@ async def test_an_empty_option_name_is_refused_at_login() -> None:
     sent = backend_messages(bytes(rig.sent))
     assert [f["C"] for t, f in sent if t == m.ERROR_RESPONSE] == ["42704"]
     assert rig.fakes[0].transport.writes == rig.fakes[1].transport.writes == 0
+
+
+async def test_a_direct_tls_hello_where_none_is_offered_gets_the_alert_and_a_close() -> None:
+    """What atheris' startup target found once direct TLS landed: a first byte 0x16 (a TLS
+    handshake record) with client TLS off is answered with the TLS alert alone, then closed."""
+    rig = await run_session([bytes.fromhex("16300000000804d216c8002f000000002b07")])
+    assert bytes(rig.sent) == m.TLS_REFUSAL_ALERT
+    assert rig.transport.closed

@@ -189,6 +189,8 @@ class Rig:
         fatal = [f for t, f in messages if t == m.ERROR_RESPONSE and f.get("S") == "FATAL"]
         if fatal:
             assert self.transport.closed, f"FATAL {fatal[0]} but the connection stayed open"
+        if messages and messages[-1][0] == m.TLS_REFUSAL_ALERT[0]:
+            assert self.transport.closed, "TLS alert but the connection stayed open"
         pool = self.pool
         assert not pool.active, f"servers left taken: {pool.active}"
         assert not [w for w in pool.waiters if not w.done], "a request for a server left waiting"
@@ -208,6 +210,9 @@ def backend_messages(data: bytes) -> list[tuple[int, dict[str, str]]]:
     while pos < len(data) and data[pos] in b"NS" and (len(data) - pos < 5 or _odd(data, pos)):
         pos += 1  # the answers to SSLRequest/GSSENCRequest
     out: list[tuple[int, dict[str, str]]] = []
+    if data.startswith(m.TLS_REFUSAL_ALERT, pos):  # a direct-TLS ClientHello where none is offered
+        assert pos + len(m.TLS_REFUSAL_ALERT) == len(data), f"bytes after the TLS alert: {data!r}"
+        return [(data[pos], {})]
     while pos < len(data):
         assert len(data) - pos >= 5, f"truncated message at {pos}: {data[pos:]!r}"
         length = int.from_bytes(data[pos + 1 : pos + 5], "big")
