@@ -26,6 +26,19 @@ _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 30.0
 
 
+def proxy_dsn(
+    host: str, port: int, user: str, dbname: str, password: str | None, **params: Any
+) -> str:
+    """A libpq URI; extra keyword params become the query string."""
+    userinfo = quote(user, safe="")
+    if password is not None:
+        userinfo += ":" + quote(password, safe="")
+    url = f"postgresql://{userinfo}@{host}:{port}/{quote(dbname, safe='')}"
+    if params:
+        url += "?" + urlencode({k: str(v) for k, v in params.items()}, quote_via=quote)
+    return url
+
+
 class ProxyThread:
     """A ``pgproxy.app.Proxy`` served from a dedicated thread and event loop.
 
@@ -192,13 +205,7 @@ class ProxyThread:
         **params: Any,
     ) -> str:
         """libpq URI to the proxy; extra keyword params become the query string."""
-        userinfo = quote(user, safe="")
-        if password is not None:
-            userinfo += ":" + quote(password, safe="")
-        url = f"postgresql://{userinfo}@{self.host}:{self.port}/{quote(dbname, safe='')}"
-        if params:
-            url += "?" + urlencode({k: str(v) for k, v in params.items()}, quote_via=quote)
-        return url
+        return proxy_dsn(self.host, self.port, user, dbname, password, **params)
 
     def call(self, fn: Callable[[Any], Awaitable[T] | T], timeout: float | None = 30.0) -> T:
         """Run ``fn(proxy)`` in the proxy loop and return its (awaited) result.

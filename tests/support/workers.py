@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
 
 from tests.support.process import ROOT, ProcessOutput
+from tests.support.proxy_runner import proxy_dsn
 
 _STARTED = r"starting (\d+) workers on [^ ]+:(\d+)"
 _READY = re.compile(r"\[supervisor\]: worker (\d+) \(pid (\d+)\) ready")
@@ -107,13 +107,7 @@ class WorkersProxy:
         password: str | None = None,
         **params: Any,
     ) -> str:
-        userinfo = quote(user, safe="")
-        if password is not None:
-            userinfo += ":" + quote(password, safe="")
-        url = f"postgresql://{userinfo}@{self.host}:{self.port}/{quote(dbname, safe='')}"
-        if params:
-            url += "?" + urlencode({k: str(v) for k, v in params.items()}, quote_via=quote)
-        return url
+        return proxy_dsn(self.host, self.port, user, dbname, password, **params)
 
     def call(self, fn: Any, timeout: float | None = None) -> Any:
         raise RuntimeError("a multi-worker proxy runs in other processes: mark the test in_process")
