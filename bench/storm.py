@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import select
 import shutil
 import signal
@@ -41,13 +40,13 @@ from pathlib import Path
 import uvloop
 
 from bench.throughput import (
-    PGBOUNCER,
     REPO,
     group_cpu,
     machine_line,
     percentile,
     pgbouncer_version,
 )
+from bench.throughput import start_pgbouncer as start_throughput_pgbouncer
 from pgproxy.auth import scram, scram_client
 from pgproxy.protocol import messages as m
 from pgproxy.testing import servers
@@ -225,26 +224,15 @@ def start_pgproxy(
 def start_pgbouncer(
     tmp: Path, pg_port: int, args: argparse.Namespace
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """As bench.throughput's, with SCRAM towards the clients (PgBouncer logs in upstream with
-    trust); as root it runs as ``postgres``."""
-    port = free_port()
-    (tmp / "userlist.txt").write_text(f'"{USER}" "{stored_secret(args.secret)}"\n')
-    (tmp / "pgbouncer.ini").write_text(
-        f"[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\n"
-        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = scram-sha-256\nauth_file = {tmp}/userlist.txt\n"
-        f"pool_mode = transaction\ndefault_pool_size = 20\n"
-        f"max_client_conn = {args.max_client_conn}\nlog_connections = 0\n"
-        f"log_disconnections = 0\npidfile = {tmp}/pgbouncer.pid\n"
-    )
-    # runuser's PAM session resets the soft open-files limit (1024): PgBouncer would stop
-    # accepting, and the storm would wait on its backlog.
-    raise_limit = 'ulimit -n "$(ulimit -Hn)" && exec "$@"'
-    cmd = ["sh", "-c", raise_limit, "sh", PGBOUNCER, str(tmp / "pgbouncer.ini")]
-    if os.geteuid() == 0:
-        tmp.chmod(0o777)
-        cmd = ["runuser", "-u", "postgres", "--", *cmd]
-    return servers.start_server("pgbouncer", cmd, port, tmp / "pgbouncer.log"), port
+    """bench.throughput's, with SCRAM towards the clients (PgBouncer logs in upstream with
+    trust)."""
+    settings = {
+        "auth_type": "scram-sha-256",
+        "default_pool_size": 20,
+        "max_client_conn": args.max_client_conn,
+    }
+    users = f'"{USER}" "{stored_secret(args.secret)}"\n'
+    return start_throughput_pgbouncer(tmp, pg_port, settings, users)
 
 
 # --- one storm -------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -159,25 +159,44 @@ def start_server(
 
 
 def start_pgbouncer(
-    tmp: Path, pg_port: int, pool_size: int, max_conn: int, settings: str = ""
+    tmp: Path,
+    pg_port: int,
+    settings: Mapping[str, object] | None = None,
+    users: str | None = None,
+    databases: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """PgBouncer refuses to run as root, so as root it runs as ``postgres`` via runuser;
-    trust auth still needs the user listed in auth_file. ``settings``: more lines for its
-    [pgbouncer] section (e.g. ``admin_users = postgres``)."""
+    """PgBouncer in front of the cluster at ``pg_port`` (every database), in transaction mode
+    with trust unless ``settings`` (more or other ``[pgbouncer]`` lines) say otherwise.
+    ``users``: the auth_file's text (default: USER without a secret, which trust still needs);
+    ``databases``: more ``[databases]`` entries, name -> libpq connection string. Its files in
+    ``tmp`` are named by its port, so several may share ``tmp`` (the log:
+    :func:`pgbouncer_log`). PgBouncer refuses to run as root, so as root it runs as
+    ``postgres`` via runuser, whose PAM session resets the soft open-files limit (1024): it is
+    raised back to the hard one, or a storm would wait on PgBouncer's backlog."""
     port = free_port()
-    (tmp / "userlist.txt").write_text(f'"{USER}" ""\n')
-    (tmp / "pgbouncer.ini").write_text(
-        f"[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\n"
-        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = {tmp}/userlist.txt\n"
-        f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
-        f"max_client_conn = {max_conn}\nlog_connections = 0\nlog_disconnections = 0\n"
-        f"pidfile = {tmp}/pgbouncer.pid\n{settings}"
-    )
-    cmd = [PGBOUNCER, str(tmp / "pgbouncer.ini")]
+    userlist = tmp / f"pgbouncer-{port}.users"
+    userlist.write_text(users if users is not None else f'"{USER}" ""\n')
+    base = {"listen_addr": "127.0.0.1", "listen_port": port, "unix_socket_dir": "",
+            "auth_type": "trust", "auth_file": userlist, "pool_mode": "transaction",
+            "log_connections": 0, "log_disconnections": 0,
+            "pidfile": tmp / f"pgbouncer-{port}.pid"}  # fmt: skip
+    routes = {"*": f"host=127.0.0.1 port={pg_port}", **(databases or {})}
+    ini = tmp / f"pgbouncer-{port}.ini"
+    ini.write_text(
+        "[databases]\n" + "".join(f"{k} = {v}\n" for k, v in routes.items())
+        + "\n[pgbouncer]\n"
+        + "".join(f"{k} = {v}\n" for k, v in {**base, **(settings or {})}.items())
+    )  # fmt: skip
+    cmd = ["sh", "-c", 'ulimit -n "$(ulimit -Hn)" && exec "$@"', "sh", PGBOUNCER, str(ini)]
     if os.geteuid() == 0:
+        tmp.chmod(0o777)
         cmd = ["runuser", "-u", "postgres", "--", *cmd]
-    return start_server("pgbouncer", cmd, port, tmp / "pgbouncer.log"), port
+    return start_server("pgbouncer", cmd, port, pgbouncer_log(tmp, port)), port
+
+
+def pgbouncer_log(tmp: Path, port: int) -> Path:
+    """Where :func:`start_pgbouncer` sends the output of the PgBouncer on ``port``."""
+    return tmp / f"pgbouncer-{port}.log"
 
 
 def pgproxy_tree(compiled: bool) -> Path:
@@ -449,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         bindir = cluster.bindir
         print(f"initialising pgbench -s {SCALE} ...", file=sys.stderr)
         pgbench(bindir, cluster.port, "-i", "-q", "-s", str(SCALE))
-        bouncer, bouncer_port = start_pgbouncer(tmp, cluster.port, args.pool_size, max_conn)
+        bouncer, bouncer_port = start_pgbouncer(
+            tmp, cluster.port, {"default_pool_size": args.pool_size, "max_client_conn": max_conn}
+        )
         servers.append(bouncer)
         ports = {"direct": cluster.port, "pgbouncer": bouncer_port}
         groups = {"pgbouncer": bouncer.pid}  # start_server gives each pooler its own group

@@ -153,7 +153,9 @@ def pgbouncer(pg: PgCluster) -> Iterator[int]:
     if os.geteuid() == 0:
         shutil.chown(tmp, "postgres", "postgres")  # it runs as postgres and writes here
     try:
-        proc, port = start_pgbouncer(tmp, pg.port, 2, 20, "admin_users = postgres\n")
+        proc, port = start_pgbouncer(
+            tmp, pg.port, {"default_pool_size": 2, "max_client_conn": 20, "admin_users": "postgres"}
+        )
         try:
             yield port
         finally:

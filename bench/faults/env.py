@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -12,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from bench.throughput import PGBOUNCER, REPO
+from bench.throughput import REPO, pgbouncer_log, start_pgbouncer
 from pgproxy.testing import servers
 from pgproxy.testing.cluster import PgCluster
 from pgproxy.testing.servers import free_port, stop_server
@@ -85,29 +84,9 @@ class Env:
     ) -> Target:
         """PgBouncer with these ``[pgbouncer]`` settings (trust, transaction mode unless
         given); ``databases``: more entries, name -> libpq connection string."""
-        port = free_port()
-        users = self.tmp / "userlist.txt"
-        users.write_text(f'"{USER}" ""\n')
-        base = {"listen_addr": "127.0.0.1", "listen_port": port, "unix_socket_dir": "",
-                "auth_type": "trust", "auth_file": users, "pool_mode": "transaction",
-                "admin_users": USER, "max_client_conn": 10000, "log_connections": 0,
-                "log_disconnections": 0, "pidfile": self.tmp / f"pgbouncer-{port}.pid"}  # fmt: skip
-        routes = {"*": f"host=127.0.0.1 port={self.cluster.port}", **(databases or {})}
-        ini = self.tmp / f"pgbouncer-{port}.ini"
-        ini.write_text(
-            "[databases]\n" + "".join(f"{k} = {v}\n" for k, v in routes.items())
-            + "\n[pgbouncer]\n"
-            + "".join(f"{k} = {v}\n" for k, v in {**base, **(settings or {})}.items())
-        )  # fmt: skip
-        # runuser's PAM session resets the soft open-files limit (1024); PgBouncer refuses to
-        # run as root, so as root it runs as postgres.
-        cmd = ["sh", "-c", 'ulimit -n "$(ulimit -Hn)" && exec "$@"', "sh", PGBOUNCER, str(ini)]
-        if os.geteuid() == 0:
-            self.tmp.chmod(0o777)
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        log = self.tmp / f"pgbouncer-{port}.log"
-        proc = servers.start_server("pgbouncer", cmd, port, log)
-        return self._started("pgbouncer", port, proc, log)
+        more = {"admin_users": USER, "max_client_conn": 10000, **(settings or {})}
+        proc, port = start_pgbouncer(self.tmp, self.cluster.port, more, databases=databases)
+        return self._started("pgbouncer", port, proc, pgbouncer_log(self.tmp, port))
 
     def _started(self, name: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> Target:
         target = Target(name, port, proc, log)
