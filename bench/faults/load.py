@@ -87,14 +87,23 @@ def listening(dsn: str, count: int, channel: str) -> list[psycopg.Connection[tup
     return conns
 
 
-def told_of_loss(listeners: list[psycopg.Connection[tuple[Any, ...]]]) -> tuple[int, int]:
+def told_of_loss(
+    listeners: list[psycopg.Connection[tuple[Any, ...]]], within: float = 10.0
+) -> tuple[int, int]:
     """How many listeners were closed with an error naming the listener, and how many are
-    still open as if nothing happened (listener_loss = "disconnect": none may be); closes all."""
+    still open as if nothing happened ``within`` seconds of the call (listener_loss =
+    "disconnect": none may be; the proxy learns of the loss a moment after the kill); closes
+    all."""
+    deadline = time.monotonic() + within
     told = silent = 0
     for conn in listeners:
         try:
-            conn.execute("select 1")
-            silent += 1
+            while True:
+                conn.execute("select 1")
+                if time.monotonic() >= deadline:
+                    silent += 1
+                    break
+                time.sleep(0.05)
         except psycopg.OperationalError as exc:
             told += "listener" in str(exc)
         finally:
